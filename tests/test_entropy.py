@@ -43,7 +43,7 @@ def test_entropy_of_hand_built_tensor_equals_by_hand():
     z[:, 2, :2] = 0.0  # exact zeros are excluded
     rep = easier.measure_entropy(Act(), [z])
     on, off = by_hand(z)
-    expect = [h2(o / (o + f)) for o, f in zip(on, off)]
+    expect = [h2(o / (o + f)) for o, f in zip(on, off, strict=False)]
     nst = rep.neurons("act")
     assert nst.on.tolist() == on and nst.off.tolist() == off
     assert nst.zeros.tolist() == [0, 0, 6 * 2 * 4]
@@ -68,7 +68,7 @@ def test_reference_estimator_equals_by_hand_per_batch_average():
     batches = list(z.split(7))  # 7, 7, 6: uneven on purpose
     layer_vals = []
     for b in batches:
-        on, off = by_hand(b, ge=True)
+        on, _off = by_hand(b, ge=True)
         n = b.shape[0] * 9
         layer_vals.append(sum(h2(o / n) for o in on) / 4)
     rep = easier.measure_entropy(Act(), batches, estimator="reference")
@@ -129,7 +129,7 @@ def test_token_tensor_pools_tokens_per_channel():
     model = nn.Sequential(fc, nn.GELU())
     x = torch.randn(3, 7, 4)
     with torch.no_grad():
-        on, off = by_hand(fc(x), axis=-1)
+        on, _off = by_hand(fc(x), axis=-1)
     rep = easier.measure_entropy(model, [x])
     assert rep.neurons("1").on.tolist() == on and len(on) == 6
 

@@ -117,7 +117,7 @@ def test_token_model_channel_is_last_axis():
 
 
 def test_no_rectifier_is_a_clear_error():
-    with pytest.raises(NoSitesError, match="ReLU.*GELU"):
+    with pytest.raises(NoSitesError, match=r"ReLU.*GELU"):
         easier.find_sites(nn.Sequential(nn.Linear(2, 2), nn.Tanh()))
 
 

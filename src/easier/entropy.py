@@ -92,8 +92,8 @@ class _Counter(nn.Module):
         axis = 1 if self.axis is None else self.axis % z.ndim
         if axis == 0:
             raise SiteError(
-                f"site {self.site.name!r}: channel_axis points at the batch axis (0) of a tensor of "
-                f"shape {tuple(z.shape)}; pass the axis of the neurons instead"
+                f"site {self.site.name!r}: channel_axis points at the batch axis (0) of a "
+                f"tensor of shape {tuple(z.shape)}; pass the axis of the neurons instead"
             )
         if axis != 1:
             z = z.movedim(axis, 1)
@@ -105,7 +105,7 @@ class _Counter(nn.Module):
         n = z.numel() // z.shape[1]
         if self.bad is None:
             self._allocate(z)
-        elif self.on is not None and self.on.shape[0] != z.shape[1] or (
+        elif (self.on is not None and self.on.shape[0] != z.shape[1]) or (
                 self.p_sum is not None and self.p_sum.shape[0] != z.shape[1]):
             have = (self.on if self.on is not None else self.p_sum).shape[0]  # type: ignore[union-attr]
             raise DataError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Sequence
+
 from torch import fx, nn
 
 from .errors import SiteError, TraceError

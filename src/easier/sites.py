@@ -281,7 +281,7 @@ def _check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
 
 
 def call_model(model: nn.Module, example_input: Any) -> Any:
-    """Call ``model`` on an example input: a tensor, a tuple of positional args, or a kwargs dict."""
+    """Call ``model`` on a tensor, a tuple of positional args, or a dict of keyword args."""
     if isinstance(example_input, dict):
         return model(**example_input)
     if isinstance(example_input, tuple):
