@@ -1,0 +1,272 @@
+"""The reduction loop (paper Fig. 1), shared by every method.
+
+    (train) -> evaluate -> [ measure entropy -> method chooses -> linearize -> fine-tune
+                             -> evaluate -> accept or stop ] -> repeat
+
+The loop stops when validation top-1 falls below ``baseline - delta`` (percentage points), at
+``max_removals``, or when no site is left; the returned model is the last one that met the
+threshold. After every iteration the whole state is written atomically to the run directory,
+so a killed run resumes from its last completed iteration and reaches the same result.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .entropy import EntropyReport, batch_input, measure_entropy
+from .errors import ConfigError, NonFiniteError
+from .linearize import linearize, linearized_sites
+from .methods import Context, Method, create_method
+from .sites import KINDS, find_sites
+from .state import RunDir, model_record, rebuild, save_model
+from .train import FineTune, evaluate, fine_tune, make_loader, seed_everything
+
+__all__ = ["ReduceResult", "reduce"]
+
+
+@dataclass
+class ReduceResult:
+    """The reduced model (last accepted), the sites it linearized, and the per-iteration history."""
+
+    model: nn.Module
+    linearized: list[str]
+    history: list[dict[str, Any]]
+    baseline: dict[str, Any]
+    stop_reason: str
+    out: Path | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def table(self) -> str:
+        from .report import history_table
+
+        return history_table(self.history, self.baseline)
+
+
+def _example(data: Dataset | DataLoader, input_key: str | None) -> torch.Tensor:
+    batch = next(iter(make_loader(data, 1, shuffle=False)))
+    return batch_input(batch, input_key)
+
+
+def _cost(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
+    """Params, FLOPs per sample, depth and remaining activations (no timing: cheap)."""
+    from .measure import measure
+
+    m = measure(model, example, latency=False)
+    return {"params": m.params, "flops": m.flops, "depth": m.depth, "activations": m.activations}
+
+
+def reduce(
+    model: nn.Module,
+    train: Dataset | DataLoader,
+    val: Dataset | DataLoader,
+    *,
+    method: str | Method = "easier",
+    delta: float = 1.0,
+    max_removals: int | None = None,
+    finetune: FineTune = FineTune(),
+    test: Dataset | DataLoader | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    train_eval: Dataset | DataLoader | None = None,
+    pretrain: FineTune | None = None,
+    one_shot: int | None = None,
+    run_all: bool = False,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    entropy_batches: int | None = None,
+    fold_ready: bool = True,
+    kinds: tuple[str, ...] = KINDS,
+    input_key: str | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+    config: dict[str, Any] | None = None,
+) -> ReduceResult:
+    """Run a depth-reduction method end to end and return the reduced model.
+
+    ``train`` is the (augmented) training data for fine-tuning; ``train_eval`` the same images
+    without augmentation for the entropy pass (defaults to ``train``). ``pretrain`` trains the
+    dense model first (skip it for an already trained model). ``one_shot=K`` linearizes the K
+    lowest-scored sites from one measurement and fine-tunes once. ``run_all`` keeps going to the
+    last site, logging everything (the returned model is still the last accepted one before the
+    first rejection). ``out`` is a run directory; ``resume=True`` continues a killed run there.
+    ``config`` adds entries (e.g. model and data names) to the run's config.json.
+    """
+    strategy = create_method(method)
+    if delta < 0:
+        raise ConfigError(f"delta={delta}: the allowed accuracy drop must be >= 0 points")
+    if one_shot is not None and one_shot < 1:
+        raise ConfigError(f"one_shot={one_shot}: must be a number of sites >= 1")
+    say = log or (lambda _msg: None)
+    device = torch.device(device)
+    train_eval = train if train_eval is None else train_eval
+    example = _example(val, input_key).to(device)
+    all_sites = [s.name for s in find_sites(model, example.cpu(), kinds=kinds)]
+
+    cfg = {
+        "method": strategy.name, "method_options": strategy.options(), "delta": delta,
+        "max_removals": max_removals, "finetune": finetune.to_dict(),
+        "pretrain": pretrain.to_dict() if pretrain else None, "one_shot": one_shot,
+        "run_all": run_all, "seed": seed, "entropy_batches": entropy_batches,
+        "fold_ready": fold_ready, "kinds": list(kinds), "sites": all_sites,
+        "model_spec": getattr(model, "easier_spec", None), **(config or {}),
+    }
+    run = RunDir(out) if out is not None else None
+    saved = run.start(cfg, resume=resume) if run is not None else None
+
+    base = copy.deepcopy(model).cpu()  # architecture to rebuild saved states into
+    if saved is not None:
+        history: list[dict[str, Any]] = saved["history"]
+        baseline: dict[str, Any] = saved["baseline"]
+        current = rebuild(saved["current"], copy.deepcopy(base)).to(device)
+        accepted = (current if saved["accepted"] is None
+                    else rebuild(saved["accepted"], copy.deepcopy(base)).to(device))
+        stop_reason: str | None = saved["stop_reason"]
+        rejected = bool(saved.get("rejected", False))
+        say(f"resumed {run.path} after iteration {history[-1]['iteration']}")  # type: ignore[union-attr]
+    else:
+        current = copy.deepcopy(model).to(device)
+        history, stop_reason, rejected = [], None, False
+        t0 = time.perf_counter()
+        pre = None
+        if pretrain is not None:
+            seed_everything(seed)
+            pre = fine_tune(current, train, pretrain, seed=seed, device=device,
+                            input_key=input_key, progress=progress, desc="pretrain")
+            if pre.failed:
+                raise NonFiniteError(f"pretraining failed: {pre.failed}; lower the learning rate")
+        baseline = _evaluate_all(current, val, test, device, input_key)
+        record = {"iteration": 0, "chosen": [], "removed": [], "accepted": True,
+                  "entropy": None, "scores": None, **baseline,
+                  "train_loss": pre.loss if pre else None,
+                  "train_acc": pre.accuracy if pre else None,
+                  **_cost(current, example), "seconds": {"total": time.perf_counter() - t0},
+                  "failed": None}
+        history.append(record)
+        accepted = current
+        say(_status(record, baseline, delta))
+        _save(run, history, baseline, current, accepted, None, False, cfg)
+
+    while stop_reason is None:
+        k = history[-1]["iteration"] + 1
+        removed = linearized_sites(current)
+        remaining = [n for n in all_sites if n not in removed]
+        if not remaining:
+            stop_reason = "no site left"
+            break
+        if max_removals is not None and len(removed) >= max_removals:
+            stop_reason = f"max_removals={max_removals} reached"
+            break
+        if one_shot is not None and k > 1:
+            stop_reason = f"one-shot of {one_shot} done"
+            break
+        t0 = time.perf_counter()
+        report = measure_entropy(current, make_loader(train_eval, finetune.batch_size,
+                                                      shuffle=False),
+                                 sites=remaining, kinds=kinds, input_key=input_key,
+                                 device=device, max_batches=entropy_batches, progress=progress)
+        t_entropy = time.perf_counter() - t0
+        want = min(one_shot or 1, len(remaining))
+        if max_removals is not None:
+            want = min(want, max_removals - len(removed))
+        ctx = Context(model=current, report=report, remaining=remaining, removed=removed, k=want,
+                      iteration=k, rng=random.Random(seed * 1_000_003 + k))
+        choice = strategy.choose(ctx)
+        candidate = linearize(current, choice.sites, fold_ready=fold_ready, kinds=kinds)
+        seed_everything(seed + k)
+        t1 = time.perf_counter()
+        ft = fine_tune(candidate, train, finetune, seed=seed + 1000 * k, device=device,
+                       input_key=input_key, regularizer=strategy.regularizer(),
+                       progress=progress, desc=f"iter {k}")
+        t_ft = time.perf_counter() - t1
+        record = {"iteration": k, "chosen": choice.sites,
+                  "removed": removed + choice.sites, "entropy": report.as_dict(),
+                  "scores": choice.scores, "train_loss": ft.loss, "train_acc": ft.accuracy,
+                  "finetune_epochs": ft.epochs, "finetune_steps": ft.steps, "failed": ft.failed}
+        if ft.failed:
+            record.update(accepted=False, seconds={"entropy": t_entropy, "finetune": t_ft})
+            history.append(record)
+            stop_reason = f"fine-tuning failed at iteration {k}: {ft.failed}; kept the previous model"
+            say(f"iter {k:>2} | {', '.join(choice.sites)} | {stop_reason}")
+            _save(run, history, baseline, current, accepted, stop_reason, rejected, cfg)
+            break
+        t2 = time.perf_counter()
+        scores = _evaluate_all(candidate, val, test, device, input_key)
+        ok = scores["val_acc"] >= baseline["val_acc"] - delta
+        record.update(scores, meets_threshold=ok, accepted=ok and not rejected,
+                      **_cost(candidate, example))
+        record["seconds"] = {"entropy": t_entropy, "finetune": t_ft,
+                             "eval": time.perf_counter() - t2, "total": time.perf_counter() - t0}
+        history.append(record)
+        current = candidate
+        if record["accepted"]:
+            accepted = candidate
+        say(_status(record, baseline, delta))
+        if not ok and not rejected:
+            rejected = True
+            if not run_all:
+                stop_reason = (f"val top-1 {scores['val_acc']:.2f} < baseline "
+                               f"{baseline['val_acc']:.2f} - delta {delta}")
+        _save(run, history, baseline, current, accepted, stop_reason, rejected, cfg)
+
+    _save(run, history, baseline, current, accepted, stop_reason, rejected, cfg)
+    say(f"stopped: {stop_reason}; kept {len(linearized_sites(accepted))} linearized site(s)")
+    return ReduceResult(model=accepted, linearized=linearized_sites(accepted), history=history,
+                        baseline=baseline, stop_reason=stop_reason or "",
+                        out=run.path if run else None)
+
+
+def _evaluate_all(model: nn.Module, val: Any, test: Any, device: torch.device,
+                  input_key: str | None) -> dict[str, Any]:
+    val_loss, val_acc = evaluate(model, val, device=device, input_key=input_key)
+    out: dict[str, Any] = {"val_loss": val_loss, "val_acc": val_acc,
+                           "test_loss": None, "test_acc": None}
+    if test is not None:
+        out["test_loss"], out["test_acc"] = evaluate(model, test, device=device,
+                                                     input_key=input_key)
+    return out
+
+
+def _status(rec: dict[str, Any], baseline: dict[str, Any], delta: float) -> str:
+    what = ", ".join(rec["chosen"]) if rec["chosen"] else "dense baseline"
+    ent = rec.get("entropy") or {}
+    if rec["chosen"] and ent:
+        what += " (H=" + ", ".join(f"{ent[c]:.3f}" for c in rec["chosen"]) + ")"
+    mark = "ok" if rec["accepted"] else "REJECTED"
+    test = f" | test {rec['test_acc']:.2f}%" if rec.get("test_acc") is not None else ""
+    secs = rec["seconds"]["total"]
+    return (f"iter {rec['iteration']:>2} | {what} | val {rec['val_acc']:.2f}% "
+            f"(floor {baseline['val_acc'] - delta:.2f}) {mark}{test} | {secs:.1f}s")
+
+
+def _save(run: RunDir | None, history: list[dict[str, Any]], baseline: dict[str, Any],
+          current: nn.Module, accepted: nn.Module, stop_reason: str | None, rejected: bool,
+          cfg: dict[str, Any]) -> None:
+    """Write the run's state and every report file; state.pt last-but-one is the source of truth."""
+    if run is None:
+        return
+    from .report import write_reports
+
+    run.write_state({
+        "history": history, "baseline": baseline, "stop_reason": stop_reason,
+        "rejected": rejected, "current": model_record(current),
+        "accepted": None if accepted is current else model_record(accepted),
+    })
+    save_model(accepted, run.file("model.pt"))
+    summary = {
+        "method": cfg["method"], "delta": cfg["delta"], "stop_reason": stop_reason,
+        "done": stop_reason is not None, "baseline": baseline,
+        "linearized": linearized_sites(accepted), "iterations": len(history) - 1,
+        "final": next(h for h in reversed(history) if h["accepted"]),
+    }
+    run.write_json("summary.json", summary)
+    write_reports(run, history, baseline, cfg)

@@ -1,0 +1,134 @@
+"""Reports of a run: JSON lines, CSV, a markdown table and a PNG a person can read."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+from .state import RunDir, atomic_write_bytes, atomic_write_text
+
+__all__ = ["history_table", "plot_history", "write_reports"]
+
+
+def _fmt(v: Any, spec: str = ".2f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def history_table(history: list[dict[str, Any]], baseline: dict[str, Any]) -> str:
+    """Markdown table: one row per iteration (accuracy per number of removed sites)."""
+    rows = ["| iter | removed | chosen site(s) | H (bits) | train acc | val acc | test acc "
+            "| accepted |", "|---:|---:|---|---:|---:|---:|---:|:---:|"]
+    for h in history:
+        ent = h.get("entropy") or {}
+        hs = ", ".join(f"{ent[c]:.3f}" for c in h["chosen"] if c in ent) or "–"
+        rows.append(
+            f"| {h['iteration']} | {len(h['removed'])} | {', '.join(h['chosen']) or 'dense'} | "
+            f"{hs} | {_fmt(h.get('train_acc'))} | {_fmt(h.get('val_acc'))} | "
+            f"{_fmt(h.get('test_acc'))} | {'yes' if h['accepted'] else 'no'} |"
+        )
+    return "\n".join(rows)
+
+
+def history_csv(history: list[dict[str, Any]]) -> str:
+    cols = ["iteration", "removed", "chosen", "train_loss", "train_acc", "val_loss", "val_acc",
+            "test_loss", "test_acc", "accepted", "params", "flops", "depth", "activations",
+            "seconds", "failed"]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(cols)
+    for h in history:
+        row = dict(h)
+        row["removed"] = len(h["removed"])
+        row["chosen"] = " ".join(h["chosen"])
+        secs = h.get("seconds")
+        row["seconds"] = secs.get("total", sum(secs.values())) if isinstance(secs, dict) else secs
+        w.writerow(["" if row.get(c) is None else row.get(c) for c in cols])
+    return buf.getvalue()
+
+
+def report_markdown(history: list[dict[str, Any]], baseline: dict[str, Any],
+                    cfg: dict[str, Any]) -> str:
+    final = next(h for h in reversed(history) if h["accepted"])
+    lines = [
+        f"# easier run: {cfg.get('method')} on {cfg.get('model', 'model')} / "
+        f"{cfg.get('data', 'data')}",
+        "",
+        f"- baseline val top-1: {baseline['val_acc']:.2f}% "
+        f"(test {_fmt(baseline.get('test_acc'))}%), delta = {cfg.get('delta')} points",
+        f"- kept model: {len(final['removed'])} of {len(cfg.get('sites', []))} sites linearized "
+        f"at iteration {final['iteration']}: val {final['val_acc']:.2f}%, "
+        f"test {_fmt(final.get('test_acc'))}%",
+        f"- linearized: {', '.join(final['removed']) or 'none'}",
+        "",
+        history_table(history, baseline),
+        "",
+        "Accuracy is top-1 in %, H is the layer entropy of the chosen site(s) when chosen. "
+        "Params and FLOPs do not change until the model is folded (`easier fold`).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_history(history: list[dict[str, Any]], baseline: dict[str, Any], delta: float,
+                 sites: list[str]) -> bytes | None:
+    """PNG bytes: accuracy vs removed sites with the delta line, and an entropy heat map."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+    except ImportError:
+        return None
+    fig, (ax, hm) = plt.subplots(1, 2, figsize=(12, 4.5),
+                                 gridspec_kw={"width_ratios": [1, 1.3]})
+    x = [len(h["removed"]) for h in history]
+    for key, label in (("val_acc", "val"), ("test_acc", "test"), ("train_acc", "train")):
+        pts = [(xi, h[key]) for xi, h in zip(x, history) if h.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    floor = baseline["val_acc"] - delta
+    ax.axhline(floor, color="red", linestyle="--", label=f"baseline val − δ ({floor:.2f})")
+    ax.set_xlabel("linearized sites")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title("accuracy vs removed activations")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    measured = [h for h in history if h.get("entropy")]
+    if measured:
+        grid = np.full((len(sites), len(measured)), np.nan)
+        for j, h in enumerate(measured):
+            for i, s in enumerate(sites):
+                if s in h["entropy"]:
+                    grid[i, j] = h["entropy"][s]
+        im = hm.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1,
+                       interpolation="nearest")
+        for j, h in enumerate(measured):
+            for c in h["chosen"]:
+                if c in sites:
+                    hm.scatter(j, sites.index(c), marker="x", color="red", s=30)
+        hm.set_yticks(range(len(sites)))
+        hm.set_yticklabels(sites, fontsize=6 if len(sites) > 20 else 8)
+        hm.set_xticks(range(len(measured)))
+        hm.set_xticklabels([str(h["iteration"]) for h in measured])
+        hm.set_xlabel("iteration (x = chosen)")
+        hm.set_title("layer entropy (bits) before each removal")
+        fig.colorbar(im, ax=hm)
+    else:
+        hm.axis("off")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_reports(run: RunDir, history: list[dict[str, Any]], baseline: dict[str, Any],
+                  cfg: dict[str, Any]) -> None:
+    run.write_jsonl("history.jsonl", history)
+    atomic_write_text(run.file("history.csv"), history_csv(history))
+    atomic_write_text(run.file("report.md"), report_markdown(history, baseline, cfg))
+    png = plot_history(history, baseline, float(cfg.get("delta", 0.0)), list(cfg.get("sites", [])))
+    if png is not None:
+        atomic_write_bytes(run.file("report.png"), png)

@@ -1,0 +1,227 @@
+"""Training and fine-tuning: a plain PyTorch loop, short enough to read in one sitting."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .entropy import batch_input
+from .errors import ConfigError, NonFiniteError
+
+__all__ = ["FineTune", "TrainResult", "evaluate", "fine_tune", "make_loader", "seed_everything"]
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "multistep", "constant")
+
+
+@dataclass(frozen=True)
+class FineTune:
+    """One training schedule. Each EASIER iteration runs it from scratch (fresh optimizer).
+
+    ``milestones`` are epochs for ``schedule="multistep"``; ``max_steps`` caps the number of
+    optimizer steps per call (handy for smoke runs).
+    """
+
+    epochs: int = 1
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    batch_size: int = 128
+    max_steps: int | None = None
+    grad_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer={self.optimizer!r}; valid: {list(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule={self.schedule!r}; valid: {list(SCHEDULES)}")
+        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError(
+                f"need epochs >= 0, batch_size >= 1 and lr > 0; got epochs={self.epochs}, "
+                f"batch_size={self.batch_size}, lr={self.lr}"
+            )
+        object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FineTune:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown FineTune field(s) {unknown}; valid: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class TrainResult:
+    """What a call of :func:`fine_tune` did. ``failed`` holds the reason when it stopped early."""
+
+    epochs: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    loss: float = math.nan
+    accuracy: float = math.nan
+    failed: str | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA) and Python's hash-free RNGs used by easier."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_loader(data: Dataset | DataLoader, batch_size: int, *, shuffle: bool, seed: int = 0,
+                num_workers: int = 0, drop_last: bool = False) -> DataLoader:
+    """A DataLoader whose order depends only on ``seed`` (a DataLoader is passed through)."""
+    if isinstance(data, DataLoader):
+        return data
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen,
+                      num_workers=num_workers, drop_last=drop_last)
+
+
+def _optimizer(model: nn.Module, cfg: FineTune) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _scheduler(opt: torch.optim.Optimizer, cfg: FineTune, steps_per_epoch: int):
+    """Per-step schedule, so a short fine-tune still decays its learning rate."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    if cfg.max_steps is not None:
+        total = max(1, min(total, cfg.max_steps))
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    if cfg.schedule == "multistep":
+        marks = [m * steps_per_epoch for m in cfg.milestones]
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: cfg.gamma ** sum(s >= m for m in marks))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+
+def _targets(batch: Any) -> torch.Tensor:
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[1]
+    if isinstance(batch, dict) and "label" in batch:
+        return batch["label"]
+    if isinstance(batch, dict) and "labels" in batch:
+        return batch["labels"]
+    raise ConfigError("training needs (input, target) batches or dicts with 'label(s)'")
+
+
+def fine_tune(
+    model: nn.Module,
+    data: Dataset | DataLoader,
+    cfg: FineTune,
+    *,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    input_key: str | None = None,
+    regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
+    progress: bool = False,
+    desc: str = "train",
+) -> TrainResult:
+    """Train ``model`` in place with a fresh optimizer and schedule; stop at the first NaN loss.
+
+    The data order of epoch ``e`` is fixed by ``seed + e``, so a resumed run repeats it exactly.
+    ``regularizer(model)`` (if given) is added to the cross-entropy loss of every step.
+    """
+    res = TrainResult()
+    if cfg.epochs == 0 or cfg.max_steps == 0:
+        return res
+    t0 = time.perf_counter()
+    model.to(device).train()
+    opt = _optimizer(model, cfg)
+    first = make_loader(data, cfg.batch_size, shuffle=True, seed=seed)
+    sched = _scheduler(opt, cfg, max(1, len(first)))
+    for epoch in range(cfg.epochs):
+        loader = first if epoch == 0 else make_loader(data, cfg.batch_size, shuffle=True,
+                                                      seed=seed + epoch)
+        if progress:
+            from tqdm.auto import tqdm
+
+            loader = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", unit="batch",
+                          leave=False)
+        total_loss, correct, seen = 0.0, 0, 0
+        for batch in loader:
+            x = batch_input(batch, input_key).to(device)
+            y = _targets(batch).to(device)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            if regularizer is not None:
+                loss = loss + regularizer(model)
+            if not torch.isfinite(loss):
+                res.failed = f"non-finite loss ({float(loss)}) at epoch {epoch + 1}, step {res.steps}"
+                res.seconds = time.perf_counter() - t0
+                return res
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            res.steps += 1
+            total_loss += float(loss.detach()) * len(y)
+            correct += int((logits.argmax(-1) == y).sum())
+            seen += len(y)
+            if cfg.max_steps is not None and res.steps >= cfg.max_steps:
+                break
+        res.epochs = epoch + 1
+        res.loss, res.accuracy = total_loss / max(seen, 1), 100.0 * correct / max(seen, 1)
+        res.history.append({"epoch": epoch + 1, "loss": res.loss, "accuracy": res.accuracy})
+        if cfg.max_steps is not None and res.steps >= cfg.max_steps:
+            break
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 256,
+             device: torch.device | str = "cpu", input_key: str | None = None) -> tuple[float, float]:
+    """(mean cross-entropy loss, top-1 accuracy in %) in eval mode; restores the model's mode."""
+    was = model.training
+    model.to(device).eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    try:
+        for batch in make_loader(data, batch_size, shuffle=False):
+            x = batch_input(batch, input_key).to(device)
+            y = _targets(batch).to(device)
+            logits = model(x)
+            total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(-1) == y).sum())
+            seen += len(y)
+    finally:
+        model.train(was)
+    if seen == 0:
+        raise ConfigError("evaluate() got an empty dataset")
+    if not math.isfinite(total_loss):
+        raise NonFiniteError("evaluation loss is not finite: the model produces NaN/Inf logits")
+    return total_loss / seen, 100.0 * correct / seen
