@@ -1,0 +1,186 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import easier
+import easier.reduce as reduce_mod
+from easier import ConfigError, StateError
+from easier.reduce import reduce
+from easier.state import load_model
+from easier.train import FineTune, TrainResult
+
+
+class Net(nn.Module):
+    """Four ReLU sites in a small MLP: seconds-long runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+        self.fc4, self.head = nn.Linear(32, 32), nn.Linear(32, 3)
+        self.r1, self.r2, self.r3, self.r4 = nn.ReLU(), nn.ReLU(), nn.ReLU(), nn.ReLU()
+
+    def forward(self, x):
+        x = self.r1(self.fc1(x))
+        x = self.r2(self.fc2(x))
+        x = self.r3(self.fc3(x))
+        return self.head(self.r4(self.fc4(x)))
+
+
+def toy_data(n=240, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return TensorDataset(x, y)
+
+
+FT = FineTune(epochs=1, lr=0.05, batch_size=32)
+
+
+def test_end_to_end_writes_every_file(tmp_path):
+    torch.manual_seed(0)
+    data = toy_data()
+    out = tmp_path / "run"
+    res = reduce(Net(), data, toy_data(60, 1), test=toy_data(60, 2), delta=100.0,
+                 max_removals=2, finetune=FT, pretrain=FineTune(epochs=2, batch_size=32),
+                 out=out)
+    assert len(res.linearized) == 2 and res.stop_reason.startswith("max_removals")
+    for name in ("config.json", "history.jsonl", "history.csv", "summary.json", "model.pt",
+                 "report.md", "report.png", "state.pt"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    first = rows[1]
+    assert set(first["entropy"]) == {"r1", "r2", "r3", "r4"}
+    assert first["chosen"] == [min(first["entropy"], key=first["entropy"].get)]
+    assert set(rows[2]["entropy"]) == {"r1", "r2", "r3", "r4"} - set(first["chosen"])
+    for key in ("train_acc", "val_acc", "test_acc", "val_loss", "params", "flops", "seconds"):
+        assert rows[2][key] is not None, key
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["linearized"] == res.linearized and summary["done"]
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 2 | 2 |" in (out / "report.md").read_text()
+    # the saved model rebuilds with weights_only=True and computes the same function
+    again = load_model(out / "model.pt", Net())
+    x = torch.randn(5, 8)
+    res.model.eval()
+    torch.testing.assert_close(again.eval()(x), res.model(x))
+    assert easier.linearized_sites(again) == res.linearized
+
+
+def scripted(monkeypatch, accuracies):
+    """Replace training and evaluation by a scripted validation-accuracy sequence."""
+    seq = iter(accuracies)
+    monkeypatch.setattr(reduce_mod, "fine_tune", lambda *a, **k: TrainResult(epochs=1, loss=0.1,
+                                                                              accuracy=50.0))
+    monkeypatch.setattr(reduce_mod, "evaluate", lambda *a, **k: (0.5, next(seq)))
+
+
+def test_delta_rule_stops_at_first_drop_and_keeps_last_good(monkeypatch):
+    scripted(monkeypatch, [90.0, 89.5, 89.0, 88.9, 89.9])  # floor = 89.0 with delta 1
+    res = reduce(Net(), toy_data(), toy_data(30), delta=1.0, finetune=FT)
+    assert [h["val_acc"] for h in res.history] == [90.0, 89.5, 89.0, 88.9]
+    assert [h["accepted"] for h in res.history] == [True, True, True, False]
+    assert len(res.linearized) == 2 and res.linearized == res.history[2]["removed"]
+    assert "88.90 < baseline 90.00" in res.stop_reason
+
+
+def test_run_all_logs_every_site_but_returns_last_accepted(monkeypatch):
+    scripted(monkeypatch, [90.0, 89.5, 80.0, 89.9, 70.0])
+    res = reduce(Net(), toy_data(), toy_data(30), delta=1.0, finetune=FT, run_all=True)
+    assert len(res.history) == 5 and res.stop_reason == "no site left"
+    assert [h["accepted"] for h in res.history] == [True, True, False, False, False]
+    assert res.history[3]["meets_threshold"] and len(res.linearized) == 1
+
+
+def test_one_shot_and_zero_entropy_option(monkeypatch):
+    scripted(monkeypatch, [90.0, 90.0])
+    res = reduce(Net(), toy_data(), toy_data(30), one_shot=3, finetune=FT)
+    assert len(res.history) == 2 and len(res.history[1]["chosen"]) == 3
+    ent = res.history[1]["entropy"]
+    assert res.history[1]["chosen"] == sorted(ent, key=lambda n: (ent[n], list(ent).index(n)))[:3]
+
+
+def test_nan_fine_tune_keeps_previous_model(monkeypatch):
+    monkeypatch.setattr(reduce_mod, "fine_tune",
+                        lambda *a, **k: TrainResult(failed="non-finite loss (nan) at epoch 1"))
+    res = reduce(Net(), toy_data(), toy_data(30), finetune=FT)
+    assert res.linearized == [] and "fine-tuning failed" in res.stop_reason
+    assert res.history[-1]["failed"].startswith("non-finite")
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(ConfigError, match="valid methods"):
+        reduce(Net(), toy_data(), toy_data(30), method="nope")
+    out = tmp_path / "r"
+    reduce(Net(), toy_data(), toy_data(30), finetune=FT, max_removals=1, out=out)
+    with pytest.raises(StateError, match="already holds a run"):
+        reduce(Net(), toy_data(), toy_data(30), finetune=FT, max_removals=1, out=out)
+    with pytest.raises(ConfigError, match=r"differs in \['delta'\]"):
+        reduce(Net(), toy_data(), toy_data(30), finetune=FT, max_removals=1, out=out,
+               resume=True, delta=3.0)
+    (out / "state.pt").write_bytes(b"truncated")
+    with pytest.raises(StateError, match="corrupt or truncated.*state.prev.pt"):
+        reduce(Net(), toy_data(), toy_data(30), finetune=FT, max_removals=1, out=out,
+               resume=True)
+    assert (out / "state.pt").read_bytes() == b"truncated"  # left untouched
+
+
+SCRIPT = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    from test_reduce import Net, toy_data, FT
+    from easier.reduce import reduce
+    from easier.train import FineTune
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    ft = FineTune(epochs=3, lr=0.05, batch_size=8)
+    res = reduce(Net(), toy_data(600), toy_data(60, 1), finetune=ft, delta=100.0,
+                 out=sys.argv[1], resume=len(sys.argv) > 2, seed=3, log=print)
+    print("DONE", res.linearized)
+""")
+
+
+def _run(script, out, *extra):
+    return subprocess.Popen([sys.executable, "-c", script, str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
+    script = SCRIPT.format(tests=os.path.dirname(__file__))
+    full = _run(script, tmp_path / "full")
+    assert full.wait(120) == 0, full.stdout.read()
+    killed = _run(script, tmp_path / "killed")
+    hist = tmp_path / "killed" / "history.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline:  # kill mid-run, once the first removal has been saved
+        if hist.exists() and len(hist.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert len(hist.read_text().splitlines()) < 5, "the run finished before it was killed"
+    resumed = _run(script, tmp_path / "killed", "--resume")
+    log = resumed.communicate(timeout=120)[0]
+    assert resumed.returncode == 0, log
+    assert "resumed" in log
+
+    def rows(d):
+        out = [json.loads(x) for x in (tmp_path / d / "history.jsonl").read_text().splitlines()]
+        for r in out:
+            r.pop("seconds")
+        return out
+
+    assert rows("killed") == rows("full")
+    a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "killed" / "model.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
