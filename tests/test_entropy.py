@@ -219,3 +219,13 @@ def test_hook_fallback_measures_unshared_modules():
     with pytest.warns(easier.EasierWarning):
         rep = easier.measure_entropy(U(), [z])
     assert rep.neurons("a").on.tolist() == by_hand(z)[0]
+
+
+def test_inf_is_caught_and_nan_without_strict_check():
+    z = torch.randn(6, 3)
+    z[2, 1] = float("inf")
+    with pytest.raises(NonFiniteError, match="site 'act'"):
+        easier.measure_entropy(Act(), [z])
+    z[2, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match="site 'act'"):
+        easier.measure_entropy(Act(), [z], check_finite=False)
