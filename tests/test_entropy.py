@@ -221,11 +221,11 @@ def test_hook_fallback_measures_unshared_modules():
     assert rep.neurons("a").on.tolist() == by_hand(z)[0]
 
 
-def test_inf_is_caught_and_nan_without_strict_check():
+def test_inf_and_nan_are_caught_unless_check_is_off():
     z = torch.randn(6, 3)
-    z[2, 1] = float("inf")
-    with pytest.raises(NonFiniteError, match="site 'act'"):
-        easier.measure_entropy(Act(), [z])
-    z[2, 1] = float("nan")
-    with pytest.raises(NonFiniteError, match="site 'act'"):
-        easier.measure_entropy(Act(), [z], check_finite=False)
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        z[2, 1] = bad
+        with pytest.raises(NonFiniteError, match="site 'act'"):
+            easier.measure_entropy(Act(), [z])
+    nst = easier.measure_entropy(Act(), [z], check_finite=False).neurons("act")
+    assert nst.zeros.tolist() == [0, 1, 0]  # the NaN is excluded like a zero

@@ -145,8 +145,6 @@ class _Counter(nn.Module):
             torch.sign(z, out=sgn)
             diff = sgn.sum(dim=dims, dtype=acc)  # on - off
             both = sgn.abs_().sum(dim=dims, dtype=acc)  # on + off
-            if not self.strict_finite:  # NaN still shows: it propagates through sign()
-                self.bad += (~torch.isfinite(diff)).sum()  # type: ignore[operator]
             on = ((both + diff) / 2).round().long()
             self.on += on  # type: ignore[operator]
             self.off += both.round().long() - on  # type: ignore[operator]
@@ -411,8 +409,8 @@ def measure_entropy(
     dicts (give ``input_key``). ``sites`` restricts the measurement to some site names.
     ``channel_axis`` overrides the inferred neuron axis (one int for all sites, or per site name).
     A NaN or Inf pre-activation raises :class:`NonFiniteError` naming the site;
-    ``check_finite=False`` skips the Inf part of that check (NaN is still caught) to save one
-    read of every pre-activation.
+    ``check_finite=False`` skips that check to save one read of every pre-activation (a NaN
+    would then count as an excluded zero).
     """
     if estimator not in ESTIMATORS:
         raise SiteError(f"estimator={estimator!r}; valid: {list(ESTIMATORS)}")
