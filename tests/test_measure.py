@@ -1,0 +1,149 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from easier.errors import ConfigError
+from easier.measure import Measurement, compare_table, measure, weight_depth
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class ResNet(nn.Module):
+    """stem -> [3 convs (one functional) | 1x1 shortcut] -> add -> relu -> pool -> fc.
+
+    Longest weight path by hand: stem 1 + main branch 3 + fc 1 = 5 (the shortcut has 1).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a1 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.a2 = nn.Conv2d(8, 16, 1)
+        self.w3 = nn.Parameter(torch.randn(16, 16, 3, 3) * 0.1)  # a functional conv
+        self.short = nn.Conv2d(8, 16, 1, bias=False)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(16, 10)
+        self.bn = nn.BatchNorm2d(16)
+
+    def forward(self, x):
+        x = self.relu(self.stem(x))
+        y = F.conv2d(self.a2(self.relu(self.a1(x))), self.w3, padding=1)
+        y = self.relu(self.bn(y + self.short(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+def test_params_flops_depth_activations_by_hand():
+    m = ResNet()
+    x = torch.randn(2, 3, 8, 8)
+    got = measure(m, x, latency=False)
+    params = (
+        (8 * 3 * 9 + 8)
+        + (8 * 4 * 9 + 8)
+        + (16 * 8 + 16)
+        + 16 * 16 * 9
+        + 16 * 8
+        + (16 * 10 + 10)
+        + 2 * 16
+    )
+    assert got.params == params
+    hw, b = 8 * 8, 2
+    macs = b * hw * (8 * 3 * 9 + 8 * 4 * 9 + 16 * 8 + 16 * 16 * 9 + 16 * 8) + b * 16 * 10
+    assert got.flops == 2 * macs and got.macs == macs
+    assert got.flops_per_sample == 2 * macs / b and got.batch_size == 2
+    assert got.depth == 5 and got.depth_exact
+    assert got.activations == 3  # self.relu is called three times: three sites
+    assert got.latency == () and got.num_threads == 1
+
+
+def test_depth_counts_the_longest_path_not_all_layers():
+    class TwoBranches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.long = nn.Sequential(*[nn.Linear(4, 4) for _ in range(4)])
+            self.short = nn.Linear(4, 4)
+            self.w = nn.Parameter(torch.randn(4, 4))
+
+        def forward(self, x):
+            return torch.matmul(self.long(x) + self.short(x), self.w)
+
+    assert weight_depth(TwoBranches()) == (5, True)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # sites fall back to hooks, and say so
+def test_untraceable_model_falls_back_to_module_count():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.c(self.a(x) if x.sum() > 0 else self.b(x))
+
+    got = measure(Branchy(), torch.randn(2, 3), latency=False)
+    assert (got.depth, got.depth_exact) == (3, False)
+    assert got.activations == 0
+
+
+def test_training_flags_restored_and_latency_recorded():
+    m = ResNet()
+    m.train()
+    m.bn.eval()  # mixed flags must come back as they were
+    seen = []
+    m.stem.register_forward_hook(lambda mod, i, o: seen.append(mod.training))
+    got = measure(m, torch.randn(2, 3, 8, 8), batch_sizes=(1, 3), min_run_time=0.01)
+    assert seen and not any(seen)  # measured in eval mode
+    assert m.training and m.stem.training and not m.bn.training
+    assert [lat.batch_size for lat in got.latency] == [1, 3]
+    assert all(lat.median_ms > 0 and lat.iqr_ms >= 0 and lat.runs >= 1 for lat in got.latency)
+    assert got.latency_ms(3) == got.latency[1].median_ms and got.latency_ms(64) is None
+    back = Measurement.from_dict(json.loads(json.dumps(got.to_dict())))
+    assert back == got
+
+
+def test_bad_batch_sizes_rejected():
+    with pytest.raises(ConfigError, match="batch_sizes"):
+        measure(nn.Linear(2, 2), torch.randn(1, 2), batch_sizes=(0,))
+
+
+def test_compare_table_ratios():
+    a = Measurement(
+        params=100,
+        flops=800,
+        macs=400,
+        batch_size=2,
+        flops_per_sample=400.0,
+        depth=6,
+        depth_exact=True,
+        activations=4,
+        num_threads=2,
+    )
+    b = Measurement(
+        params=50,
+        flops=200,
+        macs=100,
+        batch_size=2,
+        flops_per_sample=100.0,
+        depth=3,
+        depth_exact=True,
+        activations=1,
+        num_threads=2,
+    )
+    table = compare_table(a, b)
+    rows = {
+        r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:5]]
+        for r in table.splitlines()
+        if r.startswith("| ") and "---" not in r
+    }
+    assert rows["depth (weight layers on longest path)"] == ["6", "3", "0.5"]
+    assert rows["activations"] == ["4", "1", "0.25"]
+    assert rows["FLOPs per sample (2·MACs)"] == ["400", "100", "0.25"]
+    assert not any(k.startswith("latency") for k in rows)
