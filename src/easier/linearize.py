@@ -1,24 +1,76 @@
-"""Replace activation sites by identity, in a copy of the model, by rewriting its fx graph."""
+"""Edits that make a model more linear, recorded so a saved model can be rebuilt.
+
+:func:`linearize` replaces activation sites by identity (an fx graph rewrite);
+:func:`replace_with_identity` replaces whole modules (blocks) by identity. Every edit returns a
+copy and appends a plain-data record to ``model.easier_edits``; :func:`apply_edits` replays such
+a list on a fresh base model, which is how checkpoints are rebuilt under ``weights_only=True``.
+Methods may register their own edits with :func:`register_edit`.
+"""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from torch import fx, nn
 
-from .errors import SiteError, TraceError
+from .errors import SiteError, StateError, TraceError
 from .sites import KINDS, activation_input, module_sites, site_nodes, trace
 
-__all__ = ["linearize", "linearized_sites"]
+__all__ = ["apply_edits", "edits_of", "linearize", "linearized_sites", "register_edit",
+           "replace_with_identity"]
 
-_ATTR = "easier_linearized"  # list of site names removed so far, kept on the returned module
-_READY = "easier_fold_ready"
+_EDITS = "easier_edits"  # list of edit records, kept on every edited module
+_CARRIED = ("easier_spec",)  # attributes a copy keeps
+_EDIT_OPS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_edit(op: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register ``fn(model, **args) -> model`` so records ``{"op": op, **args}`` can be replayed."""
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _EDIT_OPS[op] = fn
+        return fn
+    return deco
+
+
+def edits_of(model: nn.Module) -> list[dict[str, Any]]:
+    """The edits applied to ``model`` so far (oldest first), as plain data."""
+    return copy.deepcopy(list(getattr(model, _EDITS, [])))
+
+
+def apply_edits(base: nn.Module, edits: Iterable[dict[str, Any]]) -> nn.Module:
+    """Replay recorded edits on a fresh base model."""
+    model = base
+    for edit in edits:
+        args = dict(edit)
+        op = args.pop("op", None)
+        if op not in _EDIT_OPS:
+            if op == "slopes":  # registered by a method module: make sure it is imported
+                from . import methods  # noqa: F401
+            if op not in _EDIT_OPS:
+                raise StateError(f"unknown edit {op!r} in a checkpoint; known: {sorted(_EDIT_OPS)}")
+        model = _EDIT_OPS[op](model, **args)
+    return model
+
+
+def record_edit(new: nn.Module, old: nn.Module, edit: dict[str, Any]) -> nn.Module:
+    """Give ``new`` the edit history of ``old`` plus ``edit``, and carry easier's attributes."""
+    for attr in _CARRIED:
+        if hasattr(old, attr) and not hasattr(new, attr):
+            setattr(new, attr, copy.deepcopy(getattr(old, attr)))
+    setattr(new, _EDITS, edits_of(old) + [edit])
+    return new
 
 
 def linearized_sites(model: nn.Module) -> list[str]:
     """Names of the sites that :func:`linearize` has removed from ``model`` (oldest first)."""
-    return list(getattr(model, _ATTR, []))
+    return [s for e in edits_of(model) if e["op"] == "linearize" for s in e["sites"]]
+
+
+def fold_ready_model(model: nn.Module) -> bool:
+    """Whether a linearization of ``model`` moved conv padding (see ``fold_ready``)."""
+    return any(e.get("fold_ready") for e in edits_of(model) if e["op"] == "linearize")
 
 
 def linearize(
@@ -48,10 +100,11 @@ def linearize(
         dup = sorted({n for n in names if names.count(n) > 1})
         raise SiteError(f"site(s) {dup} given more than once")
     done = linearized_sites(model)
+    edit = {"op": "linearize", "sites": names, "fold_ready": bool(fold_ready)}
     try:
         trace(model)  # cheap check of traceability on the original before copying
     except TraceError:
-        return _linearize_modules(model, names, done, kinds)
+        return record_edit(_linearize_modules(model, names, done, kinds), model, edit)
 
     new = copy.deepcopy(model)
     gm = trace(new)
@@ -69,17 +122,40 @@ def linearize(
     if gm is not new:
         _keep_unreferenced_state(gm, new)
         gm.train(model.training)
-        for attr in ("easier_spec",):
-            if hasattr(model, attr):
-                setattr(gm, attr, copy.deepcopy(getattr(model, attr)))
-    ready = bool(getattr(model, _READY, False)) or fold_ready
     if fold_ready and junctions:
         from .fold import relocate_padding
 
         relocate_padding(gm, junctions)
-    setattr(gm, _ATTR, done + names)
-    setattr(gm, _READY, ready)
-    return gm
+    return record_edit(gm, model, edit)
+
+
+register_edit("linearize")(lambda model, sites, fold_ready=False: linearize(
+    model, sites, fold_ready=fold_ready))
+
+
+@register_edit("identity")
+def replace_with_identity(model: nn.Module, modules: Iterable[str]) -> nn.Module:
+    """Return a copy of ``model`` in which the named submodules (whole blocks) are identities.
+
+    Each module must map its input to an output of the same shape (e.g. a non-downsampling
+    residual block); that is checked when the model runs, not here. Works on the model's own
+    module tree, so it is for models that were not flattened into an fx graph by an earlier edit.
+    """
+    names = list(modules)
+    if isinstance(model, fx.GraphModule):
+        raise SiteError(
+            "replace_with_identity works on a model's module tree, but this model is an fx graph "
+            "(its blocks were inlined by an earlier edit); replace blocks before linearizing"
+        )
+    valid = {n for n, _ in model.named_modules() if n}
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise SiteError(f"unknown module(s) {unknown}; e.g. {sorted(valid)[:10]}")
+    new = copy.deepcopy(model)
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        setattr(new.get_submodule(parent) if parent else new, leaf, nn.Identity())
+    return record_edit(new, model, {"op": "identity", "modules": names})
 
 
 def _check_names(names: list[str], valid: list[str], done: list[str]) -> None:
@@ -116,6 +192,5 @@ def _linearize_modules(model: nn.Module, names: list[str], done: list[str],
     for name in names:
         parent, _, leaf = name.rpartition(".")
         setattr(new.get_submodule(parent) if parent else new, leaf, nn.Identity())
-    setattr(new, _ATTR, done + names)
     return new
 

@@ -23,20 +23,24 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .entropy import EntropyReport, batch_input, measure_entropy
+from .entropy import batch_input
 from .errors import ConfigError, NonFiniteError
-from .linearize import linearize, linearized_sites
+from .linearize import linearized_sites
 from .methods import Context, Method, create_method
 from .sites import KINDS, find_sites
 from .state import RunDir, model_record, rebuild, save_model
-from .train import FineTune, evaluate, fine_tune, make_loader, seed_everything
+from .train import FineTune, TrainResult, evaluate, fine_tune, make_loader, seed_everything
 
 __all__ = ["ReduceResult", "reduce"]
 
 
 @dataclass
 class ReduceResult:
-    """The reduced model (last accepted), the sites it linearized, and the per-iteration history."""
+    """The reduced model (last accepted), the units it removed, and the per-iteration history.
+
+    ``linearized`` lists the removed units (activation sites for most methods, blocks for
+    LaCoOT); ``easier.linearized_sites(result.model)`` gives the linearized sites alone.
+    """
 
     model: nn.Module
     linearized: list[str]
@@ -73,7 +77,7 @@ def reduce(
     method: str | Method = "easier",
     delta: float = 1.0,
     max_removals: int | None = None,
-    finetune: FineTune = FineTune(),
+    finetune: FineTune | None = None,
     test: Dataset | DataLoader | None = None,
     out: str | Path | None = None,
     resume: bool = False,
@@ -81,6 +85,7 @@ def reduce(
     pretrain: FineTune | None = None,
     one_shot: int | None = None,
     run_all: bool = False,
+    max_iterations: int | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
     entropy_batches: int | None = None,
@@ -95,33 +100,40 @@ def reduce(
 
     ``train`` is the (augmented) training data for fine-tuning; ``train_eval`` the same images
     without augmentation for the entropy pass (defaults to ``train``). ``pretrain`` trains the
-    dense model first (skip it for an already trained model). ``one_shot=K`` linearizes the K
-    lowest-scored sites from one measurement and fine-tunes once. ``run_all`` keeps going to the
-    last site, logging everything (the returned model is still the last accepted one before the
-    first rejection). ``out`` is a run directory; ``resume=True`` continues a killed run there.
+    dense model first (skip it for an already trained model). ``one_shot=K`` removes the K
+    lowest-scored units from one measurement and fine-tunes once. ``run_all`` keeps going to the
+    last unit, logging everything (the returned model is still the last accepted one before the
+    first rejection). ``max_iterations`` caps the iterations (methods such as EGP may remove
+    nothing in a round). ``out`` is a run directory; ``resume=True`` continues a killed run.
     ``config`` adds entries (e.g. model and data names) to the run's config.json.
     """
     strategy = create_method(method)
+    finetune = finetune or FineTune()
     if delta < 0:
         raise ConfigError(f"delta={delta}: the allowed accuracy drop must be >= 0 points")
     if one_shot is not None and one_shot < 1:
-        raise ConfigError(f"one_shot={one_shot}: must be a number of sites >= 1")
+        raise ConfigError(f"one_shot={one_shot}: must be a number of units >= 1")
     say = log or (lambda _msg: None)
     device = torch.device(device)
     train_eval = train if train_eval is None else train_eval
     example = _example(val, input_key).to(device)
     all_sites = [s.name for s in find_sites(model, example.cpu(), kinds=kinds)]
+    prepared = strategy.prepare(copy.deepcopy(model).cpu())
+    all_units = strategy.units(prepared, kinds)
 
     cfg = {
         "method": strategy.name, "method_options": strategy.options(), "delta": delta,
         "max_removals": max_removals, "finetune": finetune.to_dict(),
         "pretrain": pretrain.to_dict() if pretrain else None, "one_shot": one_shot,
-        "run_all": run_all, "seed": seed, "entropy_batches": entropy_batches,
-        "fold_ready": fold_ready, "kinds": list(kinds), "sites": all_sites,
+        "run_all": run_all, "max_iterations": max_iterations, "seed": seed,
+        "entropy_batches": entropy_batches, "fold_ready": fold_ready, "kinds": list(kinds),
+        "sites": all_sites, "units": all_units, "unit": strategy.unit,
         "model_spec": getattr(model, "easier_spec", None), **(config or {}),
     }
     run = RunDir(out) if out is not None else None
     saved = run.start(cfg, resume=resume) if run is not None else None
+    train_kw = {"device": device, "input_key": input_key, "progress": progress,
+                "regularizer": strategy.regularizer(), "after_step": strategy.after_step}
 
     base = copy.deepcopy(model).cpu()  # architecture to rebuild saved states into
     if saved is not None:
@@ -132,21 +144,21 @@ def reduce(
                     else rebuild(saved["accepted"], copy.deepcopy(base)).to(device))
         stop_reason: str | None = saved["stop_reason"]
         rejected = bool(saved.get("rejected", False))
+        strategy.load_state_dict(saved.get("method_state") or {})
         say(f"resumed {run.path} after iteration {history[-1]['iteration']}")  # type: ignore[union-attr]
     else:
-        current = copy.deepcopy(model).to(device)
+        current = prepared.to(device)
         history, stop_reason, rejected = [], None, False
         t0 = time.perf_counter()
         pre = None
         if pretrain is not None:
             seed_everything(seed)
-            pre = fine_tune(current, train, pretrain, seed=seed, device=device,
-                            input_key=input_key, progress=progress, desc="pretrain")
+            pre = fine_tune(current, train, pretrain, seed=seed, desc="pretrain", **train_kw)
             if pre.failed:
                 raise NonFiniteError(f"pretraining failed: {pre.failed}; lower the learning rate")
         baseline = _evaluate_all(current, val, test, device, input_key)
         record = {"iteration": 0, "chosen": [], "removed": [], "accepted": True,
-                  "entropy": None, "scores": None, **baseline,
+                  "meets_threshold": True, "entropy": None, "scores": None, **baseline,
                   "train_loss": pre.loss if pre else None,
                   "train_acc": pre.accuracy if pre else None,
                   **_cost(current, example), "seconds": {"total": time.perf_counter() - t0},
@@ -154,14 +166,14 @@ def reduce(
         history.append(record)
         accepted = current
         say(_status(record, baseline, delta))
-        _save(run, history, baseline, current, accepted, None, False, cfg)
+        _save(run, history, baseline, current, accepted, None, False, cfg, strategy)
 
     while stop_reason is None:
         k = history[-1]["iteration"] + 1
-        removed = linearized_sites(current)
-        remaining = [n for n in all_sites if n not in removed]
+        removed = list(history[-1]["removed"])
+        remaining = [u for u in strategy.units(current, kinds) if u not in removed]
         if not remaining:
-            stop_reason = "no site left"
+            stop_reason = f"no {strategy.unit} left"
             break
         if max_removals is not None and len(removed) >= max_removals:
             stop_reason = f"max_removals={max_removals} reached"
@@ -169,43 +181,46 @@ def reduce(
         if one_shot is not None and k > 1:
             stop_reason = f"one-shot of {one_shot} done"
             break
-        t0 = time.perf_counter()
-        report = measure_entropy(current, make_loader(train_eval, finetune.batch_size,
-                                                      shuffle=False),
-                                 sites=remaining, kinds=kinds, input_key=input_key,
-                                 device=device, max_batches=entropy_batches, progress=progress)
-        t_entropy = time.perf_counter() - t0
+        if max_iterations is not None and k > max_iterations:
+            stop_reason = f"max_iterations={max_iterations} reached"
+            break
         want = min(one_shot or 1, len(remaining))
         if max_removals is not None:
             want = min(want, max_removals - len(removed))
-        ctx = Context(model=current, report=report, remaining=remaining, removed=removed, k=want,
-                      iteration=k, rng=random.Random(seed * 1_000_003 + k))
-        choice = strategy.choose(ctx)
-        candidate = linearize(current, choice.sites, fold_ready=fold_ready, kinds=kinds)
+        t0 = time.perf_counter()
+        ctx = Context(model=current, remaining=remaining, removed=removed, k=want, iteration=k,
+                      rng=random.Random(seed * 1_000_003 + k), train_eval=train_eval, val=val,
+                      device=device, kinds=kinds, fold_ready=fold_ready,
+                      batch_size=finetune.batch_size, entropy_batches=entropy_batches,
+                      input_key=input_key, progress=progress)
+        step = strategy.step(ctx)
+        candidate = step.model.to(device)
+        t_step = time.perf_counter() - t0
         seed_everything(seed + k)
         t1 = time.perf_counter()
-        ft = fine_tune(candidate, train, finetune, seed=seed + 1000 * k, device=device,
-                       input_key=input_key, regularizer=strategy.regularizer(),
-                       progress=progress, desc=f"iter {k}")
+        ft = (fine_tune(candidate, train, finetune, seed=seed + 1000 * k, desc=f"iter {k}",
+                        **train_kw) if strategy.finetune else TrainResult())
         t_ft = time.perf_counter() - t1
-        record = {"iteration": k, "chosen": choice.sites,
-                  "removed": removed + choice.sites, "entropy": report.as_dict(),
-                  "scores": choice.scores, "train_loss": ft.loss, "train_acc": ft.accuracy,
+        record = {"iteration": k, "chosen": step.chosen, "removed": removed + step.chosen,
+                  "entropy": ctx.report.as_dict() if ctx.report is not None else None,
+                  "scores": step.scores, "reason": step.reason, **step.info,
+                  "train_loss": None if ft.steps == 0 else ft.loss,
+                  "train_acc": None if ft.steps == 0 else ft.accuracy,
                   "finetune_epochs": ft.epochs, "finetune_steps": ft.steps, "failed": ft.failed}
         if ft.failed:
-            record.update(accepted=False, seconds={"entropy": t_entropy, "finetune": t_ft})
+            record.update(accepted=False, meets_threshold=False,
+                          seconds={"step": t_step, "finetune": t_ft, "total": t_step + t_ft})
             history.append(record)
             stop_reason = f"fine-tuning failed at iteration {k}: {ft.failed}; kept the previous model"
-            say(f"iter {k:>2} | {', '.join(choice.sites)} | {stop_reason}")
-            _save(run, history, baseline, current, accepted, stop_reason, rejected, cfg)
+            say(f"iter {k:>2} | {', '.join(step.chosen)} | {stop_reason}")
             break
         t2 = time.perf_counter()
         scores = _evaluate_all(candidate, val, test, device, input_key)
         ok = scores["val_acc"] >= baseline["val_acc"] - delta
         record.update(scores, meets_threshold=ok, accepted=ok and not rejected,
                       **_cost(candidate, example))
-        record["seconds"] = {"entropy": t_entropy, "finetune": t_ft,
-                             "eval": time.perf_counter() - t2, "total": time.perf_counter() - t0}
+        record["seconds"] = {"step": t_step, "finetune": t_ft, "eval": time.perf_counter() - t2,
+                             "total": time.perf_counter() - t0}
         history.append(record)
         current = candidate
         if record["accepted"]:
@@ -216,11 +231,12 @@ def reduce(
             if not run_all:
                 stop_reason = (f"val top-1 {scores['val_acc']:.2f} < baseline "
                                f"{baseline['val_acc']:.2f} - delta {delta}")
-        _save(run, history, baseline, current, accepted, stop_reason, rejected, cfg)
+        _save(run, history, baseline, current, accepted, stop_reason, rejected, cfg, strategy)
 
-    _save(run, history, baseline, current, accepted, stop_reason, rejected, cfg)
-    say(f"stopped: {stop_reason}; kept {len(linearized_sites(accepted))} linearized site(s)")
-    return ReduceResult(model=accepted, linearized=linearized_sites(accepted), history=history,
+    _save(run, history, baseline, current, accepted, stop_reason, rejected, cfg, strategy)
+    kept = next(h for h in reversed(history) if h["accepted"])["removed"]
+    say(f"stopped: {stop_reason}; kept {len(kept)} removed {strategy.unit}(s)")
+    return ReduceResult(model=accepted, linearized=list(kept), history=history,
                         baseline=baseline, stop_reason=stop_reason or "",
                         out=run.path if run else None)
 
@@ -250,7 +266,7 @@ def _status(rec: dict[str, Any], baseline: dict[str, Any], delta: float) -> str:
 
 def _save(run: RunDir | None, history: list[dict[str, Any]], baseline: dict[str, Any],
           current: nn.Module, accepted: nn.Module, stop_reason: str | None, rejected: bool,
-          cfg: dict[str, Any]) -> None:
+          cfg: dict[str, Any], strategy: Method) -> None:
     """Write the run's state and every report file; state.pt last-but-one is the source of truth."""
     if run is None:
         return
@@ -259,12 +275,14 @@ def _save(run: RunDir | None, history: list[dict[str, Any]], baseline: dict[str,
     run.write_state({
         "history": history, "baseline": baseline, "stop_reason": stop_reason,
         "rejected": rejected, "current": model_record(current),
+        "method_state": strategy.state_dict(),
         "accepted": None if accepted is current else model_record(accepted),
     })
     save_model(accepted, run.file("model.pt"))
     summary = {
         "method": cfg["method"], "delta": cfg["delta"], "stop_reason": stop_reason,
         "done": stop_reason is not None, "baseline": baseline,
+        "removed": next(h for h in reversed(history) if h["accepted"])["removed"],
         "linearized": linearized_sites(accepted), "iterations": len(history) - 1,
         "final": next(h for h in reversed(history) if h["accepted"]),
     }

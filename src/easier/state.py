@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, StateError
-from .linearize import linearize, linearized_sites
+from .linearize import apply_edits, edits_of
 
 __all__ = ["RunDir", "atomic_write_bytes", "atomic_write_text", "load_model", "save_model"]
 
-MODEL_FORMAT = "easier.model/1"
+MODEL_FORMAT = "easier.model/2"
 STATE_FORMAT = "easier.state/1"
 
 
@@ -61,12 +61,11 @@ def _spec(model: nn.Module) -> dict[str, Any] | None:
 
 
 def model_record(model: nn.Module) -> dict[str, Any]:
-    """Everything needed to rebuild ``model``: architecture spec, removed sites, weights."""
+    """Everything needed to rebuild ``model``: architecture spec, recorded edits, weights."""
     return {
         "format": MODEL_FORMAT,
         "spec": _spec(model),
-        "linearized": linearized_sites(model),
-        "fold_ready": bool(getattr(model, "easier_fold_ready", False)),
+        "edits": edits_of(model),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
 
@@ -77,7 +76,7 @@ def save_model(model: nn.Module, path: str | Path) -> None:
 
 
 def rebuild(record: dict[str, Any], base: nn.Module | None = None) -> nn.Module:
-    """A model from a :func:`model_record`: rebuild the architecture, re-linearize, load weights."""
+    """A model from a :func:`model_record`: rebuild the architecture, replay edits, load weights."""
     if record.get("format") != MODEL_FORMAT:
         raise StateError(f"not an easier model record (format={record.get('format')!r})")
     if base is None:
@@ -89,8 +88,7 @@ def rebuild(record: dict[str, Any], base: nn.Module | None = None) -> nn.Module:
         from .models import create_from_spec
 
         base = create_from_spec(record["spec"])
-    names = list(record.get("linearized", []))
-    model = linearize(base, names, fold_ready=record.get("fold_ready", False)) if names else base
+    model = apply_edits(base, record.get("edits", []))
     try:
         model.load_state_dict(record["state_dict"], strict=True)
     except RuntimeError as exc:

@@ -146,19 +146,37 @@ def fine_tune(
     device: torch.device | str = "cpu",
     input_key: str | None = None,
     regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
+    after_step: Callable[[nn.Module], None] | None = None,
     progress: bool = False,
     desc: str = "train",
 ) -> TrainResult:
     """Train ``model`` in place with a fresh optimizer and schedule; stop at the first NaN loss.
 
     The data order of epoch ``e`` is fixed by ``seed + e``, so a resumed run repeats it exactly.
-    ``regularizer(model)`` (if given) is added to the cross-entropy loss of every step.
+    ``regularizer(model)`` (if given) is added to the cross-entropy loss of every step; if it
+    has an ``attach(model)`` method (e.g. to hook block features), that is called first and the
+    handle it returns is removed at the end. ``after_step(model)`` runs after every optimizer
+    step (e.g. to re-apply pruning masks).
     """
     res = TrainResult()
     if cfg.epochs == 0 or cfg.max_steps == 0:
         return res
     t0 = time.perf_counter()
     model.to(device).train()
+    handle = regularizer.attach(model) if hasattr(regularizer, "attach") else None
+    try:
+        return _fit(model, data, cfg, res, t0, seed=seed, device=device, input_key=input_key,
+                    regularizer=regularizer, after_step=after_step, progress=progress, desc=desc)
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _fit(model: nn.Module, data: Dataset | DataLoader, cfg: FineTune, res: TrainResult, t0: float,
+         *, seed: int, device: torch.device | str, input_key: str | None,
+         regularizer: Callable[[nn.Module], torch.Tensor] | None,
+         after_step: Callable[[nn.Module], None] | None, progress: bool,
+         desc: str) -> TrainResult:
     opt = _optimizer(model, cfg)
     first = make_loader(data, cfg.batch_size, shuffle=True, seed=seed)
     sched = _scheduler(opt, cfg, max(1, len(first)))
@@ -187,6 +205,8 @@ def fine_tune(
             if cfg.grad_clip is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
+            if after_step is not None:
+                after_step(model)
             sched.step()
             res.steps += 1
             total_loss += float(loss.detach()) * len(y)

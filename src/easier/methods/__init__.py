@@ -1,6 +1,15 @@
 """Depth-reduction methods behind one interface: ``reduce(..., method=NAME)``."""
 
 from . import controls, easier  # noqa: F401  (registers the methods)
-from .base import Choice, Context, Method, create_method, list_methods, register_method
+from .base import (
+    Context,
+    Method,
+    SiteMethod,
+    Step,
+    create_method,
+    list_methods,
+    register_method,
+)
 
-__all__ = ["Choice", "Context", "Method", "create_method", "list_methods", "register_method"]
+__all__ = ["Context", "Method", "SiteMethod", "Step", "create_method", "list_methods",
+           "register_method"]

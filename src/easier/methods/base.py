@@ -1,69 +1,179 @@
 """The interface every depth-reduction method implements, and the method registry.
 
-A method only decides *which* sites to linearize at each iteration; the loop (train, measure,
-linearize, fine-tune, evaluate, stop, save, resume, fold) is shared. Methods that need a
-training-time regularizer or another score override the optional hooks.
+The loop in :mod:`easier.reduce` is shared: train, evaluate, call ``method.step`` once per
+iteration, fine-tune, evaluate, accept or stop, save, resume, fold. A method decides what one
+iteration changes and may hook into training:
+
+* ``prepare(model)``: transform the model once before anything is trained (e.g. add slopes);
+* ``units(model)``: what is still removable (activation sites, blocks, ...);
+* ``step(ctx)``: one iteration's change, returned as a :class:`Step` (new model + removed units);
+* ``regularizer()``: a loss term added at every training step (pretraining and fine-tuning);
+* ``after_step(model)``: called after every optimizer step (e.g. re-apply pruning masks);
+* ``state_dict()`` / ``load_state_dict()``: the method's own state, saved for resume;
+* ``finetune``: whether the loop fine-tunes after each step.
+
+Every change to the model must go through a recorded edit (:func:`easier.linearize`,
+:func:`easier.linearize.replace_with_identity`, or an edit the method registers), or be a change
+of weights, so that checkpoints rebuild under ``weights_only=True``.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
-from ..entropy import EntropyReport
+from ..entropy import EntropyReport, batch_input, measure_entropy
 from ..errors import ConfigError
+from ..linearize import linearize
+from ..sites import KINDS, find_sites
 
-__all__ = ["Choice", "Context", "Method", "create_method", "list_methods", "register_method"]
+__all__ = ["Context", "Method", "SiteMethod", "Step", "create_method", "list_methods",
+           "register_method"]
 
 
 @dataclass
 class Context:
-    """What a method may look at when choosing: the current model and its measured entropies."""
+    """What a method may use in one iteration. Expensive things are computed on demand."""
 
     model: nn.Module
-    report: EntropyReport  # entropies of the remaining sites, measured on the training data
-    remaining: list[str]  # sites still non-linear, in execution order
-    removed: list[str]  # sites linearized so far, oldest first
-    k: int  # how many sites to choose (1, or K in one-shot mode)
+    remaining: list[str]  # units still removable, in model order
+    removed: list[str]  # units removed so far, oldest first
+    k: int  # how many units to remove now (1, or K in one-shot mode)
     iteration: int
     rng: random.Random  # seeded from (run seed, iteration): reproducible across resumes
-    extras: dict[str, Any] = field(default_factory=dict)
+    train_eval: Dataset | DataLoader | None = None  # training images, no augmentation
+    val: Dataset | DataLoader | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    kinds: Sequence[str] = KINDS
+    fold_ready: bool = True
+    batch_size: int = 128
+    entropy_batches: int | None = None
+    input_key: str | None = None
+    progress: bool = False
+    report: EntropyReport | None = None  # set by entropy(); recorded in the history
+
+    def entropy(self, model: nn.Module | None = None, **options: Any) -> EntropyReport:
+        """Entropy of the remaining sites on the training images (cached for ``ctx.model``)."""
+        from ..train import make_loader
+
+        target = self.model if model is None else model
+        if model is None and self.report is not None and not options:
+            return self.report
+        rep = measure_entropy(target, make_loader(self.train_eval, self.batch_size,
+                                                  shuffle=False),
+                              kinds=self.kinds, input_key=self.input_key, device=self.device,
+                              max_batches=self.entropy_batches, progress=self.progress,
+                              **options)
+        if model is None and not options:
+            self.report = rep
+        return rep
+
+    def linearize(self, sites: Sequence[str], model: nn.Module | None = None) -> nn.Module:
+        """``ctx.model`` (or ``model``) with these sites linearized, padding moved if fold_ready."""
+        return linearize(self.model if model is None else model, list(sites),
+                         fold_ready=self.fold_ready, kinds=self.kinds)
+
+    def val_batches(self, n: int | None = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first ``n`` validation batches (all when None), on the device."""
+        from ..train import make_loader
+
+        out = []
+        for i, batch in enumerate(make_loader(self.val, self.batch_size, shuffle=False)):
+            if n is not None and i >= n:
+                break
+            out.append((batch_input(batch, self.input_key).to(self.device),
+                        batch[1].to(self.device)))
+        return out
+
+    @torch.no_grad()
+    def loss(self, model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Mean cross-entropy of ``model`` (eval mode) on the given batches."""
+        was = model.training
+        model.eval()
+        try:
+            total = sum(float(nn.functional.cross_entropy(model(x), y, reduction="sum"))
+                        for x, y in batches)
+        finally:
+            model.train(was)
+        return total / max(1, sum(len(y) for _, y in batches))
 
 
-@dataclass(frozen=True)
-class Choice:
-    """The sites to linearize now, and the per-site scores that ranked them (lower goes first)."""
+@dataclass
+class Step:
+    """One iteration's change: the new model, the units it removed, and how they were ranked."""
 
-    sites: list[str]
-    scores: dict[str, float]
+    model: nn.Module
+    chosen: list[str]  # units removed now (may be empty, e.g. a pruning round)
+    scores: dict[str, float] = field(default_factory=dict)  # lower = removed first
     reason: str = ""
+    info: dict[str, Any] = field(default_factory=dict)  # extra fields for the history record
 
 
 class Method:
-    """Base class: subclass, set ``name``, implement :meth:`choose`, and register it."""
+    """Base class: subclass, set ``name``, implement :meth:`step`, decorate with register_method."""
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    unit: ClassVar[str] = "site"  # what one removed unit is, for reports
+    finetune: ClassVar[bool] = True  # fine-tune after each step
 
     def __init__(self, **options: Any):
         if options:
             raise ConfigError(f"method {self.name!r} takes no options; got {sorted(options)}")
 
-    def choose(self, ctx: Context) -> Choice:
+    def options(self) -> dict[str, Any]:
+        """The method's options, recorded in the run's config (must be JSON-able)."""
+        return {}
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Transform the model once, before any training. Default: unchanged."""
+        return model
+
+    def units(self, model: nn.Module, kinds: Sequence[str] = KINDS) -> list[str]:
+        """The units still removable in ``model``. Default: its activation sites."""
+        from ..errors import NoSitesError
+
+        try:
+            return [s.name for s in find_sites(model, kinds=kinds)]
+        except NoSitesError:
+            return []
+
+    def step(self, ctx: Context) -> Step:
         raise NotImplementedError
 
     def regularizer(self) -> Callable[[nn.Module], torch.Tensor] | None:
-        """A loss term added during fine-tuning, or None."""
+        """A loss term added at every training step, or None."""
         return None
 
-    def options(self) -> dict[str, Any]:
-        """The method's options, recorded in the run's config."""
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimizer step (pretraining and fine-tuning)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The method's own state (tensors and plain data), saved after every iteration."""
         return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` when a run resumes."""
+
+
+class SiteMethod(Method):
+    """A method that scores the remaining sites and linearizes the ``k`` lowest."""
+
+    def score(self, ctx: Context) -> dict[str, float]:
+        raise NotImplementedError
+
+    def step(self, ctx: Context) -> Step:
+        scores = self.score(ctx)
+        order = {n: i for i, n in enumerate(ctx.remaining)}
+        ranked = sorted(ctx.remaining, key=lambda n: (scores[n], order[n]))
+        chosen = ranked[: ctx.k]
+        return Step(ctx.linearize(chosen), chosen, scores, self.description)
 
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -84,7 +194,12 @@ def list_methods() -> list[str]:
 def create_method(method: str | Method, **options: Any) -> Method:
     """A Method instance from a registered name (or the instance itself)."""
     if isinstance(method, Method):
+        if options:
+            raise ConfigError("pass options to the Method's constructor, not with an instance")
         return method
     if method not in _REGISTRY:
         raise ConfigError(f"unknown method {method!r}; valid methods: {list_methods()}")
-    return _REGISTRY[method](**options)
+    try:
+        return _REGISTRY[method](**options)
+    except TypeError as exc:
+        raise ConfigError(f"bad options for method {method!r}: {exc}") from exc

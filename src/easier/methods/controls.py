@@ -1,31 +1,33 @@
-"""Control orders for ablations: they show whether the entropy order matters."""
+"""Control orders for ablations: they show whether the entropy order matters.
+
+Both still measure the entropy (it is recorded in the history for analysis), but ignore it
+(``random``) or use it backwards (``max-entropy``).
+"""
 
 from __future__ import annotations
 
-from .base import Choice, Context, Method, register_method
+from .base import Context, SiteMethod, register_method
 
 
 @register_method
-class RandomOrder(Method):
+class RandomOrder(SiteMethod):
     """A uniformly random remaining site (seeded per iteration)."""
 
     name = "random"
     description = "random site (control)"
 
-    def choose(self, ctx: Context) -> Choice:
-        chosen = ctx.rng.sample(sorted(ctx.remaining, key=ctx.remaining.index), ctx.k)
-        return Choice(chosen, {n: ctx.report[n] for n in ctx.remaining}, "random")
+    def score(self, ctx: Context) -> dict[str, float]:
+        ctx.entropy()  # recorded for the comparison, not used
+        return {n: ctx.rng.random() for n in ctx.remaining}
 
 
 @register_method
-class MaxEntropy(Method):
+class MaxEntropy(SiteMethod):
     """Highest layer entropy first: the opposite of EASIER."""
 
     name = "max-entropy"
     description = "highest layer entropy first (control)"
 
-    def choose(self, ctx: Context) -> Choice:
-        scores = {n: ctx.report[n] for n in ctx.remaining}
-        order = {n: i for i, n in enumerate(ctx.remaining)}
-        ranked = sorted(ctx.remaining, key=lambda n: (-scores[n], order[n]))
-        return Choice(ranked[: ctx.k], {n: -s for n, s in scores.items()}, "highest entropy")
+    def score(self, ctx: Context) -> dict[str, float]:
+        report = ctx.entropy()
+        return {n: -report[n] for n in ctx.remaining}

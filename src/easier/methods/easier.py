@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from .base import Choice, Context, Method, register_method
+from .base import Context, SiteMethod, Step, register_method
 
 
 @register_method
-class Easier(Method):
+class Easier(SiteMethod):
     """Lowest layer entropy first; ties go to the earlier site.
 
     ``also_zero=True`` also removes every other site whose entropy is exactly 0 in the same
@@ -22,10 +22,15 @@ class Easier(Method):
     def options(self) -> dict[str, bool]:
         return {"also_zero": self.also_zero}
 
-    def choose(self, ctx: Context) -> Choice:
-        scores = {n: ctx.report[n] for n in ctx.remaining}
-        order = ctx.report.ranking(exclude=ctx.removed)
-        chosen = order[: ctx.k]
+    def score(self, ctx: Context) -> dict[str, float]:
+        report = ctx.entropy()
+        return {n: report[n] for n in ctx.remaining}
+
+    def step(self, ctx: Context) -> Step:
+        step = super().step(ctx)
         if self.also_zero:
-            chosen += [n for n in order[ctx.k:] if scores[n] == 0.0]
-        return Choice(chosen, scores, "lowest entropy")
+            extra = [n for n in ctx.remaining if step.scores[n] == 0.0 and n not in step.chosen]
+            if extra:
+                chosen = step.chosen + extra
+                return Step(ctx.linearize(chosen), chosen, step.scores, "lowest entropy + zeros")
+        return step
