@@ -128,7 +128,7 @@ def test_bad_inputs(tmp_path):
         reduce(Net(), toy_data(), toy_data(30), finetune=FT, max_removals=1, out=out,
                resume=True, delta=3.0)
     (out / "state.pt").write_bytes(b"truncated")
-    with pytest.raises(StateError, match="corrupt or truncated.*state.prev.pt"):
+    with pytest.raises(StateError, match=r"corrupt or truncated.*state.prev.pt"):
         reduce(Net(), toy_data(), toy_data(30), finetune=FT, max_removals=1, out=out,
                resume=True)
     assert (out / "state.pt").read_bytes() == b"truncated"  # left untouched

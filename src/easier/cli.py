@@ -1,4 +1,4 @@
-"""Command line: ``easier reduce | entropy | fold | models | datasets | methods``.
+"""Command line: ``easier reduce | compare | entropy | fold | models | datasets | methods``.
 
 A thin layer: arguments are parsed into the library's calls; nothing here is needed from Python.
 """
@@ -47,13 +47,27 @@ def _finetune_overrides(cfg: Any, args: argparse.Namespace, prefix: str = "") ->
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
-def cmd_reduce(args: argparse.Namespace) -> int:
+def _parse_options(items: list[str]) -> dict[str, Any]:
+    """KEY=VALUE strings -> dict; values are JSON when they parse (numbers, true, lists)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise EasierError(f"--method-option {item!r}: expected KEY=VALUE, e.g. lam=5")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def _setup(args: argparse.Namespace) -> dict[str, Any]:
+    """Data, schedules and a model factory shared by reduce and compare."""
     import torch
 
     from . import data as datasets
     from . import models
     from .recipes import recipe
-    from .reduce import reduce
     from .state import load_model
     from .train import seed_everything
 
@@ -65,38 +79,75 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     ft = _finetune_overrides(ft, args)
     if args.pretrain_epochs is not None:
         pre = dataclasses.replace(pre, epochs=args.pretrain_epochs)
-    seed_everything(args.seed)
-    model = models.create(args.model, num_classes=splits.num_classes,
-                          in_channels=splits.in_channels, width=args.width,
-                          image_size=splits.image_size)
-    if args.checkpoint:
-        model = load_model(args.checkpoint, model)
+    if args.checkpoint or pre.epochs == 0:
         pre = None
-    elif pre.epochs == 0:
-        pre = None
-    out = Path(args.out or f"runs/{args.model}-{args.data.split(':')[0]}-{args.method}-s{args.seed}")
-    _say(f"easier reduce: {args.model} (width {args.width}) on {splits.name} "
-         f"{splits.sizes()}, method {args.method}, delta {args.delta}, device {device}, "
-         f"{torch.get_num_threads()} threads -> {out}")
+
+    def make_model() -> torch.nn.Module:
+        seed_everything(args.seed)
+        model = models.create(args.model, num_classes=splits.num_classes,
+                              in_channels=splits.in_channels, width=args.width,
+                              image_size=splits.image_size)
+        return load_model(args.checkpoint, model) if args.checkpoint else model
+
+    kwargs = {
+        "test": splits.test, "train_eval": splits.train_eval, "delta": args.delta,
+        "max_removals": args.max_removals, "finetune": ft, "pretrain": pre,
+        "one_shot": args.one_shot, "run_all": args.all, "max_iterations": args.max_iterations,
+        "seed": args.seed, "device": device, "entropy_batches": args.entropy_batches,
+        "fold_ready": not args.no_fold_ready, "progress": not args.quiet, "log": _say,
+        "config": {"model": args.model, "width": args.width, "data": args.data,
+                   "recipe": args.recipe, "checkpoint": args.checkpoint,
+                   "image_size": args.image_size},
+    }
+    _say(f"easier: {args.model} (width {args.width}) on {splits.name} {splits.sizes()}, "
+         f"delta {args.delta}, recipe {args.recipe}, device {device}, "
+         f"{torch.get_num_threads()} threads")
+    return {"splits": splits, "make_model": make_model, "kwargs": kwargs}
+
+
+def cmd_reduce(args: argparse.Namespace) -> int:
+    from .methods import create_method
+    from .reduce import reduce
+
+    env = _setup(args)
+    method = create_method(args.method, **_parse_options(args.method_option))
+    data_name = args.data.split(":")[0]
+    out = Path(args.out or f"runs/{args.model}-{data_name}-{args.method}-s{args.seed}")
+    _say(f"method {args.method} {method.options() or ''} -> {out}")
     t0 = time.perf_counter()
-    result = reduce(
-        model, splits.train, splits.val, test=splits.test, train_eval=splits.train_eval,
-        method=args.method, delta=args.delta, max_removals=args.max_removals, finetune=ft,
-        pretrain=pre, one_shot=args.one_shot, run_all=args.all, seed=args.seed, device=device,
-        entropy_batches=args.entropy_batches, fold_ready=not args.no_fold_ready, out=out,
-        resume=args.resume, progress=not args.quiet, log=_say,
-        config={"model": args.model, "width": args.width, "data": args.data,
-                "recipe": args.recipe, "checkpoint": args.checkpoint,
-                "image_size": args.image_size},
-    )
+    result = reduce(env["make_model"](), env["splits"].train, env["splits"].val, method=method,
+                    out=out, resume=args.resume, fold=None if args.no_fold else args.plan,
+                    **env["kwargs"])
     print()
     print(result.table())
-    print(f"\nkept {len(result.linearized)} linearized site(s): "
+    print(f"\nkept {len(result.linearized)} removed unit(s): "
           f"{', '.join(result.linearized) or 'none'}")
     print(f"stopped: {result.stop_reason}; wall time {time.perf_counter() - t0:.1f}s; "
           f"run directory: {out}")
-    if not args.no_fold:
-        _fold_run(out, plan=args.plan, onnx=False)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare, comparison_table
+
+    env = _setup(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    opts: dict[str, dict[str, Any]] = {}
+    for item in args.method_option:
+        name, sep, rest = item.partition(":")
+        if not sep or name not in methods:
+            raise EasierError(f"--method-option {item!r}: expected METHOD:KEY=VALUE with METHOD "
+                              f"one of {methods}")
+        opts.setdefault(name, {}).update(_parse_options([rest]))
+    out = Path(args.out or f"runs/compare-{args.model}-{args.data.split(':')[0]}-s{args.seed}")
+    t0 = time.perf_counter()
+    rows = compare(env["make_model"], env["splits"].train, env["splits"].val, methods=methods,
+                   out=out, method_options=opts, plan=args.plan, resume=args.resume,
+                   **env["kwargs"])
+    print()
+    print(comparison_table(rows))
+    print(f"\nwall time {time.perf_counter() - t0:.1f}s; wrote {out}/comparison.md, "
+          "comparison.csv, comparison.png")
     return 0
 
 
@@ -120,42 +171,13 @@ def cmd_entropy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fold_run(run_dir: Path, *, plan: str, onnx: bool, batch_sizes: tuple[int, ...] = (1, 64)
-              ) -> None:
-    import torch
-
-    from .fold import fold
-    from .measure import compare_table, measure
-    from .state import RunDir, load_model
-
-    run = RunDir(run_dir)
-    model = load_model(run.file("model.pt")).eval()
-    cfg = run.read_config()
-    size = cfg.get("image_size") or model.easier_spec.get("image_size", 32)  # type: ignore[union-attr]
-    chans = model.easier_spec.get("in_channels", 3)  # type: ignore[union-attr]
-    example = torch.randn(1, chans, size, size)
-    folded = fold(model, example, plan=plan)
-    before = measure(model, example, batch_sizes=batch_sizes)
-    after = measure(folded, example, batch_sizes=batch_sizes)
-    traced = torch.jit.trace(folded, example)
-    torch.jit.save(traced, str(run.file("folded.pt")))
-    run.write_json("fold_plan.json", folded.fold_plan.to_dict())
-    table = compare_table(before, after)
-    run.write_json("fold_measure.json", {"before": before.to_dict(), "after": after.to_dict()})
-    (run.file("fold.md")).write_text(f"# fold ({plan})\n\n{table}\n\n```\n{folded.fold_plan}\n```\n")
-    print(f"\nfold (plan={plan}): max |error| {folded.fold_plan.max_abs_error:.2e}")
-    print(table)
-    if onnx:
-        try:
-            torch.onnx.export(folded, example, str(run.file("folded.onnx")))
-        except Exception as exc:  # onnx is an optional extra
-            raise EasierError(f"ONNX export failed ({exc}); install the extra: "
-                              "pip install 'easier[onnx]'") from exc
-    print(f"wrote {run.file('folded.pt')} (TorchScript), fold_plan.json, fold.md")
-
-
 def cmd_fold(args: argparse.Namespace) -> int:
-    _fold_run(Path(args.run_dir), plan=args.plan, onnx=args.onnx)
+    from .fold import fold_run
+
+    out = fold_run(args.run_dir, plan=args.plan, onnx=args.onnx)
+    print(f"fold (plan={args.plan}): max |error| {out['plan']['max_abs_error']:.2g}")
+    print(out["table"])
+    print(f"wrote {Path(args.run_dir) / 'folded.pt'} (TorchScript), fold_plan.json, fold.md")
     return 0
 
 
@@ -176,29 +198,19 @@ def cmd_list(what: str) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="easier",
-        description="Make trained networks shallower: entropy-guided activation removal and "
-                    "exact layer folding.")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    r = sub.add_parser("reduce", help="run a depth-reduction method end to end",
-                       description="Train (or load) a model, then remove activations one at a "
-                                   "time, fine-tuning after each, until validation accuracy "
-                                   "drops more than --delta points; then fold.")
+def _run_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--model", default="resnet18", help="registry name (easier models)")
     r.add_argument("--width", type=float, default=0.25, help="channel width multiplier")
     r.add_argument("--data", default="mnist5k", help="dataset spec: mnist5k, digits, cifar10:PATH…")
     r.add_argument("--image-size", type=int, default=None)
-    r.add_argument("--method", default="easier", help="easier, random, max-entropy, …")
     r.add_argument("--delta", type=float, default=1.0,
                    help="allowed val top-1 drop in points (default 1.0)")
     r.add_argument("--max-removals", type=int, default=None)
+    r.add_argument("--max-iterations", type=int, default=None)
     r.add_argument("--one-shot", type=int, default=None, metavar="K",
-                   help="linearize the K lowest sites from one measurement, fine-tune once")
+                   help="remove the K lowest-scored units from one measurement, fine-tune once")
     r.add_argument("--all", action="store_true",
-                   help="keep going to the last site and log everything")
+                   help="keep going to the last unit and log everything")
     r.add_argument("--recipe", default="fast", help="fast (CPU minutes) or paper (Table 4)")
     r.add_argument("--epochs", type=int, default=None, help="fine-tune epochs per iteration")
     r.add_argument("--pretrain-epochs", type=int, default=None,
@@ -214,13 +226,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not move conv padding when linearizing (fold becomes inexact)")
     r.add_argument("--no-fold", action="store_true", help="do not fold at the end")
     r.add_argument("--plan", default="latency", choices=["latency", "flops", "all", "none"])
-    r.add_argument("--out", default=None, help="run directory (default runs/MODEL-DATA-METHOD-sSEED)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="easier",
+        description="Make trained networks shallower: entropy-guided activation removal and "
+                    "exact layer folding.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("reduce", help="run a depth-reduction method end to end",
+                       description="Train (or load) a model, then remove activations one at a "
+                                   "time, fine-tuning after each, until validation accuracy "
+                                   "drops more than --delta points; then fold.")
+    _run_args(r)
+    r.add_argument("--method", default="easier", help="easier, egp, lacoot, tlc, random, …")
+    r.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option, e.g. lam=5 (repeatable)")
+    r.add_argument("--out", default=None,
+                   help="run directory (default runs/MODEL-DATA-METHOD-sSEED)")
     r.set_defaults(func=cmd_reduce)
+
+    c = sub.add_parser("compare", help="run several methods with the same seed and budget",
+                       description="Run each method's loop on the same model, data, seed and "
+                                   "budget, fold and measure each result, and write one table "
+                                   "(markdown + CSV) and one plot.")
+    _run_args(c)
+    c.add_argument("--methods", default="easier,egp,lacoot,tlc,layer-folding,random",
+                   help="comma-separated method names")
+    c.add_argument("--method-option", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                   help="an option of one method, e.g. lacoot:lam=5 (repeatable)")
+    c.add_argument("--out", default=None, help="output directory (one run directory per method)")
+    c.set_defaults(func=cmd_compare)
 
     e = sub.add_parser("entropy", help="print the site entropy table of a checkpoint")
     e.add_argument("checkpoint", help="a model.pt written by easier")

@@ -171,7 +171,8 @@ class _Counter(nn.Module):
     def check_finite(self) -> None:
         if self.bad is not None and int(self.bad) > 0:
             raise NonFiniteError(
-                f"site {self.site.name!r}: NaN or Inf pre-activations in {int(self.bad)} channel-batch(es); "
+                f"site {self.site.name!r}: NaN or Inf pre-activations in {int(self.bad)} "
+                "channel-batch(es); "
                 "the entropy would be meaningless. Check the model's weights and inputs (e.g. "
                 "normalisation, a diverged fine-tune) before measuring."
             )

@@ -39,6 +39,7 @@ import operator
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -59,6 +60,7 @@ __all__ = [
     "find_chains",
     "fold",
     "fold_ready",
+    "fold_run",
     "merge_chain",
     "relocate_padding",
     "verify_fold",
@@ -855,3 +857,43 @@ def fold(
         fold_plan.max_abs_error = verify_fold(reference, gm, example_input, rtol=rtol, atol=atol)
     gm.fold_plan = fold_plan
     return gm
+
+
+def fold_run(run_dir: str | Path, *, plan: str = "latency", model: nn.Module | None = None,
+             batch_sizes: Sequence[int] = (1, 64), onnx: bool = False) -> dict[str, Any]:
+    """Fold the kept model of a run directory; write folded.pt, fold_plan.json and fold.md.
+
+    ``folded.pt`` is TorchScript (``torch.jit.load`` needs no easier code). ``model`` is the base
+    architecture for runs whose model is not from ``easier.models``. Returns the plan and the
+    before/after measurements as plain data.
+    """
+    from .measure import compare_table, measure
+    from .state import RunDir, load_model
+
+    run = RunDir(run_dir)
+    reduced = load_model(run.file("model.pt"), model).eval()
+    shape = run.read_config().get("input_shape")
+    if not shape:
+        raise FoldError(f"{run.config_path} has no input_shape; rerun `easier reduce` to record it")
+    example = torch.randn(1, *shape)
+    folded = fold(reduced, example, plan=plan)
+    before = measure(reduced, example, batch_sizes=batch_sizes)
+    after = measure(folded, example, batch_sizes=batch_sizes)
+    torch.jit.save(torch.jit.trace(folded, example), str(run.file("folded.pt")))
+    fold_plan = folded.fold_plan  # type: ignore[attr-defined]
+    run.write_json("fold_plan.json", fold_plan.to_dict())
+    run.write_json("fold_measure.json", {"before": before.to_dict(), "after": after.to_dict()})
+    table = compare_table(before, after)
+    from .state import atomic_write_text
+
+    atomic_write_text(run.file("fold.md"), f"# fold (plan={plan})\n\n{table}\n\n"
+                      f"max |error| of the folded model: {fold_plan.max_abs_error:.3g}\n\n"
+                      f"```\n{fold_plan}\n```\n")
+    if onnx:
+        try:
+            torch.onnx.export(folded, (example,), str(run.file("folded.onnx")))
+        except Exception as exc:  # the onnx package is an optional extra
+            raise FoldError(f"ONNX export failed ({type(exc).__name__}: {exc}); install the "
+                            "extra with: pip install 'easier[onnx]'") from exc
+    return {"plan": fold_plan.to_dict(), "before": before.to_dict(), "after": after.to_dict(),
+            "table": table}

@@ -59,7 +59,7 @@ def record_edit(new: nn.Module, old: nn.Module, edit: dict[str, Any]) -> nn.Modu
     for attr in _CARRIED:
         if hasattr(old, attr) and not hasattr(new, attr):
             setattr(new, attr, copy.deepcopy(getattr(old, attr)))
-    setattr(new, _EDITS, edits_of(old) + [edit])
+    setattr(new, _EDITS, [*edits_of(old), edit])
     return new
 
 

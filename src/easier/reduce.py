@@ -95,6 +95,7 @@ def reduce(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     config: dict[str, Any] | None = None,
+    fold: str | None = None,
 ) -> ReduceResult:
     """Run a depth-reduction method end to end and return the reduced model.
 
@@ -105,8 +106,12 @@ def reduce(
     last unit, logging everything (the returned model is still the last accepted one before the
     first rejection). ``max_iterations`` caps the iterations (methods such as EGP may remove
     nothing in a round). ``out`` is a run directory; ``resume=True`` continues a killed run.
-    ``config`` adds entries (e.g. model and data names) to the run's config.json.
+    ``config`` adds entries (e.g. model and data names) to the run's config.json. ``fold`` (a
+    plan: "latency", "flops", "all", "none") folds the kept model at the end and writes
+    folded.pt, fold_plan.json and fold.md to ``out``.
     """
+    if fold is not None and out is None:
+        raise ConfigError("fold= needs out= (the folded model and plan are written there)")
     strategy = create_method(method)
     finetune = finetune or FineTune()
     if delta < 0:
@@ -128,6 +133,7 @@ def reduce(
         "run_all": run_all, "max_iterations": max_iterations, "seed": seed,
         "entropy_batches": entropy_batches, "fold_ready": fold_ready, "kinds": list(kinds),
         "sites": all_sites, "units": all_units, "unit": strategy.unit,
+        "input_shape": list(example.shape[1:]),
         "model_spec": getattr(model, "easier_spec", None), **(config or {}),
     }
     run = RunDir(out) if out is not None else None
@@ -211,7 +217,8 @@ def reduce(
             record.update(accepted=False, meets_threshold=False,
                           seconds={"step": t_step, "finetune": t_ft, "total": t_step + t_ft})
             history.append(record)
-            stop_reason = f"fine-tuning failed at iteration {k}: {ft.failed}; kept the previous model"
+            stop_reason = (f"fine-tuning failed at iteration {k}: {ft.failed}; "
+                           "kept the previous model")
             say(f"iter {k:>2} | {', '.join(step.chosen)} | {stop_reason}")
             break
         t2 = time.perf_counter()
@@ -236,9 +243,17 @@ def reduce(
     _save(run, history, baseline, current, accepted, stop_reason, rejected, cfg, strategy)
     kept = next(h for h in reversed(history) if h["accepted"])["removed"]
     say(f"stopped: {stop_reason}; kept {len(kept)} removed {strategy.unit}(s)")
-    return ReduceResult(model=accepted, linearized=list(kept), history=history,
-                        baseline=baseline, stop_reason=stop_reason or "",
-                        out=run.path if run else None)
+    result = ReduceResult(model=accepted, linearized=list(kept), history=history,
+                          baseline=baseline, stop_reason=stop_reason or "",
+                          out=run.path if run else None)
+    if fold is not None and run is not None:
+        from .fold import fold_run
+
+        result.extras["fold"] = fold_run(run.path, plan=fold, model=copy.deepcopy(base))
+        say(f"folded (plan={fold}), max |error| "
+            f"{result.extras['fold']['plan']['max_abs_error']:.2g}:\n"
+            f"{result.extras['fold']['table']}")
+    return result
 
 
 def _evaluate_all(model: nn.Module, val: Any, test: Any, device: torch.device,

@@ -85,9 +85,9 @@ def plot_history(history: list[dict[str, Any]], baseline: dict[str, Any], delta:
                                  gridspec_kw={"width_ratios": [1, 1.3]})
     x = [len(h["removed"]) for h in history]
     for key, label in (("val_acc", "val"), ("test_acc", "test"), ("train_acc", "train")):
-        pts = [(xi, h[key]) for xi, h in zip(x, history) if h.get(key) is not None]
+        pts = [(xi, h[key]) for xi, h in zip(x, history, strict=True) if h.get(key) is not None]
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=label)
+            ax.plot(*zip(*pts, strict=True), marker="o", label=label)
     floor = baseline["val_acc"] - delta
     ax.axhline(floor, color="red", linestyle="--", label=f"baseline val − δ ({floor:.2f})")
     ax.set_xlabel("linearized sites")

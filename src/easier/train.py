@@ -197,7 +197,8 @@ def _fit(model: nn.Module, data: Dataset | DataLoader, cfg: FineTune, res: Train
             if regularizer is not None:
                 loss = loss + regularizer(model)
             if not torch.isfinite(loss):
-                res.failed = f"non-finite loss ({float(loss)}) at epoch {epoch + 1}, step {res.steps}"
+                res.failed = (f"non-finite loss ({float(loss)}) at epoch {epoch + 1}, "
+                              f"step {res.steps}")
                 res.seconds = time.perf_counter() - t0
                 return res
             opt.zero_grad(set_to_none=True)
@@ -225,7 +226,8 @@ def _fit(model: nn.Module, data: Dataset | DataLoader, cfg: FineTune, res: Train
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 256,
-             device: torch.device | str = "cpu", input_key: str | None = None) -> tuple[float, float]:
+             device: torch.device | str = "cpu",
+             input_key: str | None = None) -> tuple[float, float]:
     """(mean cross-entropy loss, top-1 accuracy in %) in eval mode; restores the model's mode."""
     was = model.training
     model.to(device).eval()

@@ -1,0 +1,147 @@
+"""Run several methods on the same model, data, seed and budget, and tabulate them side by side.
+
+Each method runs the shared loop (:func:`easier.reduce.reduce`) in its own resumable run
+directory ``OUT/METHOD``, from the same freshly initialised model (same seed) with the same
+pretraining and fine-tuning budget, and its kept model goes through the same :func:`fold` and
+:func:`measure`. The table (markdown + CSV) and the plot are written to ``OUT``.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .methods import create_method
+from .state import RunDir, atomic_write_bytes, atomic_write_text
+
+__all__ = ["compare", "comparison_table"]
+
+COLUMNS = ("method", "removed", "unit", "val_acc", "test_acc", "params", "flops", "depth",
+           "activations", "latency_ms_b1", "latency_ms_b64", "fold_error", "seconds")
+
+
+def compare(
+    make_model: Callable[[], nn.Module],
+    train: Any,
+    val: Any,
+    *,
+    methods: Sequence[str],
+    out: str | Path,
+    method_options: dict[str, dict[str, Any]] | None = None,
+    plan: str = "latency",
+    resume: bool = False,
+    log: Callable[[str], None] | None = None,
+    **reduce_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Reduce with each method and return one row per method (also written to ``out``).
+
+    ``make_model()`` must return the same freshly initialised model every call (seed inside it).
+    ``reduce_kwargs`` (test, train_eval, pretrain, finetune, delta, seed, ...) are shared.
+    """
+    from .reduce import reduce
+
+    say = log or (lambda _m: None)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in methods:
+        strategy = create_method(name, **(method_options or {}).get(name, {}))
+        say(f"== {name} ==")
+        run_dir = out / name
+        t0 = time.perf_counter()
+        result = reduce(make_model(), train, val, method=strategy, out=run_dir,
+                        resume=resume and RunDir(run_dir).exists(), fold=plan, log=log,
+                        **copy.copy(reduce_kwargs))
+        final = next(h for h in reversed(result.history) if h["accepted"])
+        after = result.extras["fold"]["after"]
+        lat = {lt["batch_size"]: lt["median_ms"] for lt in after["latency"]}
+        rows.append({
+            "method": name, "removed": len(final["removed"]), "unit": strategy.unit,
+            "val_acc": final["val_acc"], "test_acc": final.get("test_acc"),
+            "params": after["params"], "flops": after["flops_per_sample"],
+            "depth": after["depth"], "activations": after["activations"],
+            "latency_ms_b1": lat.get(1), "latency_ms_b64": lat.get(64),
+            "fold_error": result.extras["fold"]["plan"]["max_abs_error"],
+            "seconds": time.perf_counter() - t0, "removed_units": final["removed"],
+            "baseline_val_acc": result.baseline["val_acc"],
+            "baseline_test_acc": result.baseline.get("test_acc"),
+            "curve": [(len(h["removed"]), h["val_acc"], h.get("test_acc"))
+                      for h in result.history if not h.get("failed")],
+        })
+    write_comparison(out, rows)
+    return rows
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) >= 1e4 or (v != 0 and abs(v) < 1e-2) else f"{v:.2f}"
+    return str(v)
+
+
+def comparison_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table, one row per method (dense baseline first)."""
+    head = "| " + " | ".join(COLUMNS) + " |"
+    lines = [head, "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(r.get(c)) for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def write_comparison(out: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow([*COLUMNS, "removed_units"])
+    for r in rows:
+        w.writerow([r.get(c) for c in COLUMNS] + [" ".join(r["removed_units"])])
+    atomic_write_text(out / "comparison.csv", buf.getvalue())
+    base = rows[0] if rows else {}
+    text = (f"# Comparison\n\nDense baseline: val {_cell(base.get('baseline_val_acc'))}%, "
+            f"test {_cell(base.get('baseline_test_acc'))}%. Params, FLOPs (per sample), depth "
+            "(weight layers on the longest path) and latency (ms per batch) are measured on "
+            "each method's kept model after folding.\n\n" + comparison_table(rows) + "\n")
+    atomic_write_text(out / "comparison.md", text)
+    png = _plot(rows)
+    if png is not None:
+        atomic_write_bytes(out / "comparison.png", png)
+
+
+def _plot(rows: list[dict[str, Any]]) -> bytes | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in rows:
+        pts = [(n, t if t is not None else v) for n, v, t in r["curve"]]
+        a.plot(*zip(*pts, strict=True), marker="o", label=r["method"])
+        if r.get("latency_ms_b1") is not None:
+            acc = r["test_acc"] if r["test_acc"] is not None else r["val_acc"]
+            b.scatter(r["latency_ms_b1"], acc, s=40)
+            b.annotate(r["method"], (r["latency_ms_b1"], acc), fontsize=8,
+                       xytext=(4, 4), textcoords="offset points")
+    a.set_xlabel("removed units (sites or blocks)")
+    a.set_ylabel("top-1 accuracy (%) (test if available)")
+    a.set_title("accuracy vs removed depth")
+    a.grid(alpha=0.3)
+    a.legend()
+    b.set_xlabel("latency after folding (ms, batch 1)")
+    b.set_ylabel("top-1 accuracy of the kept model (%)")
+    b.set_title("accuracy vs latency")
+    b.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
