@@ -90,7 +90,8 @@ def plot_history(history: list[dict[str, Any]], baseline: dict[str, Any], delta:
             ax.plot(*zip(*pts, strict=True), marker="o", label=label)
     floor = baseline["val_acc"] - delta
     ax.axhline(floor, color="red", linestyle="--", label=f"baseline val − δ ({floor:.2f})")
-    ax.set_xlabel("linearized sites")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("removed units")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title("accuracy vs removed activations")
     ax.grid(alpha=0.3)
@@ -102,7 +103,10 @@ def plot_history(history: list[dict[str, Any]], baseline: dict[str, Any], delta:
             for i, s in enumerate(sites):
                 if s in h["entropy"]:
                     grid[i, j] = h["entropy"][s]
-        im = hm.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1,
+        # colour range fitted to the data (entropies often sit in a narrow band near 1 bit)
+        lo = float(np.nanmin(grid)) if np.isfinite(grid).any() else 0.0
+        hi = float(np.nanmax(grid)) if np.isfinite(grid).any() else 1.0
+        im = hm.imshow(grid, aspect="auto", cmap="viridis", vmin=lo, vmax=max(hi, lo + 1e-3),
                        interpolation="nearest")
         for j, h in enumerate(measured):
             for c in h["chosen"]:
