@@ -17,8 +17,14 @@ from .errors import (
     StateError,
     TraceError,
 )
-from .linearize import linearize, linearized_sites
+from .fold import fold, fold_ready
+from .linearize import linearize, linearized_sites, replace_with_identity
+from .measure import Measurement, compare_table, measure
+from .plan import FoldPlan, plan_fold
+from .reduce import ReduceResult, reduce
 from .sites import KINDS, EasierWarning, Site, find_sites
+from .state import load_model, save_model
+from .train import FineTune
 
 __version__ = "0.1.0"
 
@@ -29,17 +35,30 @@ __all__ = [
     "EasierError",
     "EasierWarning",
     "EntropyReport",
+    "FineTune",
     "FoldError",
+    "FoldPlan",
+    "Measurement",
     "NeuronStats",
     "NoSitesError",
     "NonFiniteError",
+    "ReduceResult",
     "Site",
     "SiteError",
     "StateError",
     "TraceError",
     "binary_entropy",
+    "compare_table",
     "find_sites",
+    "fold",
+    "fold_ready",
     "linearize",
     "linearized_sites",
+    "load_model",
+    "measure",
     "measure_entropy",
+    "plan_fold",
+    "reduce",
+    "replace_with_identity",
+    "save_model",
 ]
