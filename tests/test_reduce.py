@@ -185,3 +185,23 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "killed" / "model.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_larger_budget_equals_uninterrupted(tmp_path):
+    def run(out, limit, resume=False):
+        torch.manual_seed(0)
+        return reduce(Net(), toy_data(), toy_data(60, 1), finetune=FT, delta=100.0, seed=5,
+                      max_removals=limit, out=out, resume=resume)
+
+    short = run(tmp_path / "a", 1)
+    assert len(short.history) == 2 and short.stop_reason.startswith("max_removals=1")
+    longer = run(tmp_path / "a", 3, resume=True)
+    straight = run(tmp_path / "b", 3)
+
+    def rows(res):
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in res.history]
+
+    assert len(longer.history) == 4 and rows(longer) == rows(straight)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["max_removals"] == 3
+    x = toy_data(5, 9).tensors[0]
+    torch.testing.assert_close(longer.model.eval()(x), straight.model.eval()(x), rtol=0, atol=0)

@@ -33,6 +33,9 @@ from .train import FineTune, TrainResult, evaluate, fine_tune, make_loader, seed
 
 __all__ = ["ReduceResult", "reduce"]
 
+# Budgets a resumed run may change: a run stopped by a limit continues when the limit grows.
+_BUDGET_KEYS = ("max_removals", "max_iterations", "run_all")
+
 
 @dataclass
 class ReduceResult:
@@ -137,7 +140,7 @@ def reduce(
         "model_spec": getattr(model, "easier_spec", None), **(config or {}),
     }
     run = RunDir(out) if out is not None else None
-    saved = run.start(cfg, resume=resume) if run is not None else None
+    saved = run.start(cfg, resume=resume, mutable=_BUDGET_KEYS) if run is not None else None
     train_kw = {"device": device, "input_key": input_key, "progress": progress,
                 "regularizer": strategy.regularizer(), "after_step": strategy.after_step}
 
@@ -149,12 +152,15 @@ def reduce(
         accepted = (current if saved["accepted"] is None
                     else rebuild(saved["accepted"], copy.deepcopy(base)).to(device))
         stop_reason: str | None = saved["stop_reason"]
+        stop_code: str | None = saved.get("stop_code")
         rejected = bool(saved.get("rejected", False))
+        if stop_code == "limit" or (stop_code == "rejected" and run_all):
+            stop_reason = stop_code = None  # a larger budget, or --all, continues the run
         strategy.load_state_dict(saved.get("method_state") or {})
         say(f"resumed {run.path} after iteration {history[-1]['iteration']}")  # type: ignore[union-attr]
     else:
         current = prepared.to(device)
-        history, stop_reason, rejected = [], None, False
+        history, stop_reason, stop_code, rejected = [], None, None, False
         t0 = time.perf_counter()
         pre = None
         if pretrain is not None:
@@ -172,23 +178,23 @@ def reduce(
         history.append(record)
         accepted = current
         say(_status(record, baseline, delta))
-        _save(run, history, baseline, current, accepted, None, False, cfg, strategy)
+        _save(run, history, baseline, current, accepted, (None, None), False, cfg, strategy)
 
     while stop_reason is None:
         k = history[-1]["iteration"] + 1
         removed = list(history[-1]["removed"])
         remaining = [u for u in strategy.units(current, kinds) if u not in removed]
         if not remaining:
-            stop_reason = f"no {strategy.unit} left"
+            stop_reason, stop_code = f"no {strategy.unit} left", "exhausted"
             break
         if max_removals is not None and len(removed) >= max_removals:
-            stop_reason = f"max_removals={max_removals} reached"
+            stop_reason, stop_code = f"max_removals={max_removals} reached", "limit"
             break
         if one_shot is not None and k > 1:
-            stop_reason = f"one-shot of {one_shot} done"
+            stop_reason, stop_code = f"one-shot of {one_shot} done", "one-shot"
             break
         if max_iterations is not None and k > max_iterations:
-            stop_reason = f"max_iterations={max_iterations} reached"
+            stop_reason, stop_code = f"max_iterations={max_iterations} reached", "limit"
             break
         want = min(one_shot or 1, len(remaining))
         if max_removals is not None:
@@ -219,6 +225,7 @@ def reduce(
             history.append(record)
             stop_reason = (f"fine-tuning failed at iteration {k}: {ft.failed}; "
                            "kept the previous model")
+            stop_code = "failed"
             say(f"iter {k:>2} | {', '.join(step.chosen)} | {stop_reason}")
             break
         t2 = time.perf_counter()
@@ -238,9 +245,12 @@ def reduce(
             if not run_all:
                 stop_reason = (f"val top-1 {scores['val_acc']:.2f} < baseline "
                                f"{baseline['val_acc']:.2f} - delta {delta}")
-        _save(run, history, baseline, current, accepted, stop_reason, rejected, cfg, strategy)
+                stop_code = "rejected"
+        _save(run, history, baseline, current, accepted, (stop_code, stop_reason), rejected, cfg,
+              strategy)
 
-    _save(run, history, baseline, current, accepted, stop_reason, rejected, cfg, strategy)
+    _save(run, history, baseline, current, accepted, (stop_code, stop_reason), rejected, cfg,
+              strategy)
     kept = next(h for h in reversed(history) if h["accepted"])["removed"]
     say(f"stopped: {stop_reason}; kept {len(kept)} removed {strategy.unit}(s)")
     result = ReduceResult(model=accepted, linearized=list(kept), history=history,
@@ -280,23 +290,23 @@ def _status(rec: dict[str, Any], baseline: dict[str, Any], delta: float) -> str:
 
 
 def _save(run: RunDir | None, history: list[dict[str, Any]], baseline: dict[str, Any],
-          current: nn.Module, accepted: nn.Module, stop_reason: str | None, rejected: bool,
-          cfg: dict[str, Any], strategy: Method) -> None:
+          current: nn.Module, accepted: nn.Module, stop: tuple[str | None, str | None],
+          rejected: bool, cfg: dict[str, Any], strategy: Method) -> None:
     """Write the run's state and every report file; state.pt last-but-one is the source of truth."""
     if run is None:
         return
     from .report import write_reports
 
     run.write_state({
-        "history": history, "baseline": baseline, "stop_reason": stop_reason,
+        "history": history, "baseline": baseline, "stop_code": stop[0], "stop_reason": stop[1],
         "rejected": rejected, "current": model_record(current),
         "method_state": strategy.state_dict(),
         "accepted": None if accepted is current else model_record(accepted),
     })
     save_model(accepted, run.file("model.pt"))
     summary = {
-        "method": cfg["method"], "delta": cfg["delta"], "stop_reason": stop_reason,
-        "done": stop_reason is not None, "baseline": baseline,
+        "method": cfg["method"], "delta": cfg["delta"], "stop_reason": stop[1],
+        "done": stop[1] is not None, "baseline": baseline,
         "removed": next(h for h in reversed(history) if h["accepted"])["removed"],
         "linearized": linearized_sites(accepted), "iterations": len(history) - 1,
         "final": next(h for h in reversed(history) if h["accepted"]),

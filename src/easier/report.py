@@ -17,7 +17,7 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
 
 def history_table(history: list[dict[str, Any]], baseline: dict[str, Any]) -> str:
     """Markdown table: one row per iteration (accuracy per number of removed sites)."""
-    rows = ["| iter | removed | chosen site(s) | H (bits) | train acc | val acc | test acc "
+    rows = ["| iter | removed | chosen | H (bits) | train acc | val acc | test acc "
             "| accepted |", "|---:|---:|---|---:|---:|---:|---:|:---:|"]
     for h in history:
         ent = h.get("entropy") or {}
@@ -56,14 +56,15 @@ def report_markdown(history: list[dict[str, Any]], baseline: dict[str, Any],
         "",
         f"- baseline val top-1: {baseline['val_acc']:.2f}% "
         f"(test {_fmt(baseline.get('test_acc'))}%), delta = {cfg.get('delta')} points",
-        f"- kept model: {len(final['removed'])} of {len(cfg.get('sites', []))} sites linearized "
-        f"at iteration {final['iteration']}: val {final['val_acc']:.2f}%, "
+        f"- kept model: {len(final['removed'])} of {len(cfg.get('units', cfg.get('sites', [])))} "
+        f"{cfg.get('unit', 'site')}s removed at iteration {final['iteration']}: "
+        f"val {final['val_acc']:.2f}%, "
         f"test {_fmt(final.get('test_acc'))}%",
-        f"- linearized: {', '.join(final['removed']) or 'none'}",
+        f"- removed: {', '.join(final['removed']) or 'none'}",
         "",
         history_table(history, baseline),
         "",
-        "Accuracy is top-1 in %, H is the layer entropy of the chosen site(s) when chosen. "
+        "Accuracy is top-1 in %, H is the layer entropy of the chosen site(s) when measured. "
         "Params and FLOPs do not change until the model is folded (`easier fold`).",
         "",
     ]

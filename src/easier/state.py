@@ -146,8 +146,13 @@ class RunDir:
     def exists(self) -> bool:
         return self.config_path.exists() or self.state_path.exists()
 
-    def start(self, config: dict[str, Any], *, resume: bool) -> dict[str, Any] | None:
-        """Prepare the directory; return the saved state when resuming (None for a new run)."""
+    def start(self, config: dict[str, Any], *, resume: bool,
+              mutable: tuple[str, ...] = ()) -> dict[str, Any] | None:
+        """Prepare the directory; return the saved state when resuming (None for a new run).
+
+        Keys in ``mutable`` (budgets such as max_removals) may change on resume; the new values
+        are written to config.json.
+        """
         if self.exists():
             if not resume:
                 raise StateError(
@@ -155,7 +160,7 @@ class RunDir:
                     "or choose another output directory (nothing was overwritten)"
                 )
             saved = self.read_config()
-            diff = _diff_keys(saved, config)
+            diff = [k for k in _diff_keys(saved, config) if k not in mutable]
             if diff:
                 lines = "; ".join(f"{k}: saved {saved.get(k)!r} != now {config.get(k)!r}"
                                   for k in diff)
@@ -163,7 +168,11 @@ class RunDir:
                     f"cannot resume {self.path}: its config differs in {diff} ({lines}). Run with "
                     "the original settings, or start a new run in another directory."
                 )
-            return self.read_state()
+            state = self.read_state()
+            if _diff_keys(saved, config):
+                atomic_write_text(self.config_path,
+                                  json.dumps(config, indent=2, sort_keys=True) + "\n")
+            return state
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
         return None
