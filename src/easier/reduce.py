@@ -204,7 +204,8 @@ def reduce(
                       rng=random.Random(seed * 1_000_003 + k), train_eval=train_eval, val=val,
                       device=device, kinds=kinds, fold_ready=fold_ready,
                       batch_size=finetune.batch_size, entropy_batches=entropy_batches,
-                      input_key=input_key, progress=progress)
+                      input_key=input_key, progress=progress,
+                      max_k=None if max_removals is None else max_removals - len(removed))
         step = strategy.step(ctx)
         candidate = step.model.to(device)
         t_step = time.perf_counter() - t0
@@ -278,7 +279,8 @@ def _evaluate_all(model: nn.Module, val: Any, test: Any, device: torch.device,
 
 
 def _status(rec: dict[str, Any], baseline: dict[str, Any], delta: float) -> str:
-    what = ", ".join(rec["chosen"]) if rec["chosen"] else "dense baseline"
+    what = (", ".join(rec["chosen"]) if rec["chosen"] else
+            "dense baseline" if rec["iteration"] == 0 else f"none removed ({rec.get('reason')})")
     ent = rec.get("entropy") or {}
     if rec["chosen"] and ent:
         what += " (H=" + ", ".join(f"{ent[c]:.3f}" for c in rec["chosen"]) + ")"

@@ -15,6 +15,12 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
     return "–" if v is None else format(v, spec)
 
 
+def _chosen(h: dict[str, Any]) -> str:
+    if h["chosen"]:
+        return ", ".join(h["chosen"])
+    return "dense" if h["iteration"] == 0 else "none removed"
+
+
 def history_table(history: list[dict[str, Any]], baseline: dict[str, Any]) -> str:
     """Markdown table: one row per iteration (accuracy per number of removed sites)."""
     rows = ["| iter | removed | chosen | H (bits) | train acc | val acc | test acc "
@@ -23,7 +29,7 @@ def history_table(history: list[dict[str, Any]], baseline: dict[str, Any]) -> st
         ent = h.get("entropy") or {}
         hs = ", ".join(f"{ent[c]:.3f}" for c in h["chosen"] if c in ent) or "–"
         rows.append(
-            f"| {h['iteration']} | {len(h['removed'])} | {', '.join(h['chosen']) or 'dense'} | "
+            f"| {h['iteration']} | {len(h['removed'])} | {_chosen(h)} | "
             f"{hs} | {_fmt(h.get('train_acc'))} | {_fmt(h.get('val_acc'))} | "
             f"{_fmt(h.get('test_acc'))} | {'yes' if h['accepted'] else 'no'} |"
         )

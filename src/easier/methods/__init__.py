@@ -1,6 +1,6 @@
 """Depth-reduction methods behind one interface: ``reduce(..., method=NAME)``."""
 
-from . import controls, easier  # noqa: F401  (registers the methods)
+from . import controls, easier, egp, lacoot, layer_folding, nepenthe, tlc  # noqa: F401  (registers the methods)
 from .base import (
     Context,
     Method,

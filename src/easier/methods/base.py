@@ -57,6 +57,7 @@ class Context:
     input_key: str | None = None
     progress: bool = False
     report: EntropyReport | None = None  # set by entropy(); recorded in the history
+    max_k: int | None = None  # units the budget still allows (max_removals); None = no limit
 
     def entropy(self, model: nn.Module | None = None, **options: Any) -> EntropyReport:
         """Entropy of the remaining sites on the training images (cached for ``ctx.model``)."""

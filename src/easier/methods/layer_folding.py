@@ -1,0 +1,345 @@
+"""Layer Folding (Dror et al., 2021): learn a slope per activation, linearize the most linear.
+
+Every activation site ``y = act(x)`` becomes ``alpha * x + (1 - alpha) * act(x)`` with a
+trainable ``alpha`` (init 0: the original function). A penalty pulls the slopes towards 1
+during training; each iteration linearizes the ``k`` sites with the largest ``alpha`` and
+fine-tunes. The slopes are a recorded graph edit (op ``"slopes"``), so saved models rebuild under
+``torch.load(weights_only=True)``.
+
+Provenance (``LayerFolding/Layer-Folding``, ``ResNet_Cifar10_prefold.py`` / ``_postfold.py``):
+
+* **Taken from the reference code:** the mix ``alpha*x + (1-alpha)*act(x)`` with one scalar
+  ``alpha`` per activation, initialised at 0; the penalty ``lam * |1 - alpha^2|`` with the
+  default ``lam = 0.25`` (``-l 0.25``); ``alpha`` kept non-negative after every optimizer step.
+* **Reconstructed from the paper text:** a site whose slope is (near) 1 is linear and its layer
+  can be folded into the next one (the reference folds at ``alpha >= 0.9`` with an approximate,
+  cropped kernel; here the site is linearized exactly and :func:`easier.fold` merges exactly).
+* **Our choices:** the penalty is the *mean* over the sites that still have a slope (the
+  reference *sums* over all its alphas, so its ``lam`` equals ours divided by the number of
+  sites); ``penalty="square"`` offers ``lam * (1 - alpha)^2``, whose gradient is non-zero at the
+  initial ``alpha = 0`` (``|1 - alpha^2|`` has gradient ``-2 alpha``, i.e. zero there, so in the
+  reference only the task loss moves a slope off 0); ``alpha`` is clamped to ``[0, 1]`` (the
+  reference clamps at 0 only; above 1 its penalty pushes back down); slopes go on *every*
+  activation site (the reference leaves the stem ReLU plain); instead of a fixed 0.9 threshold,
+  one iteration linearizes the ``k`` largest slopes and the shared loop's accuracy rule decides
+  when to stop; the training loop's weight decay also applies to ``alpha`` (the reference
+  pre-fold run has none), which is small against the penalty for the default ``lam``.
+
+When a site is linearized by this method, its mix is first dropped (the site computes its
+plain activation again) and then the activation is removed, so the conv/BN layers on both
+sides become one foldable chain. Mixes that remain are opaque nodes where fold chains stop.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..errors import ConfigError, SiteError, TraceError
+from ..linearize import _keep_unreferenced_state, record_edit, register_edit
+from ..sites import KINDS, _node_kind, activation_input, site_nodes, trace
+from .base import Context, SiteMethod, Step, register_method
+
+__all__ = [
+    "SLOPES",
+    "LayerFolding",
+    "SlopePenalty",
+    "Slopes",
+    "add_slopes",
+    "drop_slopes",
+    "slope_values",
+]
+
+SLOPES = "easier_slopes"
+"""Name of the submodule that holds the slopes of an edited model."""
+
+PENALTIES = ("abs", "square")
+
+# out-of-place twins of in-place activation functions
+_OUT_OF_PLACE = {
+    getattr(F, "relu_", None): F.relu,
+    getattr(torch, "relu_", None): torch.relu,
+    getattr(F, "leaky_relu_", None): F.leaky_relu,
+}
+_OUT_OF_PLACE.pop(None, None)
+_INPLACE_ARG = {"relu": 1, "relu6": 1, "leaky_relu": 2}  # position of a positional inplace flag
+
+
+class Slopes(nn.Module):
+    """The slopes of all mixed sites: ``forward(x, y, key) = alpha[key]*x + (1-alpha[key])*y``.
+
+    One module serves every site (one call per site, keyed), so a model has a single new
+    submodule and state_dict keys ``easier_slopes.alpha.<key>``. When both inputs are the same
+    tensor (the site was linearized under the mix), the output is exactly ``x``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alpha = nn.ParameterDict()
+        self.sites: dict[str, str] = {}  # site name -> key in alpha (plain data, rebuilt by edits)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, key: str) -> torch.Tensor:
+        if x is y:
+            return x
+        a = self.alpha[key].to(x.dtype)
+        return a * x + (1 - a) * y
+
+    def extra_repr(self) -> str:
+        return f"sites={list(self.sites)}"
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a (Distributed)DataParallel wrapper, as training may pass it."""
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return model.module
+    return model
+
+
+def _mixer(model: nn.Module) -> Slopes | None:
+    mod = getattr(_unwrap(model), SLOPES, None)
+    return mod if isinstance(mod, Slopes) else None
+
+
+def _mix_nodes(model: nn.Module) -> dict[str, fx.Node]:
+    """Key -> mix node in the model's graph (empty when the model has no slopes)."""
+    graph = getattr(_unwrap(model), "graph", None)
+    if graph is None or _mixer(model) is None:
+        return {}
+    return {str(n.args[2]): n for n in graph.nodes if n.op == "call_module" and n.target == SLOPES}
+
+
+def _active(node: fx.Node) -> bool:
+    """A mix whose site was linearized under it gets (x, x) and no longer mixes anything."""
+    return node.args[0] is not node.args[1]
+
+
+def slope_values(model: nn.Module) -> dict[str, float]:
+    """Site name -> current alpha, for the sites whose mix is still active (model order)."""
+    mixer = _mixer(model)
+    if mixer is None:
+        return {}
+    nodes = _mix_nodes(model)
+    return {
+        site: float(mixer.alpha[key].detach())
+        for site, key in mixer.sites.items()
+        if key in nodes and _active(nodes[key])
+    }
+
+
+def _key(name: str, params: nn.ParameterDict) -> str:
+    """A ParameterDict key for a site name: no dots, unique, not a ParameterDict attribute."""
+    key = re.sub(r"\W", "_", name) or "_"
+    while key in params or hasattr(params, key):
+        key += "_"
+    return key
+
+
+def _make_out_of_place(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Turn an in-place activation into its out-of-place form, when that changes nothing.
+
+    The mix reads the pre-activation after the activation ran; an in-place activation would
+    have overwritten it. Out of place is equivalent only if nothing else reads the
+    pre-activation, which is checked (for every call of a shared activation module).
+    """
+    info = _node_kind(gm, node)
+    if info is None or not info[3]:
+        return
+    _, form, what, _ = info
+    calls = [node]
+    if form == "module":
+        calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target]
+    for call in calls:
+        if len(activation_input(call).users) > 1:
+            raise SiteError(
+                f"site {node.meta.get('easier_site', node.name)!r} is an in-place activation "
+                "whose input is also read elsewhere, so a slope cannot be added without changing "
+                "the function; make the activation out of place (inplace=False) first"
+            )
+    if form == "module":
+        gm.get_submodule(str(node.target)).inplace = False
+    elif form == "method":
+        node.target = "relu"
+    else:
+        if node.target in _OUT_OF_PLACE:
+            node.target = _OUT_OF_PLACE[node.target]
+        if "inplace" in node.kwargs:
+            node.kwargs = {**node.kwargs, "inplace": False}
+        pos = _INPLACE_ARG.get(what)
+        if pos is not None and len(node.args) > pos:
+            node.args = (*node.args[:pos], False, *node.args[pos + 1 :])
+
+
+def _traced_copy(model: nn.Module, what: str) -> tuple[nn.Module, fx.GraphModule]:
+    try:
+        trace(model)
+    except TraceError as exc:
+        raise TraceError(f"{what} rewrites the fx graph, but {exc}") from exc
+    new = copy.deepcopy(model)
+    return new, trace(new)
+
+
+def _finish(gm: fx.GraphModule, new: nn.Module, model: nn.Module) -> None:
+    gm.graph.lint()
+    gm.recompile()
+    if gm is not new:
+        _keep_unreferenced_state(gm, new)
+    gm.train(model.training)
+
+
+def add_slopes(
+    model: nn.Module, sites: Iterable[str] | None = None, *, kinds: Sequence[str] = KINDS
+) -> nn.Module:
+    """A copy of ``model`` whose sites compute ``alpha*x + (1-alpha)*act(x)``, alpha = 0.
+
+    The activation nodes stay in the graph under their names (``find_sites`` and
+    :func:`easier.linearize` still see them); ``sites=None`` means every site of ``kinds``.
+    Recorded as the edit ``{"op": "slopes", "action": "add", "sites": [...]}``.
+    """
+    new, gm = _traced_copy(model, "add_slopes")
+    nodes = site_nodes(gm, kinds)
+    names = list(nodes) if sites is None else list(sites)
+    mixer = _mixer(gm) or Slopes()
+    if len(set(names)) != len(names):
+        raise SiteError(f"site(s) {sorted({n for n in names if names.count(n) > 1})} given twice")
+    for name in names:
+        if name in mixer.sites:
+            raise SiteError(f"site {name!r} already has a slope")
+        if name not in nodes:
+            raise SiteError(f"unknown site {name!r}; valid sites: {list(nodes)}")
+    if _mixer(gm) is None:
+        if hasattr(gm, SLOPES):
+            raise ConfigError(f"the model already has an attribute {SLOPES!r}; rename it")
+        gm.add_submodule(SLOPES, mixer)
+    ref = next(gm.parameters(), None)
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    device = ref.device if ref is not None else torch.device("cpu")
+    for name in names:
+        node = nodes[name]
+        _make_out_of_place(gm, node)
+        key = _key(name, mixer.alpha)
+        mixer.alpha[key] = nn.Parameter(torch.zeros((), dtype=dtype, device=device))
+        mixer.sites[name] = key
+        with gm.graph.inserting_after(node):
+            mix = gm.graph.call_module(SLOPES, (activation_input(node), node, key))
+        node.replace_all_uses_with(mix, delete_user_cb=lambda user, mix=mix: user is not mix)
+    _finish(gm, new, model)
+    return record_edit(gm, model, {"op": "slopes", "action": "add", "sites": names})
+
+
+def drop_slopes(model: nn.Module, sites: Iterable[str]) -> nn.Module:
+    """A copy of ``model`` in which the named sites compute their plain activation again.
+
+    The mix node and its alpha are removed. :class:`LayerFolding` calls this right before
+    linearizing a site, so the layers around it become adjacent and fold into one.
+    Recorded as ``{"op": "slopes", "action": "drop", "sites": [...]}``.
+    """
+    names = list(sites)
+    mixer = _mixer(model)
+    unknown = [n for n in names if mixer is None or n not in mixer.sites]
+    if unknown:
+        have = list(mixer.sites) if mixer is not None else []
+        raise SiteError(f"site(s) {unknown} have no slope; sites with slopes: {have}")
+    new, gm = _traced_copy(model, "drop_slopes")
+    mixer = _mixer(gm)
+    assert mixer is not None  # copied with the model
+    nodes = _mix_nodes(gm)
+    for name in names:
+        key = mixer.sites.pop(name)
+        mix = nodes[key]
+        mix.replace_all_uses_with(mix.args[1])
+        gm.graph.erase_node(mix)
+        del mixer.alpha[key]
+    _finish(gm, new, model)
+    return record_edit(gm, model, {"op": "slopes", "action": "drop", "sites": names})
+
+
+@register_edit("slopes")
+def _replay(model: nn.Module, sites: list[str], action: str = "add") -> nn.Module:
+    if action == "add":
+        return add_slopes(model, sites)
+    if action == "drop":
+        return drop_slopes(model, sites)
+    raise ConfigError(f"unknown slopes action {action!r} in a checkpoint; valid: add, drop")
+
+
+class SlopePenalty:
+    """``lam * mean_s penalty(alpha_s)`` over the sites whose mix is still active."""
+
+    def __init__(self, lam: float, penalty: str):
+        self.lam = lam
+        self.penalty = penalty
+
+    def __call__(self, model: nn.Module) -> torch.Tensor:
+        mixer = _mixer(model)
+        nodes = _mix_nodes(model)
+        alphas = [mixer.alpha[k] for k, n in nodes.items() if _active(n)] if mixer else []
+        if not alphas or self.lam == 0:
+            return torch.zeros(())
+        a = torch.stack(alphas)
+        term = (1 - a * a).abs() if self.penalty == "abs" else (1 - a) ** 2
+        return self.lam * term.mean()
+
+
+@register_method
+class LayerFolding(SiteMethod):
+    """Linearize the ``k`` sites whose trainable slope alpha is largest (score ``1 - alpha``).
+
+    ``lam`` weighs the slope penalty, ``penalty`` is ``"abs"`` (``|1 - alpha^2|``, the
+    reference) or ``"square"`` (``(1 - alpha)^2``); ``kinds`` restricts which activation kinds
+    get a slope (default: all of ``easier.KINDS``).
+    """
+
+    name = "layer-folding"
+    description = "largest trainable slope first (Layer Folding, Dror et al.)"
+
+    def __init__(self, lam: float = 0.25, penalty: str = "abs", kinds: Sequence[str] | None = None):
+        if penalty not in PENALTIES:
+            raise ConfigError(f"penalty={penalty!r}; valid: {list(PENALTIES)}")
+        if not lam >= 0:
+            raise ConfigError(f"lam={lam}: the slope penalty weight must be >= 0")
+        bad = [k for k in kinds or () if k not in KINDS]
+        if bad:
+            raise ConfigError(f"unknown activation kind(s) {bad}; valid: {list(KINDS)}")
+        self.lam = float(lam)
+        self.penalty = penalty
+        self.kinds = None if kinds is None else list(kinds)
+
+    def options(self) -> dict[str, Any]:
+        return {"lam": self.lam, "penalty": self.penalty, "kinds": self.kinds}
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return add_slopes(model, kinds=self.kinds or KINDS)
+
+    def units(self, model: nn.Module, kinds: Sequence[str] = KINDS) -> list[str]:
+        """Sites that still carry an active slope (a model without slopes has none)."""
+        active = slope_values(model)
+        return [s for s in super().units(model, kinds) if s in active]
+
+    def score(self, ctx: Context) -> dict[str, float]:
+        alphas = slope_values(ctx.model)
+        return {n: 1.0 - alphas[n] for n in ctx.remaining}
+
+    def step(self, ctx: Context) -> Step:
+        alphas = slope_values(ctx.model)
+        scores = {n: 1.0 - alphas[n] for n in ctx.remaining}
+        order = {n: i for i, n in enumerate(ctx.remaining)}
+        chosen = sorted(ctx.remaining, key=lambda n: (scores[n], order[n]))[: ctx.k]
+        plain = drop_slopes(ctx.model, chosen)  # the mix goes, so the layers around can fold
+        info = {"alpha": {n: alphas[n] for n in ctx.remaining}}
+        return Step(ctx.linearize(chosen, model=plain), chosen, scores, self.description, info)
+
+    def regularizer(self) -> Callable[[nn.Module], torch.Tensor] | None:
+        return SlopePenalty(self.lam, self.penalty) if self.lam > 0 else None
+
+    def after_step(self, model: nn.Module) -> None:
+        mixer = _mixer(model)
+        if mixer is not None:
+            with torch.no_grad():
+                for a in mixer.alpha.values():
+                    a.clamp_(0.0, 1.0)

@@ -1,0 +1,359 @@
+"""TLC, "Till the Layers Collapse" (Liao et al., AAAI 2025): BN-guided layer collapse.
+
+A BN output channel is modelled as ``z ~ N(beta, gamma^2)``. Collapsing a site removes its
+mostly-OFF channels (``beta <= 0``: the producing conv/linear filters are masked to zero and the
+BN's gamma and beta of those channels are set to 0, so the channel is exactly 0) and linearizes
+the rest (the activation becomes the identity). Candidate sites are ranked by how much the
+validation loss rises when each is collapsed alone; the lowest gap goes first.
+
+Provenance (``ZhuLIAO001/TLC``, ``TLC_ResNet18.py``, ``TLC_VGG16bn.py``, ``TLC_SwinT.py``):
+
+* **Taken from the reference code:** OFF means ``beta <= 0`` and those conv filters are masked;
+  the score is the loss gap ``L(collapsed) - L(current)`` in eval mode on the *first* validation
+  batch (``testVal`` breaks after one batch; ``batches=1`` here); the joint rule
+  (``select="joint"``): sort by gap; if the smallest gap is negative, collapse the ``k`` lowest
+  jointly for ``k = 2 .. n-1`` and take the first ``k`` whose joint gap is ``> 0``, that layer
+  included; otherwise, or if no ``k`` flips the sign, take the single lowest; without BN,
+  ``beta``/``gamma`` are the per-feature mean and std (``torch.std``) of the pre-activation on
+  validation data and the producing Linear's rows with mean ``<= 0`` are masked; the ON/OFF
+  error likelihood ``Phi(-|beta| / |gamma|)`` is computed but not used to rank (recorded here).
+* **Reconstructed from the paper text:** the reading of ``beta > 0`` as "mostly ON, linearize"
+  and ``beta <= 0`` as "mostly OFF, remove", with the removed channels' layer then foldable.
+* **Our choices:** a site's BN is found on the fx graph (the BN whose output, through identity
+  or dropout modules only, is the site's pre-activation), not by module names, so a post-add
+  ReLU (ResNet ``relu2``) has no BN and uses the statistics path with nothing to mask (the
+  reference pairs ``bn2`` with ``relu2`` and zeroes residual-branch channels); BN gamma *and*
+  beta are zeroed for ``beta <= 0`` (the reference zeroes them for ``beta < 0`` only) and are
+  *kept* at zero through fine-tuning by :meth:`TLC.after_step` (the reference leaves them
+  trainable, so a channel can regrow as a constant); the producer's bias is masked with its
+  weight; a producer or BN is masked only when its output feeds nothing but this site; the
+  statistics path uses the same batches as the ranking; ``select="lowest"`` takes the ``k``
+  lowest gaps (``k`` from the loop), and ``select="joint"`` does too when the loop asks for
+  ``k > 1`` (one-shot). Stopping is the shared loop's accuracy rule instead of the reference's
+  "one activation left or val accuracy < 20%".
+
+Noise: with ``batches=1`` every candidate is scored on the same batch (a paired comparison),
+but gaps smaller than the batch-to-batch spread of the loss (about ``std(CE) / sqrt(batch)``)
+rank by chance; raise ``batches`` (``None`` = the whole validation set) for a steadier order.
+The joint rule may remove more than one site per iteration, so it can overshoot
+``max_removals`` on its last iteration (use ``select="lowest"`` for an exact budget).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..errors import ConfigError, SiteError, StateError, TraceError
+from ..sites import KINDS, activation_input, eval_mode, site_nodes, sites_of_graph, trace
+from .base import Context, Method, Step, register_method
+
+__all__ = ["TLC", "Collapse", "apply_masks", "collapse_plans", "select_joint"]
+
+SELECT = ("joint", "lowest")
+_PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_PASS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+@dataclass
+class Collapse:
+    """How one site collapses: its per-channel ``beta``/``gamma`` and the parameters masked.
+
+    ``source`` is ``"bn"`` (the BN's bias and |weight|) or ``"stats"`` (mean and std of the
+    pre-activation on validation data). ``masks`` maps parameter names to the boolean
+    channels (along dim 0) set to zero: the OFF channels, ``beta <= 0``.
+    """
+
+    site: str
+    source: str
+    beta: torch.Tensor
+    gamma: torch.Tensor
+    bn: str | None
+    producer: str | None
+    masks: dict[str, torch.Tensor]
+
+    @property
+    def off(self) -> torch.Tensor:
+        return self.beta <= 0
+
+    def error(self) -> float:
+        """Mean likelihood that a channel's ON/OFF decision is wrong: ``Phi(-|beta|/gamma)``."""
+        z = -self.beta.abs() / self.gamma.clamp_min(1e-30)
+        e = torch.where(
+            self.gamma > 0, 0.5 * (1 + torch.erf(z / math.sqrt(2))), torch.zeros_like(z)
+        )
+        return float(e.mean()) if e.numel() else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "bn": self.bn,
+            "producer": self.producer,
+            "channels": int(self.beta.numel()),
+            "off": int(self.off.sum()),
+            "masked": sorted(self.masks),
+            "error": self.error(),
+        }
+
+
+def _counts(gm: fx.GraphModule) -> Counter[str]:
+    return Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+
+
+def _module(
+    gm: fx.GraphModule, node: Any, types: tuple[type, ...], counts: Counter[str]
+) -> nn.Module | None:
+    """The module called by ``node`` if it is one of ``types`` and called only there."""
+    if not isinstance(node, fx.Node) or node.op != "call_module":
+        return None
+    mod = gm.get_submodule(str(node.target))
+    return mod if isinstance(mod, types) and counts[str(node.target)] == 1 else None
+
+
+def _source(gm: fx.GraphModule, site: fx.Node, counts: Counter[str]) -> tuple[fx.Node, bool]:
+    """The node behind identity/dropout modules that feeds ``site``, and whether every link
+    on the way has a single user (only then may its channels be zeroed without side effects).
+    """
+    node, alone = activation_input(site), True
+    user = site
+    while True:
+        alone = alone and set(node.users) == {user}
+        if _module(gm, node, _PASS, counts) is None or not isinstance(node.args[0], fx.Node):
+            return node, alone
+        user, node = node, node.args[0]
+
+
+def _producer_masks(
+    gm: fx.GraphModule, node: Any, counts: Counter[str], channels: int, off: torch.Tensor
+) -> tuple[str | None, dict[str, torch.Tensor]]:
+    mod = _module(gm, node, _PRODUCERS, counts)
+    if mod is None:
+        return None, {}
+    out = mod.out_channels if isinstance(mod, nn.modules.conv._ConvNd) else mod.out_features
+    if out != channels:
+        return None, {}
+    name = str(node.target)
+    masks = {f"{name}.weight": off.clone()}
+    if mod.bias is not None:
+        masks[f"{name}.bias"] = off.clone()
+    return name, masks
+
+
+@torch.no_grad()
+def _capture(
+    gm: fx.GraphModule, wanted: set[str], batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, list[torch.Tensor]]:
+    """Values of the named nodes on each batch (eval mode)."""
+    got: dict[str, list[torch.Tensor]] = {n: [] for n in wanted}
+
+    class _Capture(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            if n.name in got and isinstance(out, torch.Tensor):
+                got[n.name].append(out.detach())
+            return out
+
+    with eval_mode(gm):
+        for x, _ in batches:
+            _Capture(gm).run(x)
+    return got
+
+
+def collapse_plans(
+    model: nn.Module,
+    sites: Sequence[str],
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    *,
+    kinds: Sequence[str] = KINDS,
+) -> dict[str, Collapse]:
+    """How to collapse each site of ``model``: from its BN, else from validation statistics.
+
+    ``batches`` (input, target) pairs are needed only for sites without a BN in front.
+    """
+    try:
+        gm = trace(model)
+    except TraceError as exc:
+        raise TraceError(f"TLC finds each site's BN on the fx graph, but {exc}") from exc
+    nodes = site_nodes(gm, kinds)
+    unknown = [s for s in sites if s not in nodes]
+    if unknown:
+        raise SiteError(f"unknown site(s) {unknown}; valid sites: {list(nodes)}")
+    axes = {s.name: s.channel_axis for s in sites_of_graph(gm, kinds)}
+    counts = _counts(gm)
+    plans: dict[str, Collapse] = {}
+    pending: list[tuple[str, fx.Node, bool]] = []
+    for name in sites:
+        src, alone = _source(gm, nodes[name], counts)
+        bn = _module(gm, src, (nn.modules.batchnorm._BatchNorm,), counts)
+        if bn is None or not bn.affine:
+            pending.append((name, src, alone))
+            continue
+        beta, gamma = bn.bias.detach().cpu().clone(), bn.weight.detach().abs().cpu().clone()
+        off = beta <= 0
+        masks = {}
+        if alone:
+            masks = {f"{src.target}.weight": off.clone(), f"{src.target}.bias": off.clone()}
+        producer, more = None, {}
+        if alone and isinstance(src.args[0], fx.Node) and set(src.args[0].users) == {src}:
+            producer, more = _producer_masks(gm, src.args[0], counts, bn.num_features, off)
+        plans[name] = Collapse(
+            name, "bn", beta, gamma, str(src.target), producer, {**more, **masks}
+        )
+    if pending:
+        if not batches:
+            raise ConfigError(
+                f"site(s) {[p[0] for p in pending]} have no BN in front, so TLC needs validation "
+                "batches for their statistics; pass validation data"
+            )
+        values = _capture(gm, {activation_input(nodes[n]).name for n, _, _ in pending}, batches)
+        for name, src, alone in pending:
+            parts = values[activation_input(nodes[name]).name]
+            ndim = parts[0].dim()
+            axis = (axes.get(name) or 1) % ndim if ndim > 1 else 0
+            flat = torch.cat([p.movedim(axis, 0).reshape(p.shape[axis], -1) for p in parts], 1)
+            flat = flat.float().cpu()
+            beta = flat.mean(1)
+            gamma = flat.std(1) if flat.shape[1] > 1 else torch.zeros_like(beta)
+            producer, masks = None, {}
+            mod = _module(gm, src, _PRODUCERS, counts)
+            own_axis = 1 if isinstance(mod, nn.modules.conv._ConvNd) else ndim - 1
+            if mod is not None and alone and axis == own_axis:
+                producer, masks = _producer_masks(gm, src, counts, beta.numel(), beta <= 0)
+            plans[name] = Collapse(name, "stats", beta, gamma, None, producer, masks)
+    return plans
+
+
+@torch.no_grad()
+def apply_masks(
+    model: nn.Module,
+    masks: dict[str, torch.Tensor],
+    cache: dict[tuple[str, torch.device], torch.Tensor] | None = None,
+) -> None:
+    """Set the masked channels (dim 0) of the named parameters of ``model`` to zero, in place.
+
+    ``cache`` keeps the masks already moved to each parameter's device (called every step).
+    """
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module  # training may pass the wrapped model
+    for name, mask in masks.items():
+        try:
+            p = model.get_parameter(name)
+        except AttributeError:
+            raise StateError(
+                f"TLC mask for parameter {name!r} does not fit this model (no such parameter); "
+                "masks belong to the run that made them: start a new run or pass its model"
+            ) from None
+        m = None if cache is None else cache.get((name, p.device))
+        if m is None:
+            m = mask.to(p.device).reshape(-1, *([1] * (p.dim() - 1)))
+            if cache is not None:
+                cache[(name, p.device)] = m
+        p.masked_fill_(m, 0)
+
+
+def select_joint(
+    gaps: dict[str, float], joint_gap: Callable[[list[str]], float]
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """The reference's rule: sites chosen from per-site gaps, plus the joint gaps it tried.
+
+    ``gaps`` is in model order (ties go to the earlier site); ``joint_gap(sites)`` is the loss
+    gap of collapsing those sites together.
+    """
+    order = {n: i for i, n in enumerate(gaps)}
+    ranked = sorted(gaps, key=lambda n: (gaps[n], order[n]))
+    tried: list[dict[str, Any]] = []
+    if ranked and gaps[ranked[0]] < 0:
+        for k in range(2, len(ranked)):
+            gap = joint_gap(ranked[:k])
+            tried.append({"k": k, "gap": gap})
+            if gap > 0:
+                return ranked[:k], tried
+    return ranked[:1], tried
+
+
+@register_method
+class TLC(Method):
+    """Collapse the site(s) whose BN-guided collapse raises the validation loss least.
+
+    ``batches`` is how many validation batches score the candidates (1 as in the reference;
+    None for all); ``select`` is ``"joint"`` (the reference rule) or ``"lowest"``.
+    """
+
+    name = "tlc"
+    description = "BN-guided collapse, lowest validation-loss gap first (TLC, Liao et al.)"
+
+    def __init__(self, batches: int | None = 1, select: str = "joint"):
+        if select not in SELECT:
+            raise ConfigError(f"select={select!r}; valid: {list(SELECT)}")
+        if batches is not None and (
+            isinstance(batches, bool) or not isinstance(batches, int) or batches < 1
+        ):
+            raise ConfigError(f"batches={batches!r}: must be a positive integer or None (all)")
+        self.batches = batches
+        self.select = select
+        self.masks: dict[str, torch.Tensor] = {}
+        self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def options(self) -> dict[str, Any]:
+        return {"batches": self.batches, "select": self.select}
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        self.masks, self._on_device = {}, {}  # a fresh run starts without masks
+        return model
+
+    def _collapsed(self, ctx: Context, plans: dict[str, Collapse], sites: list[str]) -> nn.Module:
+        model = ctx.linearize(sites)
+        for s in sites:
+            apply_masks(model, plans[s].masks)
+        return model
+
+    def step(self, ctx: Context) -> Step:
+        if ctx.val is None:
+            raise ConfigError("TLC ranks sites by validation loss: pass validation data")
+        batches = ctx.val_batches(self.batches)
+        plans = collapse_plans(ctx.model, ctx.remaining, batches, kinds=ctx.kinds)
+        base = ctx.loss(ctx.model, batches)
+
+        def gap(sites: list[str]) -> float:
+            return ctx.loss(self._collapsed(ctx, plans, sites), batches) - base
+
+        gaps = {s: gap([s]) for s in ctx.remaining}
+        tried: list[dict[str, Any]] = []
+        if self.select == "joint" and ctx.k == 1:
+            chosen, tried = select_joint(gaps, gap)
+            reason = f"joint: {len(chosen)} lowest gaps" if len(chosen) > 1 else "lowest loss gap"
+        else:
+            order = {n: i for i, n in enumerate(ctx.remaining)}
+            chosen = sorted(ctx.remaining, key=lambda n: (gaps[n], order[n]))[: ctx.k]
+            reason = f"{len(chosen)} lowest loss gap(s)"
+        model = self._collapsed(ctx, plans, chosen)
+        for s in chosen:
+            for name, mask in plans[s].masks.items():
+                old = self.masks.get(name)
+                self.masks[name] = mask.clone() if old is None else old | mask
+        self._on_device = {}
+        info = {
+            "tlc": {
+                "base_loss": base,
+                "batches": len(batches),
+                "joint": tried,
+                "sites": {s: plans[s].to_dict() for s in ctx.remaining},
+            }
+        }
+        return Step(model, chosen, gaps, reason, info)
+
+    def after_step(self, model: nn.Module) -> None:
+        apply_masks(model, self.masks, self._on_device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"masks": {k: v.clone() for k, v in self.masks.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.masks = {k: v.bool().cpu().clone() for k, v in (state.get("masks") or {}).items()}
+        self._on_device = {}

@@ -1,0 +1,309 @@
+import importlib
+import itertools
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import easier
+from easier import SiteError
+from easier.fold import fold
+from easier.linearize import edits_of
+from easier.methods import Context, create_method
+from easier.methods.layer_folding import (
+    SLOPES,
+    LayerFolding,
+    add_slopes,
+    drop_slopes,
+    slope_values,
+)
+from easier.models import create
+from easier.reduce import reduce
+from easier.state import load_model, save_model
+from easier.train import FineTune, TrainResult
+
+reduce_mod = importlib.import_module("easier.reduce")  # the package exports reduce()
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.fc3(F.relu(self.fc2(self.act(self.fc1(x)))))
+
+
+class InPlace(nn.Module):
+    """The three in-place spellings: module, function and tensor method."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = F.relu(self.fc1(x), inplace=True)
+        x = self.act(self.fc2(x))
+        return self.fc3(x).relu_()
+
+
+def set_alpha(model, **values):
+    mixer = getattr(model, SLOPES)
+    with torch.no_grad():
+        for site, v in values.items():
+            mixer.alpha[mixer.sites[site]].fill_(v)
+
+
+def convnet():
+    return create("convnet", width=0.25, image_size=8, num_classes=3).eval()
+
+
+def test_slopes_are_exact_at_init_and_identity_at_alpha_one():
+    m = convnet()
+    x = torch.randn(4, 3, 8, 8)
+    s = add_slopes(m)
+    names = [site.name for site in easier.find_sites(m)]
+    assert [site.name for site in easier.find_sites(s)] == names  # sites kept, same names
+    assert torch.equal(s(x), m(x))
+    assert slope_values(s) == dict.fromkeys(names, 0.0)
+    set_alpha(s, relu2=1.0)
+    assert torch.equal(s(x), easier.linearize(m, ["relu2"])(x))
+    set_alpha(s, relu2=0.0)
+    assert torch.equal(s(x), m(x))
+    assert edits_of(s) == [{"op": "slopes", "action": "add", "sites": names}]
+
+
+def test_mix_matches_hand_computation_and_linearize_under_it_is_exact():
+    m = MLP()
+    s = add_slopes(m)
+    assert list(slope_values(s)) == ["act", ":relu"]
+    set_alpha(s, act=0.3, **{":relu": 0.8})
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        h = m.fc1(x)
+        h = 0.3 * h + 0.7 * h.relu()
+        h = m.fc2(h)
+        h = 0.8 * h + (1 - 0.8) * h.relu()
+        torch.testing.assert_close(s(x), m.fc3(h))
+    # linearizing a site under its mix gives the mix (x, x): exactly x whatever alpha is
+    lin = easier.linearize(s, ["act"])
+    set_alpha(s, act=1.0)
+    assert torch.equal(lin(x), s(x))
+    assert list(slope_values(lin)) == [":relu"]
+
+
+def test_in_place_activations_become_out_of_place():
+    torch.manual_seed(0)
+    m = InPlace()
+    x = torch.randn(5, 6)
+    s = add_slopes(m)
+    assert torch.equal(s(x), m(x))
+    assert m.act.inplace and not s.act.inplace  # the original is left as it was
+    for site in slope_values(s):
+        set_alpha(s, **{site: 1.0})
+        assert torch.equal(s(x), easier.linearize(m, [site])(x)), site
+        set_alpha(s, **{site: 0.0})
+
+    class Shared(nn.Module):
+        def forward(self, x):
+            return F.relu(x, inplace=True) + x  # x is read again after the in-place ReLU
+
+    with pytest.raises(SiteError, match="in-place"):
+        add_slopes(Shared())
+
+
+def test_penalty_value_gradient_and_effect():
+    s = add_slopes(MLP())
+    set_alpha(s, act=0.2, **{":relu": 0.6})
+    reg = LayerFolding(lam=0.5).regularizer()
+    r = reg(s)
+    a = torch.tensor([0.2, 0.6])
+    assert float(r.detach()) == pytest.approx(0.5 * float((1 - a * a).abs().mean()))
+    r.backward()
+    mixer = getattr(s, SLOPES)
+    grads = [float(mixer.alpha[k].grad) for k in ("act", "_relu")]
+    assert grads == pytest.approx((0.5 * -2 * a / 2).tolist())  # d/da lam*mean(1-a^2)
+    # optimized alone, the penalty pushes every slope up and after_step keeps it in [0, 1]
+    method = LayerFolding(lam=0.5)
+    opt = torch.optim.SGD(mixer.parameters(), lr=2.0)
+    seen = [slope_values(s)]
+    for _ in range(6):
+        opt.zero_grad()
+        reg(s).backward()
+        opt.step()
+        method.after_step(s)
+        seen.append(slope_values(s))
+    for site in ("act", ":relu"):
+        path = [v[site] for v in seen]
+        assert all(b >= a for a, b in itertools.pairwise(path)) and path[-1] == 1.0
+    # "square" has a non-zero pull at the initial alpha = 0, "abs" has none there
+    z = add_slopes(MLP())
+    LayerFolding(lam=1.0, penalty="square").regularizer()(z).backward()
+    assert float(getattr(z, SLOPES).alpha["act"].grad) == pytest.approx(-1.0)  # -2*lam/2
+    z = add_slopes(MLP())
+    LayerFolding(lam=1.0).regularizer()(z).backward()
+    assert float(getattr(z, SLOPES).alpha["act"].grad) == 0.0
+    # a linearized site leaves the penalty
+    lin = easier.linearize(s, ["act"])
+    set_alpha(lin, **{":relu": 0.5})
+    assert float(reg(lin).detach()) == pytest.approx(0.5 * 0.75)
+
+
+def test_after_step_clamps_to_unit_interval():
+    s = add_slopes(MLP())
+    set_alpha(s, act=-0.4, **{":relu": 1.7})
+    LayerFolding().after_step(s)
+    assert slope_values(s) == {"act": 0.0, ":relu": 1.0}
+
+
+def ctx_for(model, k=1):
+    remaining = LayerFolding().units(model)
+    return Context(
+        model=model,
+        remaining=remaining,
+        removed=[],
+        k=k,
+        iteration=1,
+        rng=random.Random(0),
+        fold_ready=False,
+    )
+
+
+def test_step_linearizes_the_largest_slopes():
+    s = add_slopes(convnet())
+    alphas = {"relu1": 0.1, "relu2": 0.8, "relu3": 0.5, "relu4": 0.3}
+    set_alpha(s, **alphas)
+    step = LayerFolding().step(ctx_for(s))
+    assert step.chosen == ["relu2"]
+    assert step.scores == pytest.approx({n: 1 - a for n, a in alphas.items()})
+    new = step.model
+    assert easier.linearized_sites(new) == ["relu2"]
+    assert list(slope_values(new)) == ["relu1", "relu3", "relu4"]
+    assert not any(
+        n.op == "call_module" and n.target == SLOPES and n.args[2] == "relu2"
+        for n in new.graph.nodes
+    )  # the mix is gone, so the chain can fold
+    x = torch.randn(3, 3, 8, 8)
+    set_alpha(s, relu2=1.0)
+    assert torch.equal(new(x), s(x))  # linearized = that slope at 1
+    assert LayerFolding().step(ctx_for(s, k=2)).chosen == ["relu2", "relu3"]
+
+
+def test_edited_model_round_trips_through_save_and_load(tmp_path):
+    s = add_slopes(convnet())
+    set_alpha(s, relu1=0.25, relu2=0.75, relu3=0.5, relu4=0.125)
+    new = LayerFolding().step(ctx_for(s)).model.eval()
+    save_model(new, tmp_path / "m.pt")
+    back = load_model(tmp_path / "m.pt")  # architecture from the spec + edits, weights_only
+    x = torch.randn(3, 3, 8, 8)
+    assert torch.equal(back.eval()(x), new(x))
+    assert slope_values(back) == slope_values(new)
+    assert [e["op"] for e in edits_of(back)] == ["slopes", "slopes", "linearize"]
+    drop = edits_of(back)[1]
+    assert drop == {"op": "slopes", "action": "drop", "sites": ["relu2"]}
+
+
+def test_options_and_units():
+    with pytest.raises(easier.ConfigError, match="penalty"):
+        create_method("layer-folding", penalty="l1")
+    with pytest.raises(easier.ConfigError, match="activation kind"):
+        create_method("layer-folding", kinds=["Tanh"])
+    assert LayerFolding().units(convnet()) == []  # no slopes, nothing to remove
+    with pytest.raises(SiteError, match="no slope"):
+        drop_slopes(add_slopes(MLP()), ["nope"])
+
+
+def test_loop_stops_at_the_first_drop(monkeypatch):
+    seq = iter([90.0, 89.5, 88.0])
+    monkeypatch.setattr(
+        reduce_mod, "fine_tune", lambda *a, **k: TrainResult(epochs=1, loss=0.1, accuracy=50.0)
+    )
+    monkeypatch.setattr(reduce_mod, "evaluate", lambda *a, **k: (0.5, next(seq)))
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
+    res = reduce(
+        MLP(), data, data, method="layer-folding", delta=1.0, finetune=FineTune(batch_size=16)
+    )
+    assert [h["accepted"] for h in res.history] == [True, True, False]
+    assert res.linearized == res.history[1]["removed"] == ["act"]  # ties: the earlier site
+    assert easier.linearized_sites(res.model) == ["act"]
+    assert "88.00 < baseline 90.00" in res.stop_reason
+
+
+class Crash(LayerFolding):
+    def step(self, ctx):
+        if ctx.iteration == 2:
+            raise KeyboardInterrupt
+        return super().step(ctx)
+
+
+def run(out, method="layer-folding", resume=False, max_removals=2):
+    torch.manual_seed(0)
+    model = create("convnet", width=0.25, image_size=8, num_classes=3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(80, 3, 8, 8, generator=g)
+    y = (x[:, 0].mean((1, 2)) > 0).long() + (x[:, 1].mean((1, 2)) > 0).long()
+    train, val = TensorDataset(x[:64], y[:64]), TensorDataset(x[64:], y[64:])
+    return reduce(
+        model,
+        train,
+        val,
+        method=method,
+        delta=100.0,
+        max_removals=max_removals,
+        out=out,
+        resume=resume,
+        finetune=FineTune(epochs=1, lr=0.05, batch_size=16),
+        pretrain=FineTune(epochs=2, lr=0.05, batch_size=16),
+        seed=1,
+    )
+
+
+def rows(d):
+    out = [json.loads(x) for x in (d / "history.jsonl").read_text().splitlines()]
+    for r in out:
+        r.pop("seconds")
+    return out
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors run faster on one thread, and a loaded 2-core box does not stall them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_resume_equals_uninterrupted_and_result_folds(tmp_path, one_thread):
+    full = run(tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", method=Crash())
+    assert len(rows(tmp_path / "cut")) == 2
+    resumed = run(tmp_path / "cut", resume=True)
+    assert rows(tmp_path / "cut") == rows(tmp_path / "full")
+    # a run stopped by a small budget continues when resumed with the full one
+    run(tmp_path / "short", max_removals=1)
+    assert run(tmp_path / "short", resume=True).linearized == full.linearized
+    assert rows(tmp_path / "short") == rows(tmp_path / "full")
+    assert resumed.linearized == full.linearized and len(full.linearized) == 2
+    a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # training moved the slopes off 0 (task loss) and kept them in [0, 1]
+    alphas = slope_values(full.model)
+    assert len(alphas) == 2 and all(0.0 <= v <= 1.0 for v in alphas.values())
+    assert any(v > 0 for v in full.history[1]["alpha"].values())
+    # two mixes remain: fold keeps them as opaque nodes and still verifies
+    x = torch.randn(2, 3, 8, 8)
+    folded = fold(full.model.eval(), x, plan="all")
+    torch.testing.assert_close(folded(x), full.model(x), rtol=1e-4, atol=1e-5)
+    mixes = [n for n in folded.graph.nodes if n.op == "call_module" and n.target == SLOPES]
+    assert len(mixes) == 2
+    assert len([m for m in folded.modules() if isinstance(m, nn.Conv2d)]) < 4  # merged across

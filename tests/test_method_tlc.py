@@ -1,0 +1,326 @@
+import copy
+import importlib
+import json
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import easier
+from easier.fold import fold
+from easier.methods import Context, create_method
+from easier.methods.tlc import TLC, collapse_plans, select_joint
+from easier.models import create
+from easier.reduce import reduce
+from easier.train import FineTune, TrainResult, fine_tune
+
+reduce_mod = importlib.import_module("easier.reduce")  # the package exports reduce()
+
+
+class BNNet(nn.Module):
+    """conv-BN-ReLU twice, pool, linear: two sites, each with a BN in front."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(6, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+class MLP(nn.Module):
+    """Linear-ReLU-Linear without BN: the statistics path."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.relu1, self.fc2 = nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc2(self.relu1(self.fc1(x)))
+
+
+def images(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 6, 6, generator=g)
+    return TensorDataset(x, torch.randint(0, 3, (n,), generator=g))
+
+
+def context(model, val, remaining, k=1, fold_ready=True):
+    return Context(
+        model=model,
+        remaining=remaining,
+        removed=[],
+        k=k,
+        iteration=1,
+        rng=random.Random(0),
+        val=val,
+        batch_size=16,
+        fold_ready=fold_ready,
+    )
+
+
+def set_bn(bn, beta, gamma=None):
+    with torch.no_grad():
+        bn.bias.copy_(torch.tensor(beta))
+        if gamma is not None:
+            bn.weight.copy_(torch.tensor(gamma))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors run faster on one thread, and a loaded 2-core box does not stall them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_masks_exactly_the_nonpositive_beta_channels_and_keeps_them_zero(one_thread):
+    model = BNNet()
+    set_bn(model.bn1, [0.5, -0.3, 0.0, 0.2, -1.0, 0.7], [1.0, 0.5, 2.0, 1.5, 0.3, 1.0])
+    before = copy.deepcopy(model.state_dict())
+    off = model.bn1.bias.detach() <= 0
+    method = TLC()
+    step = method.step(context(model, images(32, 1), ["relu1"]))
+    new = step.model
+    assert step.chosen == ["relu1"] and easier.linearized_sites(new) == ["relu1"]
+    sd = new.state_dict()
+    for name in ("conv1.weight", "conv1.bias", "bn1.weight", "bn1.bias"):
+        assert torch.all(sd[name][off] == 0), name
+        assert torch.equal(sd[name][~off], before[name][~off]), name
+    for name in ("conv2.weight", "bn2.weight", "bn2.bias", "fc.weight"):
+        assert torch.equal(sd[name], before[name]), name
+    masks = method.state_dict()["masks"]
+    assert set(masks) == {"conv1.weight", "conv1.bias", "bn1.weight", "bn1.bias"}
+    assert all(torch.equal(m, off) for m in masks.values())
+    assert step.info["tlc"]["sites"]["relu1"]["off"] == 3
+    # the removed channels are exactly zero where the activation used to be
+    x = images(4, 2).tensors[0]
+    new.eval()
+    pre = new.bn1(new.conv1(x))
+    assert torch.all(pre[:, off] == 0) and torch.all(pre[:, ~off] != 0)
+
+    # fine-tuning moves the kept weights but never the removed ones
+    res = fine_tune(
+        new, images(64, 3), FineTune(epochs=2, lr=0.2, batch_size=16), after_step=method.after_step
+    )
+    assert res.steps == 8
+    sd = new.state_dict()
+    for name in ("conv1.weight", "conv1.bias", "bn1.weight", "bn1.bias"):
+        assert torch.all(sd[name][off] == 0), name
+        assert not torch.equal(sd[name][~off], before[name][~off]), name
+
+
+def self_labelled(model, n=32, seed=1):
+    """Validation data labelled by the model itself: any change of its function costs loss."""
+    x = images(n, seed).tensors[0]
+    with torch.no_grad():
+        y = model.eval()(x).argmax(1)
+    return TensorDataset(x, y)
+
+
+def independent_gap(model, site, bn, conv, val):
+    """Collapse by hand (module names, no plan) and return the loss gap on the first batch."""
+    x, y = val.tensors[0][:16], val.tensors[1][:16]
+    m = copy.deepcopy(model).eval()
+    off = getattr(m, bn).bias.detach() <= 0
+    with torch.no_grad():
+        for p in (getattr(m, bn).weight, getattr(m, bn).bias, getattr(m, conv).weight):
+            p[off] = 0
+        if getattr(m, conv).bias is not None:
+            getattr(m, conv).bias[off] = 0
+    lin = easier.linearize(m, [site], fold_ready=True).eval()
+    with torch.no_grad():
+        return float(F.cross_entropy(lin(x), y) - F.cross_entropy(model.eval()(x), y))
+
+
+def test_chosen_site_has_the_lowest_loss_gap():
+    torch.manual_seed(3)
+    model = BNNet()
+    # relu2 is always ON (beta >> gamma): collapsing it changes nothing; relu1 is mixed
+    set_bn(model.bn1, [0.5, -0.3, 0.0, 0.2, -1.0, 0.7])
+    set_bn(model.bn2, [10.0] * 6, [3.0] * 6)
+    with torch.no_grad():
+        model.fc.weight.mul_(0.1)  # soft logits: the loss is far from saturated
+    val = self_labelled(model)
+    with torch.no_grad():
+        m = model.eval()
+        assert m.bn2(m.conv2(m.relu1(m.bn1(m.conv1(val.tensors[0]))))).min() > 0
+    step = TLC(select="lowest").step(context(model, val, ["relu1", "relu2"]))
+    want = {
+        "relu1": independent_gap(model, "relu1", "bn1", "conv1", val),
+        "relu2": independent_gap(model, "relu2", "bn2", "conv2", val),
+    }
+    assert step.scores == pytest.approx(want, abs=1e-6)
+    assert want["relu2"] == 0.0 and want["relu1"] > 1e-3
+    assert step.chosen == ["relu2"]
+    assert step.info["tlc"]["sites"]["relu2"]["off"] == 0
+
+
+def test_joint_rule_of_the_reference():
+    gaps = {"a": 0.3, "b": -0.2, "c": -0.1, "d": 0.05}
+    seen = []
+
+    def additive(extra):
+        def joint(sites):
+            seen.append(list(sites))
+            return sum(gaps[s] for s in sites) + extra * (len(sites) - 1)
+
+        return joint
+
+    # no k flips the joint gap positive: fall back to the single lowest
+    assert select_joint(gaps, additive(0.0))[0] == ["b"]
+    assert seen == [["b", "c"], ["b", "c", "d"]]  # k = 2 .. n-1
+    # k = 2 gives -0.3 + 0.4 > 0: the first positive k is taken, the flipping site included
+    chosen, tried = select_joint(gaps, additive(0.4))
+    assert chosen == ["b", "c"] and tried == [{"k": 2, "gap": pytest.approx(0.1)}]
+    # smallest gap >= 0: the single lowest, no joint trial
+    seen.clear()
+    assert select_joint({"a": 0.2, "b": 0.0}, additive(1.0)) == (["b"], [])
+    assert seen == []
+
+
+def test_without_bn_uses_pre_activation_statistics():
+    torch.manual_seed(0)
+    model = MLP()
+    with torch.no_grad():
+        model.fc1.weight.mul_(0.1)
+        model.fc1.bias.copy_(torch.tensor([1.0, -1.0, 0.5, -0.5, 0.05, -0.05]))
+    g = torch.Generator().manual_seed(1)
+    val = TensorDataset(torch.randn(40, 8, generator=g), torch.randint(0, 3, (40,), generator=g))
+    before = copy.deepcopy(model.state_dict())
+    method = TLC()
+    step = method.step(context(model, val, ["relu1"]))
+    with torch.no_grad():
+        pre = model.fc1(val.tensors[0][:16])  # the first validation batch only
+    mean, std = pre.mean(0), pre.std(0)
+    off = mean <= 0
+    assert 0 < int(off.sum()) < 6
+    new = step.model
+    assert torch.all(new.fc1.weight[off] == 0) and torch.all(new.fc1.bias[off] == 0)
+    assert torch.equal(new.fc1.weight[~off], before["fc1.weight"][~off])
+    rec = step.info["tlc"]["sites"]["relu1"]
+    assert rec["source"] == "stats" and rec["producer"] == "fc1" and rec["off"] == int(off.sum())
+    err = 0.5 * (1 + torch.erf(-mean.abs() / std / math.sqrt(2)))
+    assert rec["error"] == pytest.approx(float(err.mean()), rel=1e-5)
+    # collapsed = the masked first layer followed linearly by the second
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        h = F.linear(x, before["fc1.weight"], before["fc1.bias"]) * (~off)
+        torch.testing.assert_close(new(x), model.fc2(h))
+
+
+def test_post_add_site_has_no_bn_and_masks_nothing():
+    model = create("convnet", width=0.25, image_size=8)
+    val = images(16, 0)
+    val = TensorDataset(torch.randn(16, 3, 8, 8), val.tensors[1])
+    plans = collapse_plans(model, ["relu1", "relu3"], [(val.tensors[0], val.tensors[1])])
+    assert plans["relu1"].source == "bn" and plans["relu1"].bn == "bn1"
+    assert plans["relu1"].producer == "conv1"
+    assert plans["relu3"].source == "stats" and plans["relu3"].masks == {}
+
+
+def test_options_are_checked():
+    with pytest.raises(easier.ConfigError, match="select"):
+        create_method("tlc", select="best")
+    with pytest.raises(easier.ConfigError, match="batches"):
+        create_method("tlc", batches=0)
+    assert create_method("tlc", batches=None).options() == {"batches": None, "select": "joint"}
+
+
+def test_loop_stops_at_the_first_drop(monkeypatch):
+    seq = iter([90.0, 89.5, 88.0])
+    monkeypatch.setattr(
+        reduce_mod, "fine_tune", lambda *a, **k: TrainResult(epochs=1, loss=0.1, accuracy=50.0)
+    )
+    monkeypatch.setattr(reduce_mod, "evaluate", lambda *a, **k: (0.5, next(seq)))
+    res = reduce(
+        BNNet(),
+        images(32),
+        images(16, 1),
+        method="tlc",
+        delta=1.0,
+        finetune=FineTune(batch_size=16),
+    )
+    assert [h["accepted"] for h in res.history] == [True, True, False]
+    assert res.linearized == res.history[1]["removed"] != []
+    assert easier.linearized_sites(res.model) == res.linearized
+    assert "88.00 < baseline 90.00" in res.stop_reason
+
+
+class Crash(TLC):
+    """TLC that dies at the start of one iteration, like a killed process."""
+
+    def __init__(self, at, **kw):
+        super().__init__(**kw)
+        self.at = at
+
+    def step(self, ctx):
+        if ctx.iteration == self.at:
+            raise KeyboardInterrupt
+        return super().step(ctx)
+
+
+def run(out, method="tlc", resume=False, max_removals=3):
+    torch.manual_seed(0)
+    model = create("convnet", width=0.25, image_size=8, num_classes=3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(80, 3, 8, 8, generator=g)
+    y = (x[:, 0].mean((1, 2)) > 0).long() + (x[:, 1].mean((1, 2)) > 0).long()
+    train, val = TensorDataset(x[:64], y[:64]), TensorDataset(x[64:], y[64:])
+    return reduce(
+        model,
+        train,
+        val,
+        method=method,
+        delta=100.0,
+        max_removals=max_removals,
+        out=out,
+        resume=resume,
+        finetune=FineTune(epochs=1, lr=0.05, batch_size=16),
+        pretrain=FineTune(epochs=2, lr=0.05, batch_size=16),
+        seed=1,
+    )
+
+
+def rows(d):
+    out = [json.loads(x) for x in (d / "history.jsonl").read_text().splitlines()]
+    for r in out:
+        r.pop("seconds")
+    return out
+
+
+def test_resume_equals_uninterrupted_and_result_folds(tmp_path, one_thread):
+    full = run(tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", method=Crash(at=2))
+    assert len(rows(tmp_path / "cut")) == 2  # baseline + iteration 1 saved
+    resumed = run(tmp_path / "cut", resume=True)
+    assert rows(tmp_path / "cut") == rows(tmp_path / "full")
+    # a run stopped by a small budget continues when resumed with the full one
+    run(tmp_path / "short", max_removals=1)
+    assert run(tmp_path / "short", resume=True).linearized == full.linearized
+    assert rows(tmp_path / "short") == rows(tmp_path / "full")
+    assert resumed.linearized == full.linearized and len(full.linearized) >= 3
+    a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa = torch.load(tmp_path / "full" / "state.pt", weights_only=True)["method_state"]
+    sb = torch.load(tmp_path / "cut" / "state.pt", weights_only=True)["method_state"]
+    assert sa["masks"].keys() == sb["masks"].keys() and sa["masks"]
+    for name, mask in sa["masks"].items():  # the masks held through every fine-tune
+        assert torch.equal(mask, sb["masks"][name]) and torch.all(a[name][mask] == 0)
+    x = torch.randn(2, 3, 8, 8)
+    folded = fold(full.model.eval(), x, plan="all")
+    torch.testing.assert_close(folded(x), full.model(x), rtol=1e-4, atol=1e-5)
+    convs = [m for m in folded.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) < 4  # linearized sites let convs merge
