@@ -1,6 +1,5 @@
 import copy
 import importlib
-import json
 import math
 import random
 
@@ -11,6 +10,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import easier
+from _harness import history_rows, tiny_run
 from easier.fold import fold
 from easier.methods import Context, create_method
 from easier.methods.tlc import TLC, collapse_plans, select_joint
@@ -271,32 +271,11 @@ class Crash(TLC):
 
 
 def run(out, method="tlc", resume=False, max_removals=3):
-    torch.manual_seed(0)
-    model = create("convnet", width=0.25, image_size=8, num_classes=3)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(80, 3, 8, 8, generator=g)
-    y = (x[:, 0].mean((1, 2)) > 0).long() + (x[:, 1].mean((1, 2)) > 0).long()
-    train, val = TensorDataset(x[:64], y[:64]), TensorDataset(x[64:], y[64:])
-    return reduce(
-        model,
-        train,
-        val,
-        method=method,
-        delta=100.0,
-        max_removals=max_removals,
-        out=out,
-        resume=resume,
-        finetune=FineTune(epochs=1, lr=0.05, batch_size=16),
-        pretrain=FineTune(epochs=2, lr=0.05, batch_size=16),
-        seed=1,
-    )
+    return tiny_run(out, method, resume=resume, max_removals=max_removals)
 
 
 def rows(d):
-    out = [json.loads(x) for x in (d / "history.jsonl").read_text().splitlines()]
-    for r in out:
-        r.pop("seconds")
-    return out
+    return history_rows(d)
 
 
 def test_resume_equals_uninterrupted_and_result_folds(tmp_path, one_thread):
