@@ -42,7 +42,7 @@ from .sites import (
     trace,
 )
 
-__all__ = ["EntropyReport", "NeuronStats", "binary_entropy", "measure_entropy"]
+__all__ = ["EntropyPass", "EntropyReport", "NeuronStats", "binary_entropy", "measure_entropy"]
 
 ESTIMATORS = ("exact", "reference")
 NEURONS = ("channel", "element")
@@ -390,7 +390,78 @@ def _axis_for(site: Site, channel_axis: int | dict[str, int] | None) -> int | No
     return site.channel_axis
 
 
-@torch.no_grad()
+class EntropyPass:
+    """Counters attached to a model for one measurement: set up, ``run`` batches, ``report``.
+
+    The building block of :func:`measure_entropy`; a distributed pass runs each rank's shard and
+    sums the counters (:func:`easier.distributed.all_reduce_counters`) before ``report``.
+    ``example`` is one model input (used to find sites when fx cannot trace the model).
+    """
+
+    def __init__(self, model: nn.Module, example: Any, sites: Sequence[str | Site] | None = None,
+                 *, neuron: str = "channel", channel_axis: int | dict[str, int] | None = None,
+                 estimator: str = "exact", kinds: Sequence[str] = KINDS,
+                 check_finite: bool = True, device: torch.device | str | None = None):
+        if estimator not in ESTIMATORS:
+            raise SiteError(f"estimator={estimator!r}; valid: {list(ESTIMATORS)}")
+        if neuron not in NEURONS:
+            raise SiteError(f"neuron={neuron!r}; valid: {list(NEURONS)}")
+        self.model, self.estimator, self.neuron = model, estimator, neuron
+        self.device = torch.device(device) if device is not None else model_device(model)
+        self.samples = 0
+        try:
+            gm = trace(model)
+        except TraceError:
+            gm = None
+        if gm is None:
+            found = find_sites(model, _to_device(example, self.device), kinds=kinds)
+        else:
+            found = sites_of_graph(gm, kinds)
+            if not found:
+                find_sites(model, kinds=kinds)  # raises the NoSitesError with its message
+        self.chosen = _select(found, sites)
+        scratch = _Scratch()
+        self.counters = {s.name: _Counter(s, neuron, _axis_for(s, channel_axis), estimator,
+                                          scratch, check_finite) for s in self.chosen}
+        self._handles: list[Any] = []
+        if gm is None:
+            mods = module_sites(model, kinds)
+            for name, c in self.counters.items():
+                self._handles.append(mods[name].register_forward_pre_hook(
+                    lambda _m, args, c=c: c(args[0])))
+            self.runner: nn.Module = model
+        else:
+            self.runner = _instrument(gm, self.counters, kinds)
+
+    @torch.no_grad()
+    def run(self, batches: Iterable[Any], *, input_key: str | None = None,
+            progress: bool = False) -> None:
+        """Count every batch (eval mode, no grad; the model's modes are restored)."""
+        stream = batches
+        if progress:
+            from tqdm.auto import tqdm
+
+            stream = tqdm(stream, desc="entropy", unit="batch", leave=False)
+        with eval_mode(self.model):
+            for batch in stream:
+                x = _to_device(batch_input(batch, input_key), self.device)
+                call_model(self.runner, x)
+                self.samples += _batch_size(x)
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def report(self) -> EntropyReport:
+        for c in self.counters.values():
+            c.check_finite()
+        nb = max((c.batches for c in self.counters.values()), default=0)
+        return EntropyReport(self.chosen, {n: c.stats() for n, c in self.counters.items()},
+                             estimator=self.estimator, neuron=self.neuron, batches=nb,
+                             samples=self.samples)
+
+
 def measure_entropy(
     model: nn.Module,
     batches: Iterable[Any],
@@ -416,10 +487,6 @@ def measure_entropy(
     ``check_finite=False`` skips that check to save one read of every pre-activation (a NaN
     would then count as an excluded zero).
     """
-    if estimator not in ESTIMATORS:
-        raise SiteError(f"estimator={estimator!r}; valid: {list(ESTIMATORS)}")
-    if neuron not in NEURONS:
-        raise SiteError(f"neuron={neuron!r}; valid: {list(NEURONS)}")
     it = iter(batches)
     try:
         first = next(it)
@@ -428,54 +495,17 @@ def measure_entropy(
             "measure_entropy got an empty batch iterable; pass a DataLoader or list with at least "
             "one batch (a one-shot generator that was already consumed is empty)"
         ) from None
-    dev = torch.device(device) if device is not None else model_device(model)
-    example = _to_device(batch_input(first, input_key), dev)
-
-    try:
-        gm = trace(model)
-        hooked = False
-    except TraceError:
-        gm, hooked = None, True
-    found = find_sites(model, example, kinds=kinds) if hooked else sites_of_graph(gm, kinds)
-    if not found:
-        find_sites(model, kinds=kinds)  # raises the NoSitesError with its message
-    chosen = _select(found, sites)
-    scratch = _Scratch()
-    counters = {s.name: _Counter(s, neuron, _axis_for(s, channel_axis), estimator, scratch,
-                                 check_finite) for s in chosen}
-
-    handles: list[Any] = []
-    if hooked:
-        mods = module_sites(model, kinds)
-        for name, c in counters.items():
-            handles.append(mods[name].register_forward_pre_hook(
-                lambda _m, args, c=c: c(args[0])))
-        runner: nn.Module = model
-    else:
-        runner = _instrument(gm, counters, kinds)  # type: ignore[arg-type]
-
-    samples = 0
-    stream = itertools.chain([first], it)
+    counting = EntropyPass(model, batch_input(first, input_key), sites, neuron=neuron,
+                           channel_axis=channel_axis, estimator=estimator, kinds=kinds,
+                           check_finite=check_finite, device=device)
+    stream: Iterable[Any] = itertools.chain([first], it)
     if max_batches is not None:
         stream = itertools.islice(stream, max_batches)
-    if progress:
-        from tqdm.auto import tqdm
-
-        stream = tqdm(stream, desc="entropy", unit="batch", leave=False)
     try:
-        with eval_mode(model):
-            for batch in stream:
-                x = _to_device(batch_input(batch, input_key), dev)
-                call_model(runner, x)
-                samples += _batch_size(x)
+        counting.run(stream, input_key=input_key, progress=progress)
     finally:
-        for h in handles:
-            h.remove()
-    for c in counters.values():
-        c.check_finite()
-    nb = max((c.batches for c in counters.values()), default=0)
-    return EntropyReport(chosen, {n: c.stats() for n, c in counters.items()},
-                         estimator=estimator, neuron=neuron, batches=nb, samples=samples)
+        counting.close()
+    return counting.report()
 
 
 def _batch_size(x: Any) -> int:

@@ -127,7 +127,8 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: FineTune, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 
 
-def _targets(batch: Any) -> torch.Tensor:
+def targets(batch: Any) -> torch.Tensor:
+    """The labels of a batch: ``batch[1]`` of a tuple, or a dict's 'label'/'labels'."""
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[1]
     if isinstance(batch, dict) and "label" in batch:
@@ -191,7 +192,7 @@ def _fit(model: nn.Module, data: Dataset | DataLoader, cfg: FineTune, res: Train
         total_loss, correct, seen = 0.0, 0, 0
         for batch in loader:
             x = batch_input(batch, input_key).to(device)
-            y = _targets(batch).to(device)
+            y = targets(batch).to(device)
             logits = model(x)
             loss = F.cross_entropy(logits, y)
             if regularizer is not None:
@@ -235,7 +236,7 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 
     try:
         for batch in make_loader(data, batch_size, shuffle=False):
             x = batch_input(batch, input_key).to(device)
-            y = _targets(batch).to(device)
+            y = targets(batch).to(device)
             logits = model(x)
             total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(-1) == y).sum())
