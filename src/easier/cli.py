@@ -67,11 +67,15 @@ def _setup(args: argparse.Namespace) -> dict[str, Any]:
 
     from . import data as datasets
     from . import models
+    from .distributed import init_from_env
     from .recipes import recipe
     from .state import load_model
     from .train import seed_everything
 
     device = _device(args.device)
+    info = init_from_env(device)  # a no-op unless launched by torchrun
+    if info.enabled:
+        device = str(info.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     splits = datasets.load(args.data, seed=args.seed, image_size=args.image_size)
@@ -94,14 +98,18 @@ def _setup(args: argparse.Namespace) -> dict[str, Any]:
         "max_removals": args.max_removals, "finetune": ft, "pretrain": pre,
         "one_shot": args.one_shot, "run_all": args.all, "max_iterations": args.max_iterations,
         "seed": args.seed, "device": device, "entropy_batches": args.entropy_batches,
+        "amp": args.amp,
         "fold_ready": not args.no_fold_ready, "progress": not args.quiet, "log": _say,
         "config": {"model": args.model, "width": args.width, "data": args.data,
                    "recipe": args.recipe, "checkpoint": args.checkpoint,
                    "image_size": args.image_size},
     }
-    _say(f"easier: {args.model} (width {args.width}) on {splits.name} {splits.sizes()}, "
-         f"delta {args.delta}, recipe {args.recipe}, device {device}, "
-         f"{torch.get_num_threads()} threads")
+    ranks = (f", {info.world_size} ranks ({torch.distributed.get_backend()})" if info.enabled
+             else "")
+    if info.is_main:
+        _say(f"easier: {args.model} (width {args.width}) on {splits.name} {splits.sizes()}, "
+             f"delta {args.delta}, recipe {args.recipe}, device {device}, "
+             f"{torch.get_num_threads()} threads{ranks}")
     return {"splits": splits, "make_model": make_model, "kwargs": kwargs}
 
 
@@ -118,12 +126,15 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     result = reduce(env["make_model"](), env["splits"].train, env["splits"].val, method=method,
                     out=out, resume=args.resume, fold=None if args.no_fold else args.plan,
                     **env["kwargs"])
-    print()
-    print(result.table())
-    print(f"\nkept {len(result.linearized)} removed unit(s): "
-          f"{', '.join(result.linearized) or 'none'}")
-    print(f"stopped: {result.stop_reason}; wall time {time.perf_counter() - t0:.1f}s; "
-          f"run directory: {out}")
+    from .distributed import is_main
+
+    if is_main():
+        print()
+        print(result.table())
+        print(f"\nkept {len(result.linearized)} removed unit(s): "
+              f"{', '.join(result.linearized) or 'none'}")
+        print(f"stopped: {result.stop_reason}; wall time {time.perf_counter() - t0:.1f}s; "
+              f"run directory: {out}")
     return 0
 
 
@@ -230,6 +241,8 @@ def _run_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    r.add_argument("--amp", action="store_true",
+                   help="mixed precision for training on CUDA (bfloat16 autocast)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -300,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("easier: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
+    finally:
+        from .distributed import cleanup
+
+        cleanup()
 
 
 if __name__ == "__main__":

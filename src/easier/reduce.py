@@ -99,6 +99,7 @@ def reduce(
     log: Callable[[str], None] | None = None,
     config: dict[str, Any] | None = None,
     fold: str | None = None,
+    amp: bool = False,
 ) -> ReduceResult:
     """Run a depth-reduction method end to end and return the reduced model.
 
@@ -139,9 +140,21 @@ def reduce(
         "input_shape": list(example.shape[1:]),
         "model_spec": getattr(model, "easier_spec", None), **(config or {}),
     }
+    from .distributed import barrier, get_info
+
+    info = get_info()
+    if not info.is_main:
+        say = lambda _msg: None  # noqa: E731  (only rank 0 talks and writes)
     run = RunDir(out) if out is not None else None
-    saved = run.start(cfg, resume=resume, mutable=_BUDGET_KEYS) if run is not None else None
-    train_kw = {"device": device, "input_key": input_key, "progress": progress,
+    saved = None
+    if run is not None:
+        # every rank checks (and reads) before rank 0 writes, so a refusal raises everywhere
+        saved = run.start(cfg, resume=resume, mutable=_BUDGET_KEYS, write=False)
+        barrier()
+        if info.is_main:
+            run.start(cfg, resume=resume, mutable=_BUDGET_KEYS)
+        barrier()
+    train_kw = {"device": device, "input_key": input_key, "progress": progress, "amp": amp,
                 "regularizer": strategy.regularizer(), "after_step": strategy.after_step}
 
     base = copy.deepcopy(model).cpu()  # architecture to rebuild saved states into
@@ -257,13 +270,14 @@ def reduce(
     result = ReduceResult(model=accepted, linearized=list(kept), history=history,
                           baseline=baseline, stop_reason=stop_reason or "",
                           out=run.path if run else None)
-    if fold is not None and run is not None:
+    if fold is not None and run is not None and info.is_main:
         from .fold import fold_run
 
         result.extras["fold"] = fold_run(run.path, plan=fold, model=copy.deepcopy(base))
         say(f"folded (plan={fold}), max |error| "
             f"{result.extras['fold']['plan']['max_abs_error']:.2g}:\n"
             f"{result.extras['fold']['table']}")
+    barrier()
     return result
 
 
@@ -294,8 +308,10 @@ def _status(rec: dict[str, Any], baseline: dict[str, Any], delta: float) -> str:
 def _save(run: RunDir | None, history: list[dict[str, Any]], baseline: dict[str, Any],
           current: nn.Module, accepted: nn.Module, stop: tuple[str | None, str | None],
           rejected: bool, cfg: dict[str, Any], strategy: Method) -> None:
-    """Write the run's state and every report file; state.pt last-but-one is the source of truth."""
-    if run is None:
+    """Write the run's state and every report file (rank 0 only under torchrun)."""
+    from .distributed import is_main
+
+    if run is None or not is_main():
         return
     from .report import write_reports
 

@@ -147,11 +147,12 @@ class RunDir:
         return self.config_path.exists() or self.state_path.exists()
 
     def start(self, config: dict[str, Any], *, resume: bool,
-              mutable: tuple[str, ...] = ()) -> dict[str, Any] | None:
+              mutable: tuple[str, ...] = (), write: bool = True) -> dict[str, Any] | None:
         """Prepare the directory; return the saved state when resuming (None for a new run).
 
         Keys in ``mutable`` (budgets such as max_removals) may change on resume; the new values
-        are written to config.json.
+        are written to config.json. ``write=False`` only checks and reads (distributed ranks
+        other than 0 do that, before rank 0 writes).
         """
         if self.exists():
             if not resume:
@@ -169,10 +170,12 @@ class RunDir:
                     "the original settings, or start a new run in another directory."
                 )
             state = self.read_state()
-            if _diff_keys(saved, config):
+            if write and _diff_keys(saved, config):
                 atomic_write_text(self.config_path,
                                   json.dumps(config, indent=2, sort_keys=True) + "\n")
             return state
+        if not write:
+            return None
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
         return None

@@ -148,6 +148,7 @@ def fine_tune(
     input_key: str | None = None,
     regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
     after_step: Callable[[nn.Module], None] | None = None,
+    amp: bool = False,
     progress: bool = False,
     desc: str = "train",
 ) -> TrainResult:
@@ -157,7 +158,11 @@ def fine_tune(
     ``regularizer(model)`` (if given) is added to the cross-entropy loss of every step; if it
     has an ``attach(model)`` method (e.g. to hook block features), that is called first and the
     handle it returns is removed at the end. ``after_step(model)`` runs after every optimizer
-    step (e.g. to re-apply pruning masks).
+    step (e.g. to re-apply pruning masks). Under ``torchrun`` (an initialised process group) the
+    model is wrapped in DistributedDataParallel and each rank trains on its DistributedSampler
+    shard; the reported loss and accuracy are summed over ranks. ``amp=True`` trains under
+    bfloat16 autocast (no loss scaling needed); on CUDA, 4-D inputs and the model use
+    channels_last, which suits tensor cores.
     """
     res = TrainResult()
     if cfg.epochs == 0 or cfg.max_steps == 0:
@@ -167,7 +172,8 @@ def fine_tune(
     handle = regularizer.attach(model) if hasattr(regularizer, "attach") else None
     try:
         return _fit(model, data, cfg, res, t0, seed=seed, device=device, input_key=input_key,
-                    regularizer=regularizer, after_step=after_step, progress=progress, desc=desc)
+                    regularizer=regularizer, after_step=after_step, progress=progress, desc=desc,
+                    amp=amp)
     finally:
         if handle is not None:
             handle.remove()
@@ -177,13 +183,42 @@ def _fit(model: nn.Module, data: Dataset | DataLoader, cfg: FineTune, res: Train
          *, seed: int, device: torch.device | str, input_key: str | None,
          regularizer: Callable[[nn.Module], torch.Tensor] | None,
          after_step: Callable[[nn.Module], None] | None, progress: bool,
-         desc: str) -> TrainResult:
+         desc: str, amp: bool = False) -> TrainResult:
+    from .distributed import get_info, reduce_accuracy, shard_loader, wrap_ddp
+
+    info = get_info()
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        model.to(memory_format=torch.channels_last)
+    net = wrap_ddp(model, info) if info.enabled else model
+
+    def loader_for(epoch: int) -> Any:
+        if info.enabled:
+            return shard_loader(data, cfg.batch_size, shuffle=True, seed=seed, epoch=epoch,
+                                info=info)
+        return make_loader(data, cfg.batch_size, shuffle=True, seed=seed + epoch)
+
+    try:
+        return _epochs(net, model, loader_for, cfg, res, t0, info=info, device=device,
+                       input_key=input_key, regularizer=regularizer, after_step=after_step,
+                       progress=progress, desc=desc, reduce_accuracy=reduce_accuracy,
+                       amp=amp, channels_last=cuda)
+    finally:
+        del net  # a DDP wrapper alive at process exit can abort gloo
+
+
+def _epochs(net: nn.Module, model: nn.Module, loader_for: Callable[[int], Any], cfg: FineTune,
+            res: TrainResult, t0: float, *, info: Any, device: torch.device | str,
+            input_key: str | None, regularizer: Callable[[nn.Module], torch.Tensor] | None,
+            after_step: Callable[[nn.Module], None] | None, progress: bool, desc: str,
+            reduce_accuracy: Callable[..., tuple[float, float]], amp: bool = False,
+            channels_last: bool = False) -> TrainResult:
+    dev_type = torch.device(device).type
     opt = _optimizer(model, cfg)
-    first = make_loader(data, cfg.batch_size, shuffle=True, seed=seed)
+    first = loader_for(0)
     sched = _scheduler(opt, cfg, max(1, len(first)))
     for epoch in range(cfg.epochs):
-        loader = first if epoch == 0 else make_loader(data, cfg.batch_size, shuffle=True,
-                                                      seed=seed + epoch)
+        loader = first if epoch == 0 else loader_for(epoch)
         if progress:
             from tqdm.auto import tqdm
 
@@ -191,15 +226,20 @@ def _fit(model: nn.Module, data: Dataset | DataLoader, cfg: FineTune, res: Train
                           leave=False)
         total_loss, correct, seen = 0.0, 0, 0
         for batch in loader:
-            x = batch_input(batch, input_key).to(device)
-            y = targets(batch).to(device)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            x = batch_input(batch, input_key).to(device, non_blocking=True)
+            y = targets(batch).to(device, non_blocking=True)
+            if channels_last and x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=amp):
+                logits = net(x)
+                loss = F.cross_entropy(logits.float(), y)
             if regularizer is not None:
                 loss = loss + regularizer(model)
-            if not torch.isfinite(loss):
-                res.failed = (f"non-finite loss ({float(loss)}) at epoch {epoch + 1}, "
-                              f"step {res.steps}")
+            if not _all_finite(loss, info):
+                here = float(loss.detach())
+                res.failed = (f"non-finite loss ({here} on this rank; all ranks stop) at epoch "
+                              f"{epoch + 1}, step {res.steps}" if info.enabled else
+                              f"non-finite loss ({here}) at epoch {epoch + 1}, step {res.steps}")
                 res.seconds = time.perf_counter() - t0
                 return res
             opt.zero_grad(set_to_none=True)
@@ -217,7 +257,10 @@ def _fit(model: nn.Module, data: Dataset | DataLoader, cfg: FineTune, res: Train
             if cfg.max_steps is not None and res.steps >= cfg.max_steps:
                 break
         res.epochs = epoch + 1
-        res.loss, res.accuracy = total_loss / max(seen, 1), 100.0 * correct / max(seen, 1)
+        if info.enabled:
+            res.loss, res.accuracy = reduce_accuracy(total_loss, correct, seen, info)
+        else:
+            res.loss, res.accuracy = total_loss / max(seen, 1), 100.0 * correct / max(seen, 1)
         res.history.append({"epoch": epoch + 1, "loss": res.loss, "accuracy": res.accuracy})
         if cfg.max_steps is not None and res.steps >= cfg.max_steps:
             break
@@ -225,11 +268,32 @@ def _fit(model: nn.Module, data: Dataset | DataLoader, cfg: FineTune, res: Train
     return res
 
 
+def _all_finite(loss: torch.Tensor, info: Any) -> bool:
+    """Whether the loss is finite on every rank (so all ranks stop together on a NaN)."""
+    ok = bool(torch.isfinite(loss))
+    if info.enabled:
+        import torch.distributed as dist
+
+        flag = torch.tensor([0.0 if ok else 1.0], device=loss.device)
+        dist.all_reduce(flag)
+        ok = float(flag) == 0.0
+    return ok
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 256,
              device: torch.device | str = "cpu",
              input_key: str | None = None) -> tuple[float, float]:
-    """(mean cross-entropy loss, top-1 accuracy in %) in eval mode; restores the model's mode."""
+    """(mean cross-entropy loss, top-1 accuracy in %) in eval mode; restores the model's mode.
+
+    Under ``torchrun`` each rank evaluates an exact shard of a Dataset and the sums are reduced.
+    """
+    from .distributed import evaluate_distributed, get_info
+
+    info = get_info()
+    if info.enabled and not isinstance(data, DataLoader):
+        return evaluate_distributed(model, data, info, batch_size=batch_size, device=device,
+                                    input_key=input_key)
     was = model.training
     model.to(device).eval()
     total_loss, correct, seen = 0.0, 0, 0

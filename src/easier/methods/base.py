@@ -61,16 +61,22 @@ class Context:
 
     def entropy(self, model: nn.Module | None = None, **options: Any) -> EntropyReport:
         """Entropy of the remaining sites on the training images (cached for ``ctx.model``)."""
+        from ..distributed import get_info, measure_entropy_distributed
         from ..train import make_loader
 
         target = self.model if model is None else model
         if model is None and self.report is not None and not options:
             return self.report
-        rep = measure_entropy(target, make_loader(self.train_eval, self.batch_size,
-                                                  shuffle=False),
-                              kinds=self.kinds, input_key=self.input_key, device=self.device,
-                              max_batches=self.entropy_batches, progress=self.progress,
-                              **options)
+        info = get_info()
+        common = {"kinds": self.kinds, "input_key": self.input_key, "device": self.device,
+                  "max_batches": self.entropy_batches, "progress": self.progress, **options}
+        if info.enabled and not isinstance(self.train_eval, DataLoader):
+            # each rank counts an exact shard; summed counts equal the single-process ones
+            rep = measure_entropy_distributed(target, self.train_eval, self.batch_size, info,
+                                              **common)
+        else:
+            rep = measure_entropy(target, make_loader(self.train_eval, self.batch_size,
+                                                      shuffle=False), **common)
         if model is None and not options:
             self.report = rep
         return rep
