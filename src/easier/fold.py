@@ -861,9 +861,11 @@ def fold(
 
 def fold_run(run_dir: str | Path, *, plan: str = "latency", model: nn.Module | None = None,
              batch_sizes: Sequence[int] = (1, 64), onnx: bool = False) -> dict[str, Any]:
-    """Fold the kept model of a run directory; write folded.pt, fold_plan.json and fold.md.
+    """Fold the kept model of a run directory; write folded.pt(2), fold_plan.json and fold.md.
 
-    ``folded.pt`` is TorchScript (``torch.jit.load`` needs no easier code). ``model`` is the base
+    ``folded.pt`` is TorchScript (``torch.jit.load`` needs no easier code) and ``folded.pt2`` a
+    ``torch.export`` program (``torch.export.load(path).module()``), the format PyTorch now
+    recommends; it is skipped with a note if export fails. ``model`` is the base
     architecture for runs whose model is not from ``easier.models``. Returns the plan and the
     before/after measurements as plain data.
     """
@@ -879,8 +881,20 @@ def fold_run(run_dir: str | Path, *, plan: str = "latency", model: nn.Module | N
     folded = fold(reduced, example, plan=plan)
     before = measure(reduced, example, batch_sizes=batch_sizes)
     after = measure(folded, example, batch_sizes=batch_sizes)
-    torch.jit.save(torch.jit.trace(folded, example), str(run.file("folded.pt")))
+    import warnings
+
+    with warnings.catch_warnings():  # torch.jit is deprecated upstream but still the portable file
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.trace(folded, example), str(run.file("folded.pt")))
     fold_plan = folded.fold_plan  # type: ignore[attr-defined]
+    try:
+        batch = torch.export.Dim("batch")  # from a batch of 2: a size-1 dim would be specialised
+        program = torch.export.export(folded, (example.expand(2, *shape).clone(),),
+                                      dynamic_shapes=({0: batch},))
+        torch.export.save(program, str(run.file("folded.pt2")))
+    except Exception as exc:  # export covers fewer graphs than tracing; the .pt still exists
+        fold_plan.notes.append(f"torch.export failed ({type(exc).__name__}: {exc}); "
+                               "folded.pt2 not written")
     run.write_json("fold_plan.json", fold_plan.to_dict())
     run.write_json("fold_measure.json", {"before": before.to_dict(), "after": after.to_dict()})
     table = compare_table(before, after)
