@@ -45,6 +45,7 @@ from .sites import (
 __all__ = ["EntropyPass", "EntropyReport", "NeuronStats", "binary_entropy", "measure_entropy"]
 
 ESTIMATORS = ("exact", "reference")
+_CHUNK = 1 << 18  # elements counted at a time: a 1 MiB float32 temporary, cache-sized
 NEURONS = ("channel", "element")
 
 
@@ -137,22 +138,28 @@ class _Counter(nn.Module):
                 f"{z.shape[1]} between batches (shape {tuple(z.shape)}); with neuron='element' "
                 "every batch must have the same non-batch shape"
             )
-        if self.strict_finite:  # NaN and Inf propagate into a plain per-channel sum
-            self.bad += (~torch.isfinite(z.sum(dim=dims))).sum()  # type: ignore[operator]
         if self.estimator == "exact":
             # Counting through sign() costs one temporary and two read-only reductions: much
-            # cheaper than comparisons to bool tensors, whose reductions are slow on CPU.
-            # Sums of +-1/0 are exact in float32 while a channel has < 2**24 values per batch.
-            acc = torch.float32 if n < 2**24 else torch.float64
-            sgn = self.scratch.take(z)
-            torch.sign(z, out=sgn)
-            diff = sgn.sum(dim=dims, dtype=acc)  # on - off
-            both = sgn.abs_().sum(dim=dims, dtype=acc)  # on + off
-            on = ((both + diff) / 2).round().long()
-            self.on += on  # type: ignore[operator]
-            self.off += both.round().long() - on  # type: ignore[operator]
+            # cheaper than comparisons to bool tensors, whose reductions are slow on CPU. The
+            # batch is counted in chunks, so the temporary stays small (and in cache); sums of
+            # +-1/0 are exact in float32 while a chunk has < 2**24 values per channel.
+            rows = max(1, _CHUNK // max(1, z[:1].numel()))
+            for start in range(0, z.shape[0], rows):
+                zc = z[start:start + rows]
+                if self.strict_finite:  # NaN and Inf propagate into a plain per-channel sum
+                    self.bad += (~torch.isfinite(zc.sum(dim=dims))).sum()  # type: ignore[operator]
+                acc = torch.float32 if zc.numel() // zc.shape[1] < 2**24 else torch.float64
+                sgn = self.scratch.take(zc)
+                torch.sign(zc, out=sgn)
+                diff = sgn.sum(dim=dims, dtype=acc)  # on - off
+                both = sgn.abs_().sum(dim=dims, dtype=acc)  # on + off
+                on = ((both + diff) / 2).round().long()
+                self.on += on  # type: ignore[operator]
+                self.off += both.round().long() - on  # type: ignore[operator]
             self.seen += n  # type: ignore[operator]
         else:
+            if self.strict_finite:
+                self.bad += (~torch.isfinite(z.sum(dim=dims))).sum()  # type: ignore[operator]
             p = (z >= 0).sum(dim=dims).double() / n
             h = binary_entropy(p)
             self.p_sum += p  # type: ignore[operator]

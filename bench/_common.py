@@ -1,0 +1,174 @@
+"""Shared helpers of the benchmark scripts: machine header, markdown tables, side-by-side timing.
+
+Every script prints :func:`header` first, returns its results as :class:`Table` objects (the raw
+numbers stay in the rows, so tests and ``run_all`` can check them) and appends them as markdown
+to ``--out FILE`` when given.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "Table",
+    "add_common_args",
+    "header",
+    "interleaved",
+    "median_iqr",
+    "ratio_cell",
+    "write_out",
+]
+
+
+def header(batch_sizes: Sequence[int] | str, extra: str = "") -> str:
+    """One markdown paragraph: machine, CPU count, torch version, threads, batch sizes."""
+    sizes = batch_sizes if isinstance(batch_sizes, str) else ", ".join(map(str, batch_sizes))
+    cpu = platform.processor() or platform.machine() or "?"
+    line = (
+        f"machine: {platform.platform()} ({cpu}), {os.cpu_count()} CPUs; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch sizes: {sizes}"
+    )
+    return f"{line}; {extra}" if extra else line
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return format(value, spec) if spec else f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool) and spec:
+        return format(value, spec)
+    return str(value)
+
+
+@dataclass
+class Table:
+    """A result table: raw cells in ``rows`` (numbers stay numbers), formats per column.
+
+    ``formats`` maps a column name to a format spec (e.g. ``".3f"``, ``".2f"``, ``","``) used when
+    rendering; ``note`` is the sentence saying what the table measures and the target.
+    """
+
+    title: str
+    columns: list[str]
+    rows: list[list[Any]] = field(default_factory=list)
+    formats: dict[str, str] = field(default_factory=dict)
+    note: str = ""
+    suffix: dict[str, str] = field(default_factory=dict)  # e.g. {"ratio": "x"}
+
+    def add(self, *cells: Any) -> list[Any]:
+        if len(cells) != len(self.columns):
+            raise ValueError(f"{self.title}: {len(cells)} cells for {len(self.columns)} columns")
+        self.rows.append(list(cells))
+        return self.rows[-1]
+
+    def column(self, name: str) -> list[Any]:
+        """The raw values of one column, top to bottom."""
+        i = self.columns.index(name)
+        return [r[i] for r in self.rows]
+
+    def _cells(self, row: list[Any]) -> list[str]:
+        return [
+            _fmt(v, self.formats.get(c, "")) + (self.suffix.get(c, "") if v is not None else "")
+            for c, v in zip(self.columns, row, strict=True)
+        ]
+
+    def header_lines(self) -> list[str]:
+        """Column names and alignment: numbers right, text left."""
+
+        def numeric(i: int) -> bool:
+            vals = [r[i] for r in self.rows if r[i] is not None]
+            return all(isinstance(v, (int, float)) or re.match(r"[-+]?\d", str(v)) for v in vals)
+
+        align = ["---:" if numeric(i) else "---" for i in range(len(self.columns))]
+        return ["| " + " | ".join(self.columns) + " |", "|" + "|".join(align) + "|"]
+
+    def row_line(self, row: list[Any]) -> str:
+        return "| " + " | ".join(self._cells(row)) + " |"
+
+    def markdown(self, *, title: bool = True) -> str:
+        lines = [f"### {self.title}", ""] if title else []
+        if self.note:
+            lines += [self.note, ""]
+        lines += self.header_lines() + [self.row_line(r) for r in self.rows]
+        return "\n".join(lines)
+
+
+def write_out(path: str | Path | None, head: str, tables: Sequence[Table], extra: str = "") -> None:
+    """Append the header and tables (and ``extra`` markdown) to ``path`` if one is given."""
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "\n\n".join([head, *(t.markdown() for t in tables), *([extra] if extra else [])])
+    with path.open("a", encoding="utf-8") as f:
+        f.write(text + "\n\n")
+
+
+def add_common_args(ap: Any) -> None:
+    """--quick, --threads and --out, the flags every script takes."""
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: seconds (smoke test)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: as is)")
+    ap.add_argument("--out", default=None, help="append the header and tables to this markdown")
+
+
+def median_iqr(times_s: Sequence[float]) -> tuple[float, float]:
+    """(median ms, interquartile range ms) of per-call times in seconds."""
+    ms = sorted(t * 1e3 for t in times_s)
+    if len(ms) < 2:
+        return ms[0], 0.0
+    q = statistics.quantiles(ms, n=4, method="inclusive")
+    return statistics.median(ms), q[2] - q[0]
+
+
+def interleaved(
+    fns: Sequence[Callable[[], Any]], *, rounds: int = 7, min_sample_s: float = 0.05
+) -> list[tuple[float, float]]:
+    """(median ms, IQR ms) per call of each function, timed in interleaved rounds.
+
+    Each function first gets a warm-up call and a call count per sample such that one sample
+    lasts about ``min_sample_s``; then every round times one sample of each function, in an
+    order rotated by one each round so that no function always runs right after another.
+    Machine-load changes therefore hit all functions alike and their ratios stay honest even
+    when the absolute times drift. Runs under ``torch.inference_mode()``.
+    """
+    if rounds < 1 or min_sample_s <= 0:
+        raise ValueError(f"need rounds >= 1 and min_sample_s > 0, got {rounds}, {min_sample_s}")
+    times: list[list[float]] = [[] for _ in fns]
+    with torch.inference_mode():
+        numbers = []
+        for fn in fns:
+            t0 = time.perf_counter()
+            fn()  # warm-up: allocations, oneDNN primitive creation
+            once = time.perf_counter() - t0
+            numbers.append(max(1, math.ceil(min_sample_s / max(once, 1e-6))))
+        order = list(range(len(fns)))
+        for r in range(rounds):
+            shift = r % len(order)
+            for i in order[shift:] + order[:shift]:
+                fn, n = fns[i], numbers[i]
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                times[i].append((time.perf_counter() - t0) / n)
+    return [median_iqr(t) for t in times]
+
+
+def ratio_cell(num: float | None, den: float | None) -> float | None:
+    """num / den, or None when either is missing or den is zero."""
+    if num is None or den is None or den == 0:
+        return None
+    return num / den

@@ -1,0 +1,195 @@
+"""Run every benchmark script and write docs/BENCHMARKS.md.
+
+    python bench/run_all.py                        # full: about 15-20 min on 2 cores
+    python bench/run_all.py --quick --doc /tmp/b.md   # smoke run: tiny sizes, under a minute
+
+Each script runs in its own Python process (clean allocator, thread pool and caches; one failure
+does not stop the others), with ``--quick`` and ``--threads`` passed through. Its output is shown
+as it runs; its tables (``--out``) go into the document with a sentence on what they measure and
+the target. The reproduction runs before the whole-model fold benchmark, which also folds the
+site set that the reproduction's EASIER loop (seed 0) kept.
+
+In full mode the document is docs/BENCHMARKS.md and the plot docs/reproduction.png; with
+``--quick`` the document goes to ``--doc`` (default: a new temporary file), never over the real one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from _common import header
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+
+
+@dataclass(frozen=True)
+class Script:
+    """One benchmark: its file, a title and the sentence that introduces it in the document."""
+
+    key: str
+    file: str
+    title: str
+    about: str
+    takes_out: bool = True  # bench_fold.py has no --out: its stdout is the section
+
+
+SCRIPTS = (
+    Script(
+        "entropy",
+        "bench_entropy.py",
+        "Entropy pass: overhead in time and memory",
+        "Cost of measuring every activation's ON/OFF entropy (streaming counters hooked "
+        "into one forward pass) relative to a plain forward pass of the same batches. "
+        "Targets: time <= 1.05x, peak memory <= 1.1x.",
+    ),
+    Script(
+        "fold",
+        "bench_fold.py",
+        "Folding hand-built linear chains",
+        "Latency of single linear chains before and after merging: the original chain, the "
+        "chain with its padding relocated (the form fine-tuning sees) and the merged layer. "
+        "Shows which merges pay on this CPU (merged faster than relocated) and which do not.",
+        takes_out=False,
+    ),
+    Script(
+        "fold_models",
+        "bench_fold_models.py",
+        "Folding whole models",
+        "The paper's four models with a realistic set of activations linearized, folded "
+        "under each planner mode, timed side by side with the unfolded model. Targets: "
+        ">= 1.5x faster where the FLOPs allow it, never slower under the 'latency' plan.",
+    ),
+    Script(
+        "reproduction",
+        "bench_reproduction.py",
+        "Reproduction: does the entropy order matter?",
+        "EASIER's lowest-entropy-first order against random and highest-entropy-first "
+        "orders, from the same pretrained model with the same fine-tune budget, over several "
+        "seeds. Target: the paper's claim that the entropy order keeps accuracy longest "
+        "(reported either way), and the retraining budget next to the paper's recipe.",
+    ),
+)
+RUN_ORDER = ("entropy", "fold", "reproduction", "fold_models")  # fold_models uses the run
+
+
+def run_script(script: Script, args: list[str], out: Path | None) -> tuple[int, str, float]:
+    """(exit code, captured stdout+stderr, seconds); the output is echoed line by line."""
+    cmd = [sys.executable, str(BENCH / script.file), *args]
+    if out is not None:
+        cmd += ["--out", str(out)]
+    print(f"\n$ {' '.join(cmd[1:])}", flush=True)
+    t0 = time.perf_counter()
+    lines: list[str] = []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            lines.append(line)
+    return proc.returncode, "".join(lines), time.perf_counter() - t0
+
+
+def section(script: Script, rc: int, output: str, out: Path | None, seconds: float) -> str:
+    """The document section of one script (its tables, or the failure's last lines)."""
+    head = f"## {script.title}\n\n{script.about}\n\n`python bench/{script.file}` ({seconds:.0f} s)"
+    if rc != 0:
+        tail = "\n".join(output.strip().splitlines()[-15:])
+        return f"{head}\n\n**FAILED (exit code {rc})**; last lines:\n\n```\n{tail}\n```"
+    body = out.read_text(encoding="utf-8").strip() if out is not None and out.exists() else ""
+    if not script.takes_out:
+        body = output.strip()
+    return f"{head}\n\n{body}"
+
+
+def doc_path(quick: bool, doc: str | None) -> Path:
+    """Where the document goes: --doc, else docs/BENCHMARKS.md (full) or a new temp file (quick)."""
+    if doc:
+        return Path(doc)
+    if quick:
+        fd, name = tempfile.mkstemp(prefix="BENCHMARKS-quick-", suffix=".md")
+        os.close(fd)
+        return Path(name)
+    return ROOT / "docs" / "BENCHMARKS.md"
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="every script with --quick")
+    ap.add_argument("--threads", type=int, default=None, help="passed to every script")
+    ap.add_argument(
+        "--doc",
+        default=None,
+        help="document to write (full default docs/BENCHMARKS.md; quick: temp file)",
+    )
+    ap.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(RUN_ORDER)}")
+    args = ap.parse_args(argv)
+    doc = doc_path(args.quick, args.doc)
+    only = args.only.split(",") if args.only else list(RUN_ORDER)
+    unknown = sorted(set(only) - set(RUN_ORDER))
+    if unknown:
+        raise SystemExit(f"--only: unknown {unknown}; choose from {','.join(RUN_ORDER)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    common = (["--quick"] if args.quick else []) + (
+        ["--threads", str(args.threads)] if args.threads else []
+    )
+    by_key = {s.key: s for s in SCRIPTS}
+    sections: dict[str, str] = {}
+    failed: list[str] = []
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="easier-bench-") as tmp:
+        tmpdir = Path(tmp)
+        work = tmpdir / "reproduction"
+        for key in (k for k in RUN_ORDER if k in only):
+            script = by_key[key]
+            extra = list(common)
+            if key == "reproduction":
+                extra += ["--workdir", str(work), "--plot", str(doc.parent / "reproduction.png")]
+            if key == "fold_models" and (work / "seed0" / "easier" / "summary.json").exists():
+                extra += ["--run", str(work / "seed0" / "easier")]
+                if not args.quick:
+                    extra += ["--run-width", "1.0"]
+            out = tmpdir / f"{key}.md" if script.takes_out else None
+            rc, output, secs = run_script(script, extra, out)
+            sections[key] = section(script, rc, output, out, secs)
+            if rc != 0:
+                failed.append(key)
+    total = time.perf_counter() - t0
+    mode = "quick (smoke-test sizes: the numbers mean nothing)" if args.quick else "full"
+    intro = [
+        "# Benchmarks",
+        "",
+        f"Generated {datetime.date.today().isoformat()} by `python bench/run_all.py"
+        f"{' --quick' if args.quick else ''}` in {total / 60:.1f} min, mode: {mode}. "
+        "Regenerate with `python bench/run_all.py` (full, about 15-20 min on 2 cores; writes this "
+        "file and docs/reproduction.png) or run one script (`--help` lists its flags). "
+        "Every ratio is measured side by side in one process "
+        "(interleaved repeats, medians), so it holds on a busy machine even when absolute "
+        "times drift.",
+        "",
+        header("per table (see each table's header line)"),
+    ]
+    keys = [s.key for s in SCRIPTS if s.key in sections]
+    text = "\n".join(intro) + "\n\n" + "\n\n".join(sections[k] for k in keys) + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text, encoding="utf-8")
+    print(f"\nwrote {doc} ({total:.0f} s)" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    if failed:
+        raise SystemExit(1)
+    return [sections[k] for k in keys]
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

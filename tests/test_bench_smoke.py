@@ -1,0 +1,268 @@
+"""The benchmark scripts in bench/ at --quick sizes, so that they cannot rot.
+
+Each script's ``main`` runs in this process (bench_entropy's memory children and run_all's
+scripts in subprocesses, as they always do); the returned tables are checked for their rows and
+columns, and their numbers against what they must equal by construction.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+ONE = ["--threads", "1"]  # tiny models run faster on one thread, and never oversubscribe
+THREADS_AT_IMPORT = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The scripts' --threads sets torch's global thread count: give it back after each test."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _bench(name: str):
+    """Import a bench/ script as a module (bench/ is not a package)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module(name)
+
+
+def _pm(cell: str) -> tuple[float, float]:
+    m = re.fullmatch(r"(-?[\d.]+) ± ([\d.]+)", cell)
+    assert m, f"not 'mean ± std': {cell!r}"
+    return float(m[1]), float(m[2])
+
+
+def _positive(x) -> bool:
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# _common
+
+
+def test_table_renders_formats_alignment_and_rejects_bad_rows():
+    common = _bench("_common")
+    t = common.Table("T", ["name", "ms", "ratio"], formats={"ms": ".2f"}, suffix={"ratio": "x"})
+    t.add("a", 1.234, 2.0)
+    t.add("b", None, 0.5)
+    lines = t.markdown().splitlines()
+    assert lines[0] == "### T"
+    assert lines[-4:] == [
+        "| name | ms | ratio |",
+        "|---|---:|---:|",
+        "| a | 1.23 | 2x |",
+        "| b | – | 0.5x |",
+    ]
+    assert t.column("ratio") == [2.0, 0.5]
+    with pytest.raises(ValueError, match="2 cells for 3 columns"):
+        t.add("c", 1.0)
+
+
+def test_median_iqr_matches_numpy():
+    common = _bench("_common")
+    xs = [0.004, 0.001, 0.003, 0.002, 0.010]
+    med, iqr = common.median_iqr(xs)
+    ms = np.array(xs) * 1e3
+    assert med == pytest.approx(np.median(ms))
+    assert iqr == pytest.approx(np.percentile(ms, 75) - np.percentile(ms, 25))
+
+
+def test_interleaved_rotates_order_and_times_relative_cost():
+    common = _bench("_common")
+    calls: list[str] = []
+
+    def make(tag: str, seconds: float):
+        def fn():
+            calls.append(tag)
+            time.sleep(seconds)
+
+        return fn
+
+    res = common.interleaved([make("a", 0.002), make("b", 0.010)], rounds=4, min_sample_s=1e-4)
+    # warm-up a, b; then one call each per round, the order rotated every round
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
+    (a, _), (b, _) = res
+    assert 2.0 < b / a < 6.0  # sleeps of 2 and 10 ms, plus the same small overhead
+
+
+# ---------------------------------------------------------------------------------------------
+# bench_reproduction
+
+
+def test_reproduction_curve_helpers_on_hand_made_histories():
+    rep = _bench("bench_reproduction")
+    pts = {0: 90.0, 1: 90.0, 2: 88.5, 3: 80.0}
+    assert rep.area(pts) == pytest.approx(((90 + 90) / 2 + (90 + 88.5) / 2 + (88.5 + 80) / 2) / 3)
+    assert rep.removed_before_drop(pts, 1.0) == 1  # 88.5 is the first point below 89
+    assert rep.removed_before_drop(pts, 20.0) == 3  # never drops: all removed
+    hist = [
+        {"iteration": 0, "removed": [], "test_acc": 90.0},
+        {"iteration": 1, "removed": ["a"], "test_acc": 91.0, "meets_threshold": True},
+        {"iteration": 2, "removed": ["a", "b"], "test_acc": None, "failed": "nan"},
+        {"iteration": 3, "removed": ["a", "b"], "test_acc": 70.0, "meets_threshold": False},
+    ]
+    assert rep.curve(hist) == {0: 90.0, 1: 91.0, 2: 70.0}
+    assert rep.first_rejection(hist) == 3
+
+
+@pytest.fixture(scope="module")
+def reproduction(tmp_path_factory):
+    rep = _bench("bench_reproduction")
+    tmp = tmp_path_factory.mktemp("repro")
+    threads = torch.get_num_threads()  # module scope: set up before _restore_threads runs
+    try:
+        tables = rep.main(
+            ["--quick", *ONE, "--workdir", str(tmp / "work"), "--plot", str(tmp / "r.png"),
+             "--json", str(tmp / "r.json"), "--out", str(tmp / "r.md")]
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    return tables, tmp
+
+
+def test_reproduction_quick_tables(reproduction):
+    (acc, summary, budget), tmp = reproduction
+    methods = ["easier", "random", "max-entropy"]
+    assert acc.columns == ["removed", *methods]
+    assert acc.column("removed") == [0, 1, 2]  # quick: 2 sites
+    dense = [_pm(c) for c in acc.rows[0][1:]]
+    assert len(set(dense)) == 1, "all orders must start from the same pretrained model"
+    for row in acc.rows:
+        for cell in row[1:]:
+            mean, std = _pm(cell)
+            assert 0 <= mean <= 100 and std >= 0
+
+    # the area column is the trapezoid mean of the raw curves, recomputed here with numpy
+    curves = json.loads((tmp / "r.json").read_text())["curves"]
+    for row in summary.rows:
+        areas = []
+        for seed in (0, 1):
+            c = curves[f"{seed}/{row[0]}"]
+            ks = sorted(int(k) for k in c)
+            areas.append(np.trapezoid([c[str(k)] for k in ks], ks) / (ks[-1] - ks[0]))
+        assert _pm(row[1])[0] == pytest.approx(np.mean(areas), abs=0.006)
+    assert summary.column("method") == methods
+
+    assert budget.column("seed") == [0, 1]
+    for row in budget.rows:
+        n = row[2]  # fine-tunes until the first rejection
+        assert 1 <= n <= 2 and 0 <= row[1] <= n
+        assert row[5] == 3 * n and row[6] == 160 * n  # quick pretrain is 3 epochs
+        assert _positive(row[3]) and row[4] >= 0
+
+    assert (tmp / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp / "work" / "seed0" / "pretrained.pt").is_file()
+    assert (tmp / "work" / "seed1" / "easier" / "summary.json").is_file()
+    md = (tmp / "r.md").read_text()
+    assert "Paper's claim" in md and "| removed | easier | random | max-entropy |" in md
+
+
+# ---------------------------------------------------------------------------------------------
+# bench_fold_models
+
+
+def test_fold_models_quick(reproduction):
+    fm = _bench("bench_fold_models")
+    run_dir = reproduction[1] / "work" / "seed0" / "easier"
+    main_t, sets, verdict = fm.main(
+        ["--quick", *ONE, "--models", "resnet18", "--plans", "none,latency,all",
+         "--latency-at", "1,8", "--rounds", "2", "--run", str(run_dir)]
+    )  # fmt: skip
+    assert main_t.columns[-4:] == ["b1 ms", "b1 speed-up", "b8 ms", "b8 speed-up"]
+    kept = json.loads((run_dir / "summary.json").read_text())["linearized"]
+    assert sets.rows[1][2] == (", ".join(kept) if kept else "")
+    labels = {r[0] for r in main_t.rows}
+    assert len(labels) == 2 and "resnet18" in labels
+    for label in labels:
+        rows = {r[1]: dict(zip(main_t.columns, r, strict=True)) for r in main_t.rows
+                if r[0] == label}  # fmt: skip
+        assert list(rows) == ["unfolded", "none", "latency", "latency@8", "all"]
+        base = rows["unfolded"]
+        assert base["b1 speed-up"] == 1.0 and base["b8 speed-up"] == 1.0
+        # BN folding removes no conv/linear FLOPs: FlopCounterMode counts none for BN
+        assert rows["none"]["FLOPs ratio"] == pytest.approx(1.0)
+        assert rows["none"]["merged chains"].startswith("0/")
+        merged, chains = map(int, rows["all"]["merged chains"].split("/"))
+        assert merged == chains
+        assert rows["all"]["depth"] <= base["depth"]
+        if label == "resnet18":  # each relu1 chain conv1->conv2 becomes one conv
+            assert (merged, rows["all"]["depth"]) == (8, base["depth"] - 8)
+        for plan, r in rows.items():
+            for b in (1, 8):
+                assert _positive(r[f"b{b} ms"]) and _positive(r[f"b{b} speed-up"])
+                assert r[f"b{b} speed-up"] == pytest.approx(base[f"b{b} ms"] / r[f"b{b} ms"])
+            if plan != "unfolded":
+                assert r["rel err"] < 1e-4  # the folds are exact up to float rounding
+    row = dict(zip(verdict.columns, verdict.rows[0], strict=True))
+    assert row["model"] == "resnet18" and row["latency never slower"] in ("yes", "no")
+    assert _positive(row["latency b1 speed-up"]) and _positive(row["latency b8 speed-up"])
+
+
+# ---------------------------------------------------------------------------------------------
+# bench_entropy
+
+
+def test_entropy_quick_time_and_memory(tmp_path):
+    be = _bench("bench_entropy")
+    out = tmp_path / "e.md"
+    time_t, mem_t = be.main(["--quick", *ONE, "--models", "resnet18", "--out", str(out)])
+    (name, sites, plain, hooked, ratio), = time_t.rows  # fmt: skip
+    assert name == "resnet18" and sites == 17
+    assert _positive(plain) and _positive(hooked) and ratio == pytest.approx(hooked / plain)
+    row = dict(zip(mem_t.columns, mem_t.rows[0], strict=True))
+    assert row["model"] == "resnet18"
+    for c in ("plain pass (MiB)", "entropy pass (MiB)", "pass ratio", "process ratio"):
+        assert _positive(row[c]), c
+    assert row["process ratio"] == pytest.approx(
+        row["entropy process (MiB)"] / row["plain process (MiB)"]
+    )
+    # the whole process holds torch and the model: far more than one pass at quick sizes
+    assert row["plain process (MiB)"] > row["plain pass (MiB)"]
+    text = out.read_text()
+    assert text.startswith("machine:") and "| resnet18 | 17 |" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# run_all
+
+
+def test_run_all_quick_writes_the_document(tmp_path):
+    ra = _bench("run_all")
+    doc = tmp_path / "docs" / "BENCH.md"
+    sections = ra.main(["--quick", *ONE, "--only", "fold,reproduction", "--doc", str(doc)])
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks") and "python bench/run_all.py" in text
+    assert len(sections) == 2 and "FAILED" not in text
+    assert "## Folding hand-built linear chains" in text and "| chain | batch |" in text
+    assert "## Reproduction: does the entropy order matter?" in text
+    assert "| removed | easier | random | max-entropy |" in text
+    assert (doc.parent / "reproduction.png").is_file()  # the plot lands next to the document
+
+
+def test_thread_count_is_restored_after_the_scripts(reproduction):
+    assert torch.get_num_threads() == THREADS_AT_IMPORT
+
+
+def test_run_all_quick_never_defaults_to_the_real_document():
+    ra = _bench("run_all")
+    real = ra.ROOT / "docs" / "BENCHMARKS.md"
+    quick = ra.doc_path(True, None)
+    try:
+        assert quick != real and quick.name.startswith("BENCHMARKS-quick-")
+    finally:
+        quick.unlink(missing_ok=True)
+    assert ra.doc_path(False, None) == real
+    assert ra.doc_path(True, "x.md") == Path("x.md")
