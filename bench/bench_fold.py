@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from easier.fold import fold, fold_ready
-from easier.measure import time_side_by_side
+from easier.folding import fold, fold_ready
+from easier.measurement import time_side_by_side
 
 
 def _bn(c: int) -> nn.BatchNorm2d:

@@ -5,8 +5,8 @@ import json
 import torch
 from torch.utils.data import TensorDataset
 
+from easier.loop import reduce
 from easier.models import create
-from easier.reduce import reduce
 from easier.train import FineTune
 
 

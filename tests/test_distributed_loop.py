@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent('''
     from torch.utils.data import TensorDataset
     from easier import distributed as D
     from easier.methods.easier import Easier
-    from easier.reduce import reduce
+    from easier.loop import reduce
     from easier.train import FineTune
 
     out, epochs = sys.argv[1], int(sys.argv[2])

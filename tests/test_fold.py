@@ -10,7 +10,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from easier.errors import ConfigError, FoldError
-from easier.fold import fold, fold_ready, relocate_padding
+from easier.folding import fold, fold_ready, relocate_padding
 from easier.plan import plan_fold
 
 D = torch.float64

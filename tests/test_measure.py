@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from easier.errors import ConfigError
-from easier.measure import Measurement, compare_table, measure, weight_depth
+from easier.measurement import Measurement, compare_table, measure, weight_depth
 
 
 @pytest.fixture(autouse=True)

@@ -15,11 +15,11 @@ from torch.utils.data import TensorDataset
 
 import easier
 from easier import ConfigError, measure_entropy
+from easier.loop import reduce
 from easier.methods import Context, create_method
 from easier.methods.egp import Egp, site_layers, waterfill
 from easier.methods.nepenthe import Nepenthe, nepenthe_logits
 from easier.models import create
-from easier.reduce import reduce
 from easier.train import FineTune, TrainResult, fine_tune
 
 reduce_mod = importlib.import_module(reduce.__module__)  # the loop's module, to monkeypatch

@@ -10,8 +10,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from easier import ConfigError, DataError, EasierWarning, find_sites, models
-from easier.fold import fold
+from easier.folding import fold
 from easier.linearize import edits_of, replace_with_identity
+from easier.loop import reduce
 from easier.methods import create_method
 from easier.methods.lacoot import (
     Lacoot,
@@ -21,11 +22,10 @@ from easier.methods.lacoot import (
     max_sliced_wasserstein,
     wasserstein2_1d,
 )
-from easier.reduce import reduce
 from easier.state import load_model
 from easier.train import FineTune, TrainResult
 
-reduce_mod = importlib.import_module("easier.reduce")  # the package re-exports the function
+reduce_mod = importlib.import_module("easier.loop")  # the package re-exports the function
 
 # ---------------------------------------------------------------------------------------------
 # helpers

@@ -11,8 +11,9 @@ from torch.utils.data import TensorDataset
 import easier
 from _harness import history_rows, tiny_run
 from easier import SiteError
-from easier.fold import fold
+from easier.folding import fold
 from easier.linearize import edits_of
+from easier.loop import reduce
 from easier.methods import Context, create_method
 from easier.methods.layer_folding import (
     SLOPES,
@@ -22,11 +23,10 @@ from easier.methods.layer_folding import (
     slope_values,
 )
 from easier.models import create
-from easier.reduce import reduce
 from easier.state import load_model, save_model
 from easier.train import FineTune, TrainResult
 
-reduce_mod = importlib.import_module("easier.reduce")  # the package exports reduce()
+reduce_mod = importlib.import_module("easier.loop")  # the package exports reduce()
 
 
 class MLP(nn.Module):

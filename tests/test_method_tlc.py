@@ -11,14 +11,14 @@ from torch.utils.data import TensorDataset
 
 import easier
 from _harness import history_rows, tiny_run
-from easier.fold import fold
+from easier.folding import fold
+from easier.loop import reduce
 from easier.methods import Context, create_method
 from easier.methods.tlc import TLC, collapse_plans, select_joint
 from easier.models import create
-from easier.reduce import reduce
 from easier.train import FineTune, TrainResult, fine_tune
 
-reduce_mod = importlib.import_module("easier.reduce")  # the package exports reduce()
+reduce_mod = importlib.import_module("easier.loop")  # the package exports reduce()
 
 
 class BNNet(nn.Module):

@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import easier.plan as plan_mod
 from easier.errors import ConfigError
-from easier.fold import fold, fold_ready
+from easier.folding import fold, fold_ready
 from easier.plan import MODES, FoldPlan, layer_flops, plan_fold, register_mode
 
 D = torch.float64

@@ -14,7 +14,7 @@ from torch.utils.data import TensorDataset
 
 import easier
 from easier import ConfigError, StateError
-from easier.reduce import reduce
+from easier.loop import reduce
 from easier.state import load_model
 from easier.train import FineTune, TrainResult
 
@@ -139,7 +139,7 @@ SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {tests!r})
     from test_reduce import Net, toy_data, FT
-    from easier.reduce import reduce
+    from easier.loop import reduce
     from easier.train import FineTune
     torch.set_num_threads(1)
     torch.manual_seed(0)

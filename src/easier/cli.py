@@ -114,8 +114,8 @@ def _setup(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_reduce(args: argparse.Namespace) -> int:
+    from .loop import reduce
     from .methods import create_method
-    from .reduce import reduce
 
     env = _setup(args)
     method = create_method(args.method, **_parse_options(args.method_option))
@@ -183,7 +183,7 @@ def cmd_entropy(args: argparse.Namespace) -> int:
 
 
 def cmd_fold(args: argparse.Namespace) -> int:
-    from .fold import fold_run
+    from .folding import fold_run
 
     out = fold_run(args.run_dir, plan=args.plan, onnx=args.onnx)
     print(f"fold (plan={args.plan}): max |error| {out['plan']['max_abs_error']:.2g}")

@@ -1,6 +1,6 @@
 """Run several methods on the same model, data, seed and budget, and tabulate them side by side.
 
-Each method runs the shared loop (:func:`easier.reduce.reduce`) in its own resumable run
+Each method runs the shared loop (:func:`easier.loop.reduce`) in its own resumable run
 directory ``OUT/METHOD``, from the same freshly initialised model (same seed) with the same
 pretraining and fine-tuning budget, and its kept model goes through the same :func:`fold` and
 :func:`measure`. The table (markdown + CSV) and the plot are written to ``OUT``.
@@ -45,7 +45,7 @@ def compare(
     ``make_model()`` must return the same freshly initialised model every call (seed inside it).
     ``reduce_kwargs`` (test, train_eval, pretrain, finetune, delta, seed, ...) are shared.
     """
-    from .reduce import reduce
+    from .loop import reduce
 
     say = log or (lambda _m: None)
     out = Path(out)

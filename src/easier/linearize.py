@@ -123,7 +123,7 @@ def linearize(
         _keep_unreferenced_state(gm, new)
         gm.train(model.training)
     if fold_ready and junctions:
-        from .fold import relocate_padding
+        from .folding import relocate_padding
 
         relocate_padding(gm, junctions)
     return record_edit(gm, model, edit)

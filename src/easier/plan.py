@@ -28,7 +28,7 @@ import torch
 from torch import fx, nn
 
 from .errors import ConfigError
-from .fold import (
+from .folding import (
     PADDING_REASON,
     Chain,
     _prepare,
@@ -38,7 +38,7 @@ from .fold import (
     find_chains,
     merge_chain,
 )
-from .measure import time_side_by_side
+from .measurement import time_side_by_side
 
 __all__ = [
     "MODES",

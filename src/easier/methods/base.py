@@ -1,6 +1,6 @@
 """The interface every depth-reduction method implements, and the method registry.
 
-The loop in :mod:`easier.reduce` is shared: train, evaluate, call ``method.step`` once per
+The loop in :mod:`easier.loop` is shared: train, evaluate, call ``method.step`` once per
 iteration, fine-tune, evaluate, accept or stop, save, resume, fold. A method decides what one
 iteration changes and may hook into training:
 

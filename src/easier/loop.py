@@ -66,7 +66,7 @@ def _example(data: Dataset | DataLoader, input_key: str | None) -> torch.Tensor:
 
 def _cost(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
     """Params, FLOPs per sample, depth and remaining activations (no timing: cheap)."""
-    from .measure import measure
+    from .measurement import measure
 
     m = measure(model, example, latency=False)
     return {"params": m.params, "flops": m.flops, "depth": m.depth, "activations": m.activations}
@@ -271,7 +271,7 @@ def reduce(
                           baseline=baseline, stop_reason=stop_reason or "",
                           out=run.path if run else None)
     if fold is not None and run is not None and info.is_main:
-        from .fold import fold_run
+        from .folding import fold_run
 
         result.extras["fold"] = fold_run(run.path, plan=fold, model=copy.deepcopy(base))
         say(f"folded (plan={fold}), max |error| "

@@ -869,7 +869,7 @@ def fold_run(run_dir: str | Path, *, plan: str = "latency", model: nn.Module | N
     architecture for runs whose model is not from ``easier.models``. Returns the plan and the
     before/after measurements as plain data.
     """
-    from .measure import compare_table, measure
+    from .measurement import compare_table, measure
     from .state import RunDir, load_model
 
     run = RunDir(run_dir)
