@@ -3,6 +3,7 @@
 import json
 
 import torch
+from torch import nn
 from torch.utils.data import TensorDataset
 
 from easier.loop import reduce
@@ -29,3 +30,30 @@ def history_rows(run_dir):
     for r in out:
         r.pop("seconds")
     return out
+
+
+def rand_bn(c, cls=nn.BatchNorm2d):
+    """A BatchNorm with non-trivial running statistics and affine parameters (eval folds)."""
+    bn = cls(c)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    return bn
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block (stride 1, C_in == C_out) with both ReLU6 already removed."""
+
+    def __init__(self, c=4, expand=6):
+        super().__init__()
+        h = c * expand
+        self.conv = nn.Sequential(
+            nn.Conv2d(c, h, 1, bias=False), rand_bn(h), nn.Identity(),
+            nn.Conv2d(h, h, 3, 1, 1, groups=h, bias=False), rand_bn(h), nn.Identity(),
+            nn.Conv2d(h, c, 1, bias=False), rand_bn(c),
+        )
+
+    def forward(self, x):
+        return x + self.conv(x)

@@ -219,7 +219,7 @@ def test_entropy_quick_time_and_memory(tmp_path):
     be = _bench("bench_entropy")
     out = tmp_path / "e.md"
     time_t, mem_t = be.main(["--quick", *ONE, "--models", "resnet18", "--out", str(out)])
-    (name, sites, plain, hooked, ratio), = time_t.rows  # fmt: skip
+    (name, sites, plain, hooked, ratio, setup, whole), = time_t.rows  # fmt: skip
     assert name == "resnet18" and sites == 17
     assert _positive(plain) and _positive(hooked) and ratio == pytest.approx(hooked / plain)
     row = dict(zip(mem_t.columns, mem_t.rows[0], strict=True))

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from _harness import InvertedResidual, rand_bn
 from easier.errors import ConfigError, FoldError
 from easier.folding import fold, fold_ready, relocate_padding
 from easier.plan import plan_fold
@@ -16,23 +17,7 @@ from easier.plan import plan_fold
 D = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convs on a busy 2-core machine: one thread avoids OpenMP barrier stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def rand_bn(c: int, cls: type[nn.Module] = nn.BatchNorm2d) -> nn.Module:
-    bn = cls(c)
-    with torch.no_grad():
-        bn.running_mean.uniform_(-1, 1)
-        bn.running_var.uniform_(0.5, 2)
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-1, 1)
-    return bn
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def count(model: nn.Module, cls: type | tuple[type, ...]) -> int:
@@ -65,27 +50,6 @@ class BasicBlock(nn.Module):
         out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
         out += self.shortcut(x)
         return self.relu2(out)
-
-
-class InvertedResidual(nn.Module):
-    """MobileNetV2 block (stride 1, C_in == C_out) with both ReLU6 removed."""
-
-    def __init__(self, c: int = 4, expand: int = 6) -> None:
-        super().__init__()
-        h = c * expand
-        self.conv = nn.Sequential(
-            nn.Conv2d(c, h, 1, bias=False),
-            rand_bn(h),
-            nn.Identity(),
-            nn.Conv2d(h, h, 3, 1, 1, groups=h, bias=False),
-            rand_bn(h),
-            nn.Identity(),
-            nn.Conv2d(h, c, 1, bias=False),
-            rand_bn(c),
-        )
-
-    def forward(self, x):
-        return x + self.conv(x)
 
 
 class Mlp(nn.Module):

@@ -8,13 +8,7 @@ from torch import nn
 from easier.errors import ConfigError
 from easier.measurement import Measurement, compare_table, measure, weight_depth
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ResNet(nn.Module):

@@ -6,6 +6,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import easier.plan as plan_mod
+from _harness import InvertedResidual, rand_bn
 from easier.errors import ConfigError
 from easier.folding import fold, fold_ready
 from easier.plan import MODES, FoldPlan, layer_flops, plan_fold, register_mode
@@ -13,20 +14,7 @@ from easier.plan import MODES, FoldPlan, layer_flops, plan_fold, register_mode
 D = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def rand_bn(c: int) -> nn.BatchNorm2d:
-    bn = nn.BatchNorm2d(c)
-    with torch.no_grad():
-        bn.running_mean.uniform_(-1, 1)
-        bn.running_var.uniform_(0.5, 2)
-    return bn
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def conv_pair(c: int = 64) -> nn.Module:
@@ -39,25 +27,6 @@ def conv_pair(c: int = 64) -> nn.Module:
         rand_bn(c),
         nn.ReLU(),
     )
-
-
-class InvertedResidual(nn.Module):
-    def __init__(self, c: int = 24, expand: int = 6) -> None:
-        super().__init__()
-        h = c * expand
-        self.conv = nn.Sequential(
-            nn.Conv2d(c, h, 1, bias=False),
-            rand_bn(h),
-            nn.Identity(),
-            nn.Conv2d(h, h, 3, 1, 1, groups=h, bias=False),
-            rand_bn(h),
-            nn.Identity(),
-            nn.Conv2d(h, c, 1, bias=False),
-            rand_bn(c),
-        )
-
-    def forward(self, x):
-        return x + self.conv(x)
 
 
 def test_flops_mode_refuses_3x3_pair_with_hand_counted_flops():
