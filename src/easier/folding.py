@@ -908,6 +908,6 @@ def fold_run(run_dir: str | Path, *, plan: str = "latency", model: nn.Module | N
             torch.onnx.export(folded, (example,), str(run.file("folded.onnx")))
         except Exception as exc:  # the onnx package is an optional extra
             raise FoldError(f"ONNX export failed ({type(exc).__name__}: {exc}); install the "
-                            "extra with: pip install 'easier[onnx]'") from exc
+                            "extra (onnx, onnxscript) with: pip install 'easier[onnx]'") from exc
     return {"plan": fold_plan.to_dict(), "before": before.to_dict(), "after": after.to_dict(),
             "table": table}
