@@ -222,6 +222,7 @@ def test_entropy_quick_time_and_memory(tmp_path):
     (name, sites, plain, hooked, ratio, setup, whole), = time_t.rows  # fmt: skip
     assert name == "resnet18" and sites == 17
     assert _positive(plain) and _positive(hooked) and ratio == pytest.approx(hooked / plain)
+    assert _positive(setup) and _positive(whole)
     row = dict(zip(mem_t.columns, mem_t.rows[0], strict=True))
     assert row["model"] == "resnet18"
     for c in ("plain pass (MiB)", "entropy pass (MiB)", "pass ratio", "process ratio"):
