@@ -46,10 +46,9 @@ def apply_edits(base: nn.Module, edits: Iterable[dict[str, Any]]) -> nn.Module:
         args = dict(edit)
         op = args.pop("op", None)
         if op not in _EDIT_OPS:
-            if op == "slopes":  # registered by a method module: make sure it is imported
-                from . import methods  # noqa: F401
-            if op not in _EDIT_OPS:
-                raise StateError(f"unknown edit {op!r} in a checkpoint; known: {sorted(_EDIT_OPS)}")
+            from . import methods  # noqa: F401  (methods register their own edits on import)
+        if op not in _EDIT_OPS:
+            raise StateError(f"unknown edit {op!r} in a checkpoint; known: {sorted(_EDIT_OPS)}")
         model = _EDIT_OPS[op](model, **args)
     return model
 
@@ -101,13 +100,11 @@ def linearize(
         raise SiteError(f"site(s) {dup} given more than once")
     done = linearized_sites(model)
     edit = {"op": "linearize", "sites": names, "fold_ready": bool(fold_ready)}
-    try:
-        trace(model)  # cheap check of traceability on the original before copying
-    except TraceError:
-        return record_edit(_linearize_modules(model, names, done, kinds), model, edit)
-
     new = copy.deepcopy(model)
-    gm = trace(new)
+    try:
+        gm = trace(new)
+    except TraceError:
+        return record_edit(_swap_modules(new, names, done, kinds), model, edit)
     nodes = site_nodes(gm, kinds)
     _check_names(names, list(nodes), done)
     junctions: list[fx.Node] = []
@@ -183,10 +180,9 @@ def _keep_unreferenced_state(gm: fx.GraphModule, source: nn.Module) -> None:
             gm.add_submodule(path, mod)
 
 
-def _linearize_modules(model: nn.Module, names: list[str], done: list[str],
-                       kinds: Sequence[str]) -> nn.Module:
-    """Fallback for untraceable models: swap whole activation modules for nn.Identity."""
-    new = copy.deepcopy(model)
+def _swap_modules(new: nn.Module, names: list[str], done: list[str],
+                  kinds: Sequence[str]) -> nn.Module:
+    """Fallback for untraceable models: swap whole activation modules of the copy for Identity."""
     mods = module_sites(new, kinds)
     _check_names(names, [n for n in mods if n not in done], done)
     for name in names:
