@@ -24,6 +24,18 @@ def tiny_run(out, method, resume=False, max_removals=2):
                   pretrain=FineTune(epochs=2, lr=0.05, batch_size=16), seed=1)
 
 
+def crash_at(method_cls, at, **options):
+    """An instance of ``method_cls`` that dies at the start of iteration ``at``, like a kill."""
+
+    class Crash(method_cls):
+        def step(self, ctx):
+            if ctx.iteration == at:
+                raise KeyboardInterrupt
+            return super().step(ctx)
+
+    return Crash(**options)
+
+
 def history_rows(run_dir):
     """history.jsonl of a run without wall times, for comparing runs."""
     out = [json.loads(x) for x in (run_dir / "history.jsonl").read_text().splitlines()]

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import easier
-from _harness import history_rows, tiny_run
+from _harness import crash_at, history_rows, tiny_run
 from easier import SiteError
 from easier.folding import fold
 from easier.linearize import edits_of
@@ -236,13 +236,6 @@ def test_loop_stops_at_the_first_drop(monkeypatch):
     assert "88.00 < baseline 90.00" in res.stop_reason
 
 
-class Crash(LayerFolding):
-    def step(self, ctx):
-        if ctx.iteration == 2:
-            raise KeyboardInterrupt
-        return super().step(ctx)
-
-
 def run(out, method="layer-folding", resume=False, max_removals=2):
     return tiny_run(out, method, resume=resume, max_removals=max_removals)
 
@@ -263,7 +256,7 @@ def one_thread():
 def test_resume_equals_uninterrupted_and_result_folds(tmp_path, one_thread):
     full = run(tmp_path / "full")
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "cut", method=Crash())
+        run(tmp_path / "cut", method=crash_at(LayerFolding, 2))
     assert len(rows(tmp_path / "cut")) == 2
     resumed = run(tmp_path / "cut", resume=True)
     assert rows(tmp_path / "cut") == rows(tmp_path / "full")

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import easier
-from _harness import history_rows, tiny_run
+from _harness import crash_at, history_rows, tiny_run
 from easier.folding import fold
 from easier.loop import reduce
 from easier.methods import Context, create_method
@@ -257,19 +257,6 @@ def test_loop_stops_at_the_first_drop(monkeypatch):
     assert "88.00 < baseline 90.00" in res.stop_reason
 
 
-class Crash(TLC):
-    """TLC that dies at the start of one iteration, like a killed process."""
-
-    def __init__(self, at, **kw):
-        super().__init__(**kw)
-        self.at = at
-
-    def step(self, ctx):
-        if ctx.iteration == self.at:
-            raise KeyboardInterrupt
-        return super().step(ctx)
-
-
 def run(out, method="tlc", resume=False, max_removals=3):
     return tiny_run(out, method, resume=resume, max_removals=max_removals)
 
@@ -281,7 +268,7 @@ def rows(d):
 def test_resume_equals_uninterrupted_and_result_folds(tmp_path, one_thread):
     full = run(tmp_path / "full")
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "cut", method=Crash(at=2))
+        run(tmp_path / "cut", method=crash_at(TLC, 2))
     assert len(rows(tmp_path / "cut")) == 2  # baseline + iteration 1 saved
     resumed = run(tmp_path / "cut", resume=True)
     assert rows(tmp_path / "cut") == rows(tmp_path / "full")
