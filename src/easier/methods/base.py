@@ -81,10 +81,16 @@ class Context:
             self.report = rep
         return rep
 
-    def linearize(self, sites: Sequence[str], model: nn.Module | None = None) -> nn.Module:
-        """``ctx.model`` (or ``model``) with these sites linearized, padding moved if fold_ready."""
+    def linearize(self, sites: Sequence[str], model: nn.Module | None = None, *,
+                  fold_ready: bool | None = None) -> nn.Module:
+        """``ctx.model`` (or ``model``) with these sites linearized, padding moved if fold_ready.
+
+        ``fold_ready`` overrides the run's setting (None): scoring a candidate with ``False``
+        measures the removal alone, without the border change that padding relocation makes.
+        """
+        ready = self.fold_ready if fold_ready is None else fold_ready
         return linearize(self.model if model is None else model, list(sites),
-                         fold_ready=self.fold_ready, kinds=self.kinds)
+                         fold_ready=ready, kinds=self.kinds)
 
     def val_batches(self, n: int | None = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The first ``n`` validation batches (all when None), on the device."""
