@@ -15,8 +15,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from .entropy import batch_input
 from .errors import ConfigError, NonFiniteError
+from .parallel.collectives import all_finite, reduce_accuracy
+from .parallel.loaders import make_loader, shard_loader, targets
+from .parallel.passes import evaluate_distributed, wrap_ddp
+from .parallel.runtime import get_info
 
-__all__ = ["FineTune", "TrainResult", "evaluate", "fine_tune", "make_loader", "seed_everything"]
+# make_loader and targets live with the sharded loaders (easier.parallel.loaders); they are
+# part of this module's API too.
+__all__ = ["FineTune", "TrainResult", "evaluate", "fine_tune", "make_loader", "seed_everything",
+           "targets"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "multistep", "constant")
@@ -92,16 +99,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_loader(data: Dataset | DataLoader, batch_size: int, *, shuffle: bool, seed: int = 0,
-                num_workers: int = 0, drop_last: bool = False) -> DataLoader:
-    """A DataLoader whose order depends only on ``seed`` (a DataLoader is passed through)."""
-    if isinstance(data, DataLoader):
-        return data
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen,
-                      num_workers=num_workers, drop_last=drop_last)
-
-
 def _optimizer(model: nn.Module, cfg: FineTune) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
@@ -125,17 +122,6 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: FineTune, steps_per_epoch: int):
         return torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: cfg.gamma ** sum(s >= m for m in marks))
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-
-
-def targets(batch: Any) -> torch.Tensor:
-    """The labels of a batch: ``batch[1]`` of a tuple, or a dict's 'label'/'labels'."""
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[1]
-    if isinstance(batch, dict) and "label" in batch:
-        return batch["label"]
-    if isinstance(batch, dict) and "labels" in batch:
-        return batch["labels"]
-    raise ConfigError("training needs (input, target) batches or dicts with 'label(s)'")
 
 
 def fine_tune(
@@ -184,8 +170,6 @@ def _fit(model: nn.Module, data: Dataset | DataLoader, cfg: FineTune, res: Train
          regularizer: Callable[[nn.Module], torch.Tensor] | None,
          after_step: Callable[[nn.Module], None] | None, progress: bool,
          desc: str, amp: bool = False) -> TrainResult:
-    from .distributed import get_info, reduce_accuracy, shard_loader, wrap_ddp
-
     info = get_info()
     cuda = torch.device(device).type == "cuda"
     if cuda:
@@ -235,7 +219,7 @@ def _epochs(net: nn.Module, model: nn.Module, loader_for: Callable[[int], Any], 
                 loss = F.cross_entropy(logits.float(), y)
             if regularizer is not None:
                 loss = loss + regularizer(model)
-            if not _all_finite(loss, info):
+            if not all_finite(loss, info):
                 here = float(loss.detach())
                 res.failed = (f"non-finite loss ({here} on this rank; all ranks stop) at epoch "
                               f"{epoch + 1}, step {res.steps}" if info.enabled else
@@ -268,18 +252,6 @@ def _epochs(net: nn.Module, model: nn.Module, loader_for: Callable[[int], Any], 
     return res
 
 
-def _all_finite(loss: torch.Tensor, info: Any) -> bool:
-    """Whether the loss is finite on every rank (so all ranks stop together on a NaN)."""
-    ok = bool(torch.isfinite(loss))
-    if info.enabled:
-        import torch.distributed as dist
-
-        flag = torch.tensor([0.0 if ok else 1.0], device=loss.device)
-        dist.all_reduce(flag)
-        ok = float(flag) == 0.0
-    return ok
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 256,
              device: torch.device | str = "cpu",
@@ -288,8 +260,6 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 
 
     Under ``torchrun`` each rank evaluates an exact shard of a Dataset and the sums are reduced.
     """
-    from .distributed import evaluate_distributed, get_info
-
     info = get_info()
     if info.enabled and not isinstance(data, DataLoader):
         return evaluate_distributed(model, data, info, batch_size=batch_size, device=device,
