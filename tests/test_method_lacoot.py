@@ -448,7 +448,7 @@ def test_one_step_removes_the_k_lowest_and_never_a_block_inside_a_chosen_one():
     net = ResMLP()
     val = TensorDataset(torch.randn(40, 4), torch.zeros(40, dtype=torch.long))
     units = ["stage", "stage.0", "stage.1"]
-    method = Lacoot(blocks=units, score_batches=2)
+    method = Lacoot(blocks=units, score_batches=2, lam=0)  # rank as given: no warm-up
 
     def ctx(removed):
         return Context(
@@ -475,3 +475,106 @@ def test_one_step_removes_the_k_lowest_and_never_a_block_inside_a_chosen_one():
     step = method.step(ctx(["elsewhere"]))
     assert step.chosen == ["stage"]  # its sub-blocks go with it
     assert isinstance(step.model.stage, nn.Identity)
+
+
+# ---------------------------------------------------------------------------------------------
+# from a trained checkpoint: the regularised training must happen before the ranking
+
+
+class Stage3(nn.Module):
+    """Stem, three residual blocks, head."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.stem = nn.Linear(4, d)
+        self.stage = nn.Sequential(Residual(d), Residual(d), Residual(d))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        return self.head(self.stage(self.stem(x)))
+
+
+def vector_data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    return TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
+
+
+def msw_numpy(net, x, names, n_dir=400):
+    """Block in/out MSW in float64 numpy with fixed directions: sort, squared gap, max, sqrt."""
+    feats = {}
+    hooks = [net.get_submodule(n).register_forward_hook(
+        lambda _m, a, o, n=n: feats.__setitem__(n, (a[0].detach().double().numpy(),
+                                                    o.detach().double().numpy())))
+        for n in names]
+    net.eval()
+    with torch.no_grad():
+        net(x)
+    for h in hooks:
+        h.remove()
+    rng = np.random.default_rng(0)
+    out = {}
+    for n, (a, b) in feats.items():
+        d = rng.standard_normal((a.shape[1], n_dir))
+        d /= np.linalg.norm(d, axis=0)
+        gaps = ((np.sort(a @ d, axis=0) - np.sort(b @ d, axis=0)) ** 2).mean(axis=0)
+        out[n] = float(np.sqrt(gaps.max()))
+    return out
+
+
+def checkpoint_ctx(net, blocks, removed=()):
+    import random
+
+    from easier.methods import Context
+
+    return Context(model=net, remaining=list(blocks), removed=list(removed), k=1, iteration=1,
+                   rng=random.Random(0), train_eval=vector_data(128, 0), val=vector_data(48, 1),
+                   batch_size=32)
+
+
+def test_from_a_checkpoint_the_msw_term_is_trained_before_the_ranking():
+    torch.manual_seed(0)
+    net = Stage3()
+    blocks = ["stage.0", "stage.1", "stage.2"]
+    x = vector_data(128, 0).tensors[0]
+    before = msw_numpy(net, x, blocks)
+    params = {k: v.clone() for k, v in net.state_dict().items()}
+
+    method = Lacoot(lam=5.0, blocks=blocks, warmup_epochs=3, warmup_lr=0.05)
+    step = method.step(checkpoint_ctx(net, blocks))
+    assert step.info["warmup"]["steps"] == 3 * 4  # 128 images / 32 per batch, 3 epochs
+    assert method.trained_steps == 12
+    assert all(torch.equal(v, params[k]) for k, v in net.state_dict().items())  # a copy trained
+    kept = [b for b in blocks if b not in step.chosen]
+    after = msw_numpy(step.model, x, kept)
+    # the regularizer pulled every surviving block's output distribution towards its input
+    assert all(after[b] < 0.5 * before[b] for b in kept), (before, after)
+    # the ranking is of the trained network: the chosen block is its lowest-MSW one
+    assert step.scores[step.chosen[0]] <= min(step.scores[b] for b in kept)
+
+    # a weak regularizer trains the same budget but moves the distances far less: it is the
+    # MSW term, not the task loss, that shrank them
+    weak = Lacoot(lam=1e-4, blocks=blocks, warmup_epochs=3, warmup_lr=0.05)
+    weak_step = weak.step(checkpoint_ctx(net, blocks))
+    weak_kept = [b for b in blocks if b not in weak_step.chosen]
+    weak_after = msw_numpy(weak_step.model, x, weak_kept)
+    assert min(weak_after.values()) > max(after.values())
+
+
+def test_no_warm_up_after_regularised_pretraining_and_a_clear_refusal_without_either():
+    torch.manual_seed(0)
+    blocks = ["stage.0", "stage.1", "stage.2"]
+    kw = {"delta": 100.0, "max_removals": 1, "finetune": FineTune(batch_size=32)}
+    pre = reduce(Stage3(), vector_data(64, 0), vector_data(32, 1),
+                 method=Lacoot(blocks=blocks), pretrain=FineTune(batch_size=32, max_steps=2), **kw)
+    assert "warmup" not in pre.history[1]
+    ckpt = reduce(Stage3(), vector_data(64, 0), vector_data(32, 1),
+                  method=Lacoot(blocks=blocks), **kw)
+    assert ckpt.history[1]["warmup"]["steps"] == 2  # 1 epoch of 64 images at batch 32
+    with pytest.raises(ConfigError, match="warmup_epochs"):
+        reduce(Stage3(), vector_data(64, 0), vector_data(32, 1),
+               method=Lacoot(blocks=blocks, warmup_epochs=0), **kw)
+    # lam=0 asks for the network as it is: ranked without training
+    plain = reduce(Stage3(), vector_data(64, 0), vector_data(32, 1),
+                   method=Lacoot(blocks=blocks, lam=0, warmup_epochs=0), **kw)
+    assert "warmup" not in plain.history[1]

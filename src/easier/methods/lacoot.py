@@ -32,23 +32,33 @@ Where each part comes from (tags as in ``research/siblings.md`` §3):
   as the reference ranks once from its CSV); the threshold is the loop's ``delta``; the square
   root has a zero gradient at exactly 0 (POT's would be NaN); the shape-based rule for models
   other than ResNet/Swin/MobileNetV2 (see :func:`candidate_blocks`).
+
+From a trained checkpoint (``reduce`` without ``pretrain``) the paper's regularised training has
+not happened, and ranking an unregularised network is not LaCoOT. The method counts the
+optimizer steps the loop ran with its regularizer; at the first ranking, if there were none,
+it first trains a copy with the MSW term (``warmup_epochs`` at ``warmup_lr``, see
+:mod:`easier.methods.warmup`; the history records it under ``"warmup"``). ``warmup_epochs=0``
+refuses instead, and ``lam=0`` ranks the network as given, on purpose.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..linearize import replace_with_identity
-from ..sites import KINDS, EasierWarning
+from ..sites import KINDS
 from .base import Context, Method, Step, register_method
+from .blocks import RULES, candidate_blocks
+from .msw import MSWRegularizer, block_distances, max_sliced_wasserstein, wasserstein2_1d
+from .warmup import Warmup, warm_up
 
 __all__ = [
+    "PUBLISHED_LAMBDAS",
     "Lacoot",
     "MSWRegularizer",
     "block_distances",
@@ -57,363 +67,13 @@ __all__ = [
     "wasserstein2_1d",
 ]
 
-RULES = ("auto", "paper", "generic")
 PUBLISHED_LAMBDAS = {  # [code] README/CSV of VGCQ/LaCoOT
     "resnet18/cifar10": 5.0,
     "mobilenet_v2/cifar10": 9.0,
     "swin_t/cifar10": 0.1,
     "swin_t/tiny-imagenet-200": 1.0,
 }
-_SWIN_BLOCKS = ("SwinTransformerBlock", "SwinTransformerBlockV2")
-_RESNET_BLOCKS = ("BasicBlock", "Bottleneck")
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-# block classes that survive the removal of every candidate (layerK.0, PatchMerging, ...)
-_FAMILY = (*_RESNET_BLOCKS, *_SWIN_BLOCKS, "InvertedResidual", "PatchMerging", "PatchMergingV2")
 
-
-# ---------------------------------------------------------------------------------------------
-# the distance
-
-
-def wasserstein2_1d(u: Tensor, v: Tensor) -> Tensor:
-    """Squared 2-Wasserstein distance per column between equal-size 1-D clouds ``(n, P)``.
-
-    With uniform weights and equal sizes the optimal plan matches the sorted samples.
-    """
-    return (u.sort(dim=0).values - v.sort(dim=0).values).pow(2).mean(dim=0)
-
-
-def _sqrt0(v: Tensor) -> Tensor:
-    """sqrt with gradient 0 (not NaN) at exactly 0: identical clouds give a finite loss."""
-    return torch.where(v > 0, v.clamp_min(1e-30).sqrt(), torch.zeros_like(v))
-
-
-def max_sliced_wasserstein(
-    x: Tensor,
-    y: Tensor,
-    n_projections: int = 50,
-    *,
-    generator: torch.Generator | None = None,
-    directions: Tensor | None = None,
-) -> Tensor:
-    """Return ``MSW_2`` between two point clouds, one point per sample (differentiable).
-
-    Each sample is flattened into a point, ``reshape(n, -1)``. The maximum runs over
-    ``n_projections`` random unit directions drawn from ``generator`` (torch's global RNG when
-    None), or over the columns of ``directions`` ``(d, P)`` when given (normalised here).
-    """
-    if x.shape[0] != y.shape[0] or x[0].numel() != y[0].numel():
-        raise DataError(
-            f"MSW compares clouds of equal size and dimension, got {tuple(x.shape)} and "
-            f"{tuple(y.shape)}: only blocks whose input and output shapes are equal can be "
-            "replaced by identity; choose other blocks"
-        )
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    xs, ys = x.reshape(x.shape[0], -1).to(dtype), y.reshape(y.shape[0], -1).to(dtype)
-    if directions is None:
-        if n_projections < 1:
-            raise ConfigError(f"n_projections={n_projections}: need at least 1 direction")
-        directions = torch.randn(
-            xs.shape[1], n_projections, generator=generator, device=xs.device, dtype=dtype
-        )
-    else:
-        directions = directions.to(device=xs.device, dtype=dtype)
-    directions = directions / directions.norm(dim=0, keepdim=True)
-    return _sqrt0(wasserstein2_1d(xs @ directions, ys @ directions).max())
-
-
-# ---------------------------------------------------------------------------------------------
-# candidate blocks
-
-
-def _is_leaf(m: nn.Module) -> bool:
-    return next(m.children(), None) is None
-
-
-def _is_stage(m: nn.Module) -> bool:
-    """A container that only groups blocks (e.g. a ResNet stage): looked into, never a block.
-
-    Identities count as removed blocks, so a stage stays a stage after LaCoOT removals.
-    """
-    return isinstance(m, _CONTAINERS) and all(
-        isinstance(c, nn.Identity) or not _is_leaf(c) for c in m.children()
-    )
-
-
-def _depthwise_stride1(unit: nn.Module) -> bool:
-    first = unit[0] if isinstance(unit, nn.Sequential) and len(unit) else None
-    return (
-        isinstance(first, nn.Conv2d)
-        and first.groups == first.in_channels == first.out_channels
-        and all(s == 1 for s in first.stride)
-    )
-
-
-def _paper_family(model: nn.Module) -> bool:
-    """Whether ``model`` is a ResNet, Swin or MobileNetV2, even with all its candidates removed."""
-    return any(type(m).__name__ in _FAMILY for m in model.modules())
-
-
-def _paper_blocks(model: nn.Module) -> list[str]:
-    """The reference's candidates, found by block class name (easier.models and torchvision)."""
-    out = []
-    for name, m in model.named_modules():
-        kind = type(m).__name__
-        index = name.rpartition(".")[2]
-        if kind in _RESNET_BLOCKS:
-            # layerK.0 is never a candidate: the reference compares consecutive block outputs
-            if index.isdigit() and int(index) >= 1 and getattr(m, "downsample", None) is None:
-                out.append(name)
-        elif kind in _SWIN_BLOCKS:
-            out.append(name)
-        elif kind == "InvertedResidual":
-            conv = getattr(m, "conv", None)
-            # expanded blocks only (expand, dw, project, BN): the t=1 block's dw unit is conv[0]
-            if isinstance(conv, nn.Sequential) and len(conv) == 4 and _depthwise_stride1(conv[1]):
-                out.append(f"{name}.conv.1")
-    return out
-
-
-@torch.no_grad()
-def _io_shapes(model: nn.Module, example: Tensor) -> dict[str, tuple[Any, Any, int]]:
-    """Per module: (first input shape, output shape, number of calls) on ``example``."""
-    seen: dict[str, tuple[Any, Any, int]] = {}
-
-    def hook(name: str) -> Callable[..., None]:
-        def fn(_m: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            a = tuple(args[0].shape) if args and isinstance(args[0], Tensor) else None
-            o = tuple(output.shape) if isinstance(output, Tensor) else None
-            calls = seen[name][2] + 1 if name in seen else 1
-            seen[name] = (a, o, calls) if calls == 1 else (seen[name][0], seen[name][1], calls)
-
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        model(example)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes:
-            m.training = mode
-    return seen
-
-
-def _generic_blocks(model: nn.Module, example: Tensor) -> list[str]:
-    """Outermost non-leaf, non-stage modules called once that map a shape to the same shape."""
-    shapes = _io_shapes(model, example)
-    out: list[str] = []
-
-    def walk(prefix: str, module: nn.Module) -> None:
-        for child_name, child in module.named_children():
-            name = f"{prefix}.{child_name}" if prefix else child_name
-            if _is_leaf(child):
-                continue
-            a, o, calls = shapes.get(name, (None, None, 0))
-            if calls == 1 and a is not None and a == o and not _is_stage(child):
-                out.append(name)
-            else:
-                walk(name, child)
-
-    walk("", model)
-    return out
-
-
-def _example_input(model: nn.Module, input_shape: Sequence[int] | None) -> Tensor:
-    if input_shape is None:
-        spec = getattr(model, "easier_spec", None) or {}
-        if "in_channels" not in spec or "image_size" not in spec:
-            raise ConfigError(
-                f"lacoot's shape rule needs an example input, but {type(model).__name__} is not "
-                "from easier.models: pass input_shape=(C, H, W) (one sample, no batch axis) or "
-                "name the blocks with blocks=[...]"
-            )
-        input_shape = (spec["in_channels"], spec["image_size"], spec["image_size"])
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    # a private generator: finding blocks must not move the global RNG of a seeded run
-    return torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0)).to(device)
-
-
-def _present(model: nn.Module, name: str) -> bool | None:
-    """True if ``name`` is a live module, False if it (or an ancestor) is an identity, None if
-    it never existed."""
-    mod: nn.Module = model
-    for part in name.split("."):
-        if isinstance(mod, nn.Identity):
-            return False
-        child = mod._modules.get(part)
-        if child is None:
-            return None
-        mod = child
-    return not isinstance(mod, nn.Identity)
-
-
-def candidate_blocks(
-    model: nn.Module,
-    blocks: str | Sequence[str] = "auto",
-    input_shape: Sequence[int] | None = None,
-) -> list[str]:
-    """Return the names of the blocks LaCoOT may still replace by identity, in model order.
-
-    ``blocks`` is a rule or an explicit list of module names:
-
-    * ``"paper"``: the reference's candidates, by block class: ResNet ``BasicBlock``/
-      ``Bottleneck`` without a downsample shortcut except the first block of each stage (4 on
-      ResNet-18); every Swin transformer block (12 on Swin-T); the stride-1 depthwise unit
-      ``conv.1`` of every expanded MobileNetV2 ``InvertedResidual`` (13 CIFAR / 12 ImageNet);
-    * ``"generic"``: on one example input (``input_shape``, or the model's ``easier_spec``), the
-      outermost submodules that are not the root, not a leaf layer, not a container of blocks
-      (a stage), are called once, and map their input shape to the same output shape;
-    * ``"auto"`` (default): ``"paper"`` for a ResNet, Swin or MobileNetV2 (recognised by its
-      block classes, which stay after every candidate is removed), else ``"generic"``.
-
-    Blocks already replaced by ``nn.Identity`` are left out. easier's ``convnet``, ``vgg16_bn``,
-    ``lenet`` and ``mlp`` hold no such block (their layers are leaves of one module): name
-    identity-shaped modules explicitly to use LaCoOT on them.
-    """
-    if isinstance(blocks, str):
-        if blocks not in RULES:
-            raise ConfigError(f"blocks={blocks!r}: give a rule {list(RULES)} or a list of names")
-        if blocks == "paper" or (blocks == "auto" and _paper_family(model)):
-            return _paper_blocks(model)
-        return _generic_blocks(model, _example_input(model, input_shape))
-    out = []
-    for name in blocks:
-        live = _present(model, name)
-        if live is None:
-            valid = [n for n, m in model.named_modules() if n and not _is_leaf(m)]
-            raise ConfigError(
-                f"block {name!r} is not a module of {type(model).__name__}; "
-                f"non-leaf modules: {valid[:20]}"
-            )
-        if live:
-            out.append(name)
-    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    return sorted(out, key=order.__getitem__)
-
-
-# ---------------------------------------------------------------------------------------------
-# regularizer and scoring
-
-
-class _Capture:
-    """Forward hooks that keep the latest (input, output) of each named block."""
-
-    def __init__(self, model: nn.Module, names: Sequence[str]):
-        self.feats: dict[str, tuple[Tensor, Tensor]] = {}
-        self.handles = [model.get_submodule(n).register_forward_hook(self._hook(n)) for n in names]
-        self.active = True
-
-    def _hook(self, name: str) -> Callable[..., None]:
-        def fn(_m: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
-                self.feats.pop(name, None)  # re-insert: dict order = call order
-                self.feats[name] = (args[0], output)
-
-        return fn
-
-    def take(self) -> dict[str, tuple[Tensor, Tensor]]:
-        feats, self.feats = self.feats, {}
-        return feats
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-        self.active = False
-        self.feats = {}
-
-
-class MSWRegularizer:
-    """``lam`` times the mean MSW between input and output batch of every candidate block.
-
-    ``attach(model)`` hooks the candidate blocks of that model (the training loop calls it and
-    removes the returned handle afterwards); ``__call__(model)`` turns the features captured in
-    the current forward pass into the loss term and forgets them. Directions come from torch's
-    global RNG, so a seeded run is reproducible.
-    """
-
-    def __init__(self, lam: float, n_projections: int, blocks: Callable[[nn.Module], list[str]]):
-        self.lam = lam
-        self.n_projections = n_projections
-        self.blocks = blocks
-        self._captures: dict[int, _Capture] = {}
-
-    def attach(self, model: nn.Module) -> _Capture:
-        names = self.blocks(model)
-        if not names:
-            warnings.warn(
-                f"lacoot: {type(model).__name__} has no candidate block, so the "
-                "regularizer is 0 and nothing can be removed; pass blocks=[...]",
-                EasierWarning,
-                stacklevel=2,
-            )
-        capture = _Capture(model, names)
-        self._captures = {k: c for k, c in self._captures.items() if c.active}
-        self._captures[id(model)] = capture
-        return capture
-
-    def __call__(self, model: nn.Module) -> Tensor:
-        capture = self._captures.get(id(model))
-        if capture is None or not capture.active:
-            raise ConfigError(
-                "the lacoot regularizer sees no block features: call "
-                "attach(model) before training (easier.train.fine_tune does)"
-            )
-        feats = capture.take()
-        if not feats:
-            device = next((p.device for p in model.parameters()), torch.device("cpu"))
-            return torch.zeros((), device=device)
-        total = sum(max_sliced_wasserstein(a, b, self.n_projections) for a, b in feats.values())
-        return self.lam * total / len(feats)
-
-
-@torch.no_grad()
-def block_distances(
-    model: nn.Module,
-    batches: Sequence[tuple[Tensor, Any]] | Sequence[Tensor],
-    blocks: Sequence[str],
-    n_projections: int = 50,
-    *,
-    generator: torch.Generator | None = None,
-) -> dict[str, float]:
-    """Return each block's MSW between its input and output, in eval mode.
-
-    Per batch one MSW with fresh directions; the result is the batch-size-weighted mean.
-    """
-    capture = _Capture(model, blocks)
-    sums = dict.fromkeys(blocks, 0.0)
-    seen = 0
-    was = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(x)
-            feats = capture.take()
-            missing = [n for n in blocks if n not in feats]
-            if missing:
-                raise ConfigError(
-                    f"block(s) {missing} did not run in the forward pass (or "
-                    "did not take and return one tensor): choose other blocks"
-                )
-            for name in blocks:
-                a, b = feats[name]
-                d = max_sliced_wasserstein(a, b, n_projections, generator=generator)
-                sums[name] += float(d) * a.shape[0]
-            seen += x.shape[0]
-    finally:
-        capture.remove()
-        model.train(was)
-    if seen == 0:
-        raise DataError("lacoot needs validation data to rank the blocks; got no batch")
-    return {n: s / seen for n, s in sums.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# the method
 
 
 @register_method
@@ -425,7 +85,9 @@ class Lacoot(Method):
     names, see :func:`candidate_blocks`), ``input_shape`` (for the shape rule on models outside
     easier.models), ``score_batches`` (validation batches used for the ranking, None = all),
     ``finetune_after`` (fine-tune after each removal; the paper does not), ``rescore`` (measure
-    again every iteration; default: only when fine-tuning, else rank once and reuse).
+    again every iteration; default: only when fine-tuning, else rank once and reuse),
+    ``warmup_epochs`` / ``warmup_lr`` / ``warmup_steps`` (the regularised training run before
+    the first ranking when the loop trained nothing with the regularizer; 0 epochs = refuse).
     """
 
     name = "lacoot"
@@ -442,6 +104,9 @@ class Lacoot(Method):
         score_batches: int | None = None,
         finetune_after: bool = False,
         rescore: bool | None = None,
+        warmup_epochs: int = 1,
+        warmup_lr: float = 0.01,
+        warmup_steps: int | None = None,
     ):
         if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not lam >= 0:
             raise ConfigError(f"lam={lam!r}: the regularizer weight must be a number >= 0")
@@ -467,7 +132,9 @@ class Lacoot(Method):
         self.score_batches = score_batches
         self.finetune = bool(finetune_after)  # type: ignore[misc]  # per instance
         self.rescore = self.finetune if rescore is None else bool(rescore)
+        self.warmup = Warmup(warmup_epochs, warmup_lr, warmup_steps)
         self._scores: dict[str, float] | None = None
+        self.trained_steps = 0  # optimizer steps the loop ran with the regularizer
 
     def options(self) -> dict[str, Any]:
         return {
@@ -478,7 +145,12 @@ class Lacoot(Method):
             "score_batches": self.score_batches,
             "finetune_after": self.finetune,
             "rescore": self.rescore,
+            **self.warmup.options(),
         }
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        self._scores, self.trained_steps = None, 0  # a fresh run
+        return model
 
     def units(self, model: nn.Module, kinds: Sequence[str] = KINDS) -> list[str]:
         return candidate_blocks(model, self.blocks, self.input_shape)
@@ -488,11 +160,14 @@ class Lacoot(Method):
             return None
         return MSWRegularizer(self.lam, self.n_projections, self.units)
 
-    def score(self, ctx: Context) -> dict[str, float]:
+    def after_step(self, model: nn.Module) -> None:
+        self.trained_steps += 1
+
+    def score(self, ctx: Context, model: nn.Module | None = None) -> dict[str, float]:
         """MSW of every remaining block on the validation batches (seeded per iteration)."""
         gen = torch.Generator(device=ctx.device).manual_seed(ctx.rng.getrandbits(63))
         return block_distances(
-            ctx.model,
+            ctx.model if model is None else model,
             ctx.val_batches(self.score_batches),
             ctx.remaining,
             self.n_projections,
@@ -500,6 +175,12 @@ class Lacoot(Method):
         )
 
     def step(self, ctx: Context) -> Step:
+        model, info = ctx.model, {}
+        if self.lam > 0 and self.trained_steps == 0 and not ctx.removed:
+            model, info["warmup"] = warm_up(
+                model, ctx, self.warmup, self.regularizer(), self.after_step,
+                "lacoot ranks blocks of a network trained with its MSW regularizer",
+            )
         known = self._scores
         if (
             self.rescore
@@ -507,7 +188,7 @@ class Lacoot(Method):
             or known is None
             or any(u not in known for u in ctx.remaining)
         ):
-            known = self._scores = self.score(ctx)
+            known = self._scores = self.score(ctx, model)
         scores = {u: known[u] for u in ctx.remaining}
         order = {n: i for i, n in enumerate(ctx.remaining)}
         chosen: list[str] = []
@@ -517,15 +198,18 @@ class Lacoot(Method):
             if not any(name.startswith(c + ".") or c.startswith(name + ".") for c in chosen):
                 chosen.append(name)
         return Step(
-            replace_with_identity(ctx.model, chosen),
+            replace_with_identity(model, chosen),
             chosen,
             scores,
             "lowest block MSW" + (" (re-measured)" if self.rescore else " (ranked once)"),
+            info,
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scores": None if self._scores is None else dict(self._scores)}
+        return {"scores": None if self._scores is None else dict(self._scores),
+                "trained_steps": self.trained_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.trained_steps = int(state.get("trained_steps", 0))
         scores = state.get("scores")
         self._scores = None if scores is None else {str(k): float(v) for k, v in scores.items()}
