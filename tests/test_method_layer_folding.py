@@ -123,12 +123,12 @@ def test_penalty_value_gradient_and_effect():
     set_alpha(s, act=0.2, **{":relu": 0.6})
     reg = LayerFolding(lam=0.5).regularizer()
     r = reg(s)
-    a = torch.tensor([0.2, 0.6])
-    assert float(r.detach()) == pytest.approx(0.5 * float((1 - a * a).abs().mean()))
+    # the reference's sum (one term per slope): 0.5 * (|1 - 0.04| + |1 - 0.36|) = 0.8
+    assert float(r.detach()) == pytest.approx(0.8)
     r.backward()
     mixer = getattr(s, SLOPES)
     grads = [float(mixer.alpha[k].grad) for k in ("act", "_relu")]
-    assert grads == pytest.approx((0.5 * -2 * a / 2).tolist())  # d/da lam*mean(1-a^2)
+    assert grads == pytest.approx([-0.2, -0.6])  # d/da 0.5*(1-a^2) = -a
     # optimized alone, the penalty pushes every slope up and after_step keeps it in [0, 1]
     method = LayerFolding(lam=0.5)
     opt = torch.optim.SGD(mixer.parameters(), lr=2.0)
@@ -145,7 +145,7 @@ def test_penalty_value_gradient_and_effect():
     # "square" has a non-zero pull at the initial alpha = 0, "abs" has none there
     z = add_slopes(MLP())
     LayerFolding(lam=1.0, penalty="square").regularizer()(z).backward()
-    assert float(getattr(z, SLOPES).alpha["act"].grad) == pytest.approx(-1.0)  # -2*lam/2
+    assert float(getattr(z, SLOPES).alpha["act"].grad) == pytest.approx(-2.0)  # -2*lam*(1-0)
     z = add_slopes(MLP())
     LayerFolding(lam=1.0).regularizer()(z).backward()
     assert float(getattr(z, SLOPES).alpha["act"].grad) == 0.0
@@ -231,8 +231,10 @@ def test_loop_stops_at_the_first_drop(monkeypatch):
         MLP(), data, data, method="layer-folding", delta=1.0, finetune=FineTune(batch_size=16)
     )
     assert [h["accepted"] for h in res.history] == [True, True, False]
-    assert res.linearized == res.history[1]["removed"] == ["act"]  # ties: the earlier site
-    assert easier.linearized_sites(res.model) == ["act"]
+    alpha = res.history[1]["alpha"]  # trained by the warm-up (no pretraining ran)
+    assert res.history[1]["warmup"]["steps"] == 2 and len(set(alpha.values())) == 2
+    assert res.linearized == res.history[1]["removed"] == [max(alpha, key=alpha.get)]
+    assert easier.linearized_sites(res.model) == res.linearized
     assert "88.00 < baseline 90.00" in res.stop_reason
 
 
@@ -278,4 +280,82 @@ def test_resume_equals_uninterrupted_and_result_folds(tmp_path, one_thread):
     torch.testing.assert_close(folded(x), full.model(x), rtol=1e-4, atol=1e-5)
     mixes = [n for n in folded.graph.nodes if n.op == "call_module" and n.target == SLOPES]
     assert len(mixes) == 2
-    assert len([m for m in folded.modules() if isinstance(m, nn.Conv2d)]) < 4  # merged across
+    def layers(m):  # convs plus graph additions (a residual add merges into a conv)
+        adds = [n for n in m.graph.nodes if n.op == "call_function" and "add" in str(n.target)]
+        return len([c for c in m.modules() if isinstance(c, nn.Conv2d)]) + len(adds)
+
+    assert layers(folded) < layers(full.model)  # a chain merged across the linearized sites
+
+
+# ---------------------------------------------------------------------------------------------
+# from a trained checkpoint: the slopes are trained before the first ranking
+
+
+class TwoSites(nn.Module):
+    """Logit ``4 * (|u| - 1 + relu(v))`` for the label ``|u| - 1 + v > 0``.
+
+    Site ``act_a`` builds ``|u| = relu(u) + relu(-u)``: a slope ``alpha`` there scales it by
+    ``1 - alpha``, which only hurts. Site ``act_b`` passes ``v`` but drops its negative part,
+    which the label needs: a slope there helps. So training raises ``alpha_b``, not
+    ``alpha_a``, although ``act_a`` comes first in model order (where a tie at 0 would go).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.fa, self.fb, self.head = nn.Linear(2, 2), nn.Linear(2, 1), nn.Linear(3, 2)
+        self.act_a, self.act_b = nn.ReLU(), nn.ReLU()
+        with torch.no_grad():
+            self.fa.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+            self.fb.weight.copy_(torch.tensor([[0.0, 1.0]]))
+            self.head.weight.copy_(torch.tensor([[0.0, 0.0, 0.0], [4.0, 4.0, 4.0]]))
+            self.head.bias.copy_(torch.tensor([0.0, -4.0]))
+            self.fa.bias.zero_()
+            self.fb.bias.zero_()
+
+    def forward(self, x):
+        return self.head(torch.cat([self.act_a(self.fa(x)), self.act_b(self.fb(x))], 1))
+
+
+def two_site_data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, generator=g)
+    return TensorDataset(x, (x[:, 0].abs() - 1 + x[:, 1] > 0).long())
+
+
+def test_from_a_checkpoint_the_slopes_are_trained_before_the_ranking():
+    torch.manual_seed(0)
+    s = add_slopes(TwoSites())
+    assert set(slope_values(s).values()) == {0.0}  # the tie the old code broke by model order
+    ctx = Context(model=s, remaining=["act_a", "act_b"], removed=[], k=1, iteration=1,
+                  rng=random.Random(0), train_eval=two_site_data(256, 0), batch_size=32,
+                  fold_ready=False)
+    method = LayerFolding(warmup_epochs=2, warmup_lr=0.1)
+    step = method.step(ctx)
+    alpha = step.info["alpha"]
+    assert step.info["warmup"]["steps"] == 16 and method.trained_steps == 16
+    assert alpha["act_b"] > 0.05 and alpha["act_a"] < alpha["act_b"], alpha
+    assert step.chosen == ["act_b"]
+    assert set(slope_values(s).values()) == {0.0}  # a copy was trained
+    # refused, not silently ranked, when the warm-up is off and nothing trained the slopes
+    with pytest.raises(easier.ConfigError, match="warmup_epochs"):
+        LayerFolding(warmup_epochs=0).step(ctx)
+
+
+def test_no_warm_up_after_pretraining():
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
+    res = reduce(MLP(), data, data, method="layer-folding", delta=100.0, max_removals=1,
+                 pretrain=FineTune(batch_size=16, max_steps=1), finetune=FineTune(batch_size=16))
+    assert "warmup" not in res.history[1]
+
+
+def test_penalty_sums_over_active_slopes_like_the_reference():
+    """One term per slope, as the pre-fold script's ``for ai in alpha_arr: loss += ...``."""
+    s = add_slopes(create("resnet18", num_classes=3, width=0.125, image_size=8))
+    mixer = getattr(s, SLOPES)
+    values = [0.05 * i for i in range(len(mixer.sites))]
+    with torch.no_grad():
+        for key, v in zip(mixer.sites.values(), values, strict=True):
+            mixer.alpha[key].fill_(v)
+    hand = 0.25 * sum(abs(1 - v * v) for v in values)
+    assert float(LayerFolding().regularizer()(s).detach()) == pytest.approx(hand, rel=1e-6)

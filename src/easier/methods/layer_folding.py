@@ -9,25 +9,35 @@ fine-tunes. The slopes are a recorded graph edit (op ``"slopes"``), so saved mod
 Provenance (``LayerFolding/Layer-Folding``, ``ResNet_Cifar10_prefold.py`` / ``_postfold.py``):
 
 * **Taken from the reference code:** the mix ``alpha*x + (1-alpha)*act(x)`` with one scalar
-  ``alpha`` per activation, initialised at 0; the penalty ``lam * |1 - alpha^2|`` with the
-  default ``lam = 0.25`` (``-l 0.25``); ``alpha`` kept non-negative after every optimizer step.
+  ``alpha`` per activation, initialised at 0; the penalty ``lam * sum_s |1 - alpha_s^2|``,
+  *summed* over the slopes (the pre-fold script adds one term per ``alpha`` to the loss), with the
+  default ``lam = 0.25`` (``-l 0.25``); ``alpha`` kept non-negative after every optimizer step;
+  the slopes are trained on an already trained network (the script loads ``resnet20.pt``,
+  100 epochs of SGD, lr 0.001, momentum 0.9, no weight decay) before anything is folded.
 * **Reconstructed from the paper text:** a site whose slope is (near) 1 is linear and its layer
   can be folded into the next one (the reference folds at ``alpha >= 0.9`` with an approximate,
   cropped kernel; here the site is linearized exactly and :func:`easier.fold` merges exactly).
-* **Our choices:** the penalty is the *mean* over the sites that still have a slope (the
-  reference *sums* over all its alphas, so its ``lam`` equals ours divided by the number of
-  sites); ``penalty="square"`` offers ``lam * (1 - alpha)^2``, whose gradient is non-zero at the
-  initial ``alpha = 0`` (``|1 - alpha^2|`` has gradient ``-2 alpha``, i.e. zero there, so in the
-  reference only the task loss moves a slope off 0); ``alpha`` is clamped to ``[0, 1]`` (the
-  reference clamps at 0 only; above 1 its penalty pushes back down); slopes go on *every*
-  activation site (the reference leaves the stem ReLU plain); instead of a fixed 0.9 threshold,
-  one iteration linearizes the ``k`` largest slopes and the shared loop's accuracy rule decides
-  when to stop; the training loop's weight decay also applies to ``alpha`` (the reference
-  pre-fold run has none), which is small against the penalty for the default ``lam``.
+* **Our choices:** the sum runs over the sites whose slope is still active (a linearized
+  site's slope is gone), so one ``lam`` weighs more in total on a model with more sites, as in
+  the reference; ``penalty="square"`` offers ``lam * (1 - alpha)^2``, whose gradient is non-zero
+  at the initial ``alpha = 0`` (``|1 - alpha^2|`` has gradient ``-2 alpha``, i.e. zero there, so
+  in the reference only the task loss moves a slope off 0); ``alpha`` is clamped to ``[0, 1]``
+  (the reference clamps at 0 only; above 1 its penalty pushes back down); slopes go on *every*
+  activation site (the reference leaves the stem ReLU plain); instead of a fixed 0.9
+  threshold, one iteration linearizes the ``k`` largest slopes and the shared loop's accuracy
+  rule decides when to stop; the loop's pretraining and fine-tuning apply their weight decay to
+  ``alpha`` too (the reference pre-fold run has none; the warm-up below has none either).
 
 When a site is linearized by this method, its mix is first dropped (the site computes its
 plain activation again) and then the activation is removed, so the conv/BN layers on both
 sides become one foldable chain. Mixes that remain are opaque nodes where fold chains stop.
+
+Every slope starts at 0, so ranking before any training would be a tie that model order breaks.
+The method counts the optimizer steps the loop ran (pretraining counts); at the first ranking,
+if there were none and every slope is still exactly 0 (``reduce`` from a checkpoint), it first
+trains a copy with the penalty (``warmup_epochs`` at ``warmup_lr``, see
+:mod:`easier.methods.warmup`; recorded in the history under ``"warmup"``); ``warmup_epochs=0``
+refuses instead.
 """
 
 from __future__ import annotations
@@ -42,9 +52,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import ConfigError, SiteError, TraceError
-from ..linearize import _keep_unreferenced_state, record_edit, register_edit
-from ..sites import KINDS, _node_kind, activation_input, site_nodes, trace
+from ..linearize import _keep_unreferenced_state as keep_unreferenced_state
+from ..linearize import record_edit, register_edit
+from ..sites import KINDS, activation_input, site_nodes, trace
+from ..sites import _node_kind as node_kind
 from .base import Context, SiteMethod, Step, register_method
+from .warmup import Warmup, warm_up
 
 __all__ = [
     "SLOPES",
@@ -147,7 +160,7 @@ def _make_out_of_place(gm: fx.GraphModule, node: fx.Node) -> None:
     have overwritten it. Out of place is equivalent only if nothing else reads the
     pre-activation, which is checked (for every call of a shared activation module).
     """
-    info = _node_kind(gm, node)
+    info = node_kind(gm, node)
     if info is None or not info[3]:
         return
     _, form, what, _ = info
@@ -188,7 +201,7 @@ def _finish(gm: fx.GraphModule, new: nn.Module, model: nn.Module) -> None:
     gm.graph.lint()
     gm.recompile()
     if gm is not new:
-        _keep_unreferenced_state(gm, new)
+        keep_unreferenced_state(gm, new)
     gm.train(model.training)
 
 
@@ -269,7 +282,9 @@ def _replay(model: nn.Module, sites: list[str], action: str = "add") -> nn.Modul
 
 
 class SlopePenalty:
-    """``lam * mean_s penalty(alpha_s)`` over the sites whose mix is still active."""
+    """``lam * sum_s penalty(alpha_s)`` over the sites whose mix is still active (the reference
+    adds one term per slope; a mean would weaken ``lam`` by the number of sites, 18 on
+    ResNet-20)."""
 
     def __init__(self, lam: float, penalty: str):
         self.lam = lam
@@ -283,7 +298,7 @@ class SlopePenalty:
             return torch.zeros(())
         a = torch.stack(alphas)
         term = (1 - a * a).abs() if self.penalty == "abs" else (1 - a) ** 2
-        return self.lam * term.mean()
+        return self.lam * term.sum()
 
 
 @register_method
@@ -292,13 +307,23 @@ class LayerFolding(SiteMethod):
 
     ``lam`` weighs the slope penalty, ``penalty`` is ``"abs"`` (``|1 - alpha^2|``, the
     reference) or ``"square"`` (``(1 - alpha)^2``); ``kinds`` restricts which activation kinds
-    get a slope (default: all of ``easier.KINDS``).
+    get a slope (default: all of ``easier.KINDS``); ``warmup_epochs`` / ``warmup_lr`` /
+    ``warmup_steps`` train the slopes before the first ranking when the run trained nothing
+    (0 epochs = refuse).
     """
 
     name = "layer-folding"
     description = "largest trainable slope first (Layer Folding, Dror et al.)"
 
-    def __init__(self, lam: float = 0.25, penalty: str = "abs", kinds: Sequence[str] | None = None):
+    def __init__(
+        self,
+        lam: float = 0.25,
+        penalty: str = "abs",
+        kinds: Sequence[str] | None = None,
+        warmup_epochs: int = 1,
+        warmup_lr: float = 0.01,
+        warmup_steps: int | None = None,
+    ):
         if penalty not in PENALTIES:
             raise ConfigError(f"penalty={penalty!r}; valid: {list(PENALTIES)}")
         if not lam >= 0:
@@ -309,11 +334,15 @@ class LayerFolding(SiteMethod):
         self.lam = float(lam)
         self.penalty = penalty
         self.kinds = None if kinds is None else list(kinds)
+        self.warmup = Warmup(warmup_epochs, warmup_lr, warmup_steps)
+        self.trained_steps = 0  # optimizer steps the loop ran on the slopes
 
     def options(self) -> dict[str, Any]:
-        return {"lam": self.lam, "penalty": self.penalty, "kinds": self.kinds}
+        return {"lam": self.lam, "penalty": self.penalty, "kinds": self.kinds,
+                **self.warmup.options()}
 
     def prepare(self, model: nn.Module) -> nn.Module:
+        self.trained_steps = 0  # a fresh run
         return add_slopes(model, kinds=self.kinds or KINDS)
 
     def units(self, model: nn.Module, kinds: Sequence[str] = KINDS) -> list[str]:
@@ -326,20 +355,34 @@ class LayerFolding(SiteMethod):
         return {n: 1.0 - alphas[n] for n in ctx.remaining}
 
     def step(self, ctx: Context) -> Step:
-        alphas = slope_values(ctx.model)
+        model, info = ctx.model, {}
+        untouched = all(a == 0.0 for a in slope_values(model).values())
+        if self.trained_steps == 0 and untouched and not ctx.removed:
+            model, info["warmup"] = warm_up(
+                model, ctx, self.warmup, self.regularizer(), self.after_step,
+                "layer-folding ranks sites by trained slopes (all start at 0)",
+            )
+        alphas = slope_values(model)
         scores = {n: 1.0 - alphas[n] for n in ctx.remaining}
         order = {n: i for i, n in enumerate(ctx.remaining)}
         chosen = sorted(ctx.remaining, key=lambda n: (scores[n], order[n]))[: ctx.k]
-        plain = drop_slopes(ctx.model, chosen)  # the mix goes, so the layers around can fold
-        info = {"alpha": {n: alphas[n] for n in ctx.remaining}}
+        plain = drop_slopes(model, chosen)  # the mix goes, so the layers around can fold
+        info["alpha"] = {n: alphas[n] for n in ctx.remaining}
         return Step(ctx.linearize(chosen, model=plain), chosen, scores, self.description, info)
 
     def regularizer(self) -> Callable[[nn.Module], torch.Tensor] | None:
         return SlopePenalty(self.lam, self.penalty) if self.lam > 0 else None
 
     def after_step(self, model: nn.Module) -> None:
+        self.trained_steps += 1
         mixer = _mixer(model)
         if mixer is not None:
             with torch.no_grad():
                 for a in mixer.alpha.values():
                     a.clamp_(0.0, 1.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"trained_steps": self.trained_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.trained_steps = int(state.get("trained_steps", 0))
