@@ -128,9 +128,8 @@ def self_labelled(model, n=32, seed=1):
     return TensorDataset(x, y)
 
 
-def independent_gap(model, site, bn, conv, val):
-    """Collapse by hand (module names, no plan) and return the loss gap on the first batch."""
-    x, y = val.tensors[0][:16], val.tensors[1][:16]
+def masked_by_hand(model, bn, conv):
+    """The OFF channels (beta <= 0) zeroed by module name, no plan."""
     m = copy.deepcopy(model).eval()
     off = getattr(m, bn).bias.detach() <= 0
     with torch.no_grad():
@@ -138,9 +137,17 @@ def independent_gap(model, site, bn, conv, val):
             p[off] = 0
         if getattr(m, conv).bias is not None:
             getattr(m, conv).bias[off] = 0
-    lin = easier.linearize(m, [site], fold_ready=True).eval()
+    return m
+
+
+def independent_gap(model, site, bn, conv, val):
+    """Collapse by hand (module names, the ReLU module swapped for an identity, padding left
+    where it is) and return the loss gap on the first batch."""
+    x, y = val.tensors[0][:16], val.tensors[1][:16]
+    m = masked_by_hand(model, bn, conv)
+    setattr(m, site, nn.Identity())
     with torch.no_grad():
-        return float(F.cross_entropy(lin(x), y) - F.cross_entropy(model.eval()(x), y))
+        return float(F.cross_entropy(m(x), y) - F.cross_entropy(model.eval()(x), y))
 
 
 def test_chosen_site_has_the_lowest_loss_gap():
@@ -290,3 +297,24 @@ def test_resume_equals_uninterrupted_and_result_folds(tmp_path, one_thread):
     torch.testing.assert_close(folded(x), full.model(x), rtol=1e-4, atol=1e-5)
     convs = [m for m in folded.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) < 4  # linearized sites let convs merge
+
+
+def test_candidates_are_scored_without_padding_relocation_and_the_chosen_one_relocated():
+    """relu1 sits between bn1 and a padded conv2: relocating the padding moves bn1's shift into
+    the border, a change of the function that is not the collapse's, so it stays out of the gap."""
+    torch.manual_seed(3)
+    model = BNNet()
+    set_bn(model.bn1, [2.0, -0.3, 1.5, 1.0, -1.0, 2.0])
+    val = self_labelled(model)
+    x, y = val.tensors[0][:16], val.tensors[1][:16]
+    step = TLC(select="lowest").step(context(model, val, ["relu1"], fold_ready=True))
+    plain = independent_gap(model, "relu1", "bn1", "conv1", val)
+    relocated = easier.linearize(masked_by_hand(model, "bn1", "conv1"), ["relu1"],
+                                 fold_ready=True).eval()
+    with torch.no_grad():
+        moved = float(F.cross_entropy(relocated(x), y) - F.cross_entropy(model.eval()(x), y))
+    assert abs(moved - plain) > 1e-3  # the border change is large enough to matter here
+    assert step.scores["relu1"] == pytest.approx(plain, abs=1e-6)
+    # the chosen site is relocated for folding, as the run asked (fold_ready=True)
+    with torch.no_grad():
+        torch.testing.assert_close(step.model.eval()(x), relocated(x))

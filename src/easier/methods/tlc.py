@@ -29,7 +29,9 @@ Provenance (``ZhuLIAO001/TLC``, ``TLC_ResNet18.py``, ``TLC_VGG16bn.py``, ``TLC_S
   weight; a producer or BN is masked only when its output feeds nothing but this site; the
   statistics path uses the same batches as the ranking; ``select="lowest"`` takes the ``k``
   lowest gaps (``k`` from the loop), and ``select="joint"`` does too when the loop asks for
-  ``k > 1`` (one-shot). Stopping is the shared loop's accuracy rule instead of the reference's
+  ``k > 1`` (one-shot); candidates are scored on the plain linearization (no padding
+  relocation, which would add a border change to the gap) and only the chosen site(s) are
+  relocated for folding. Stopping is the shared loop's accuracy rule instead of the reference's
   "one activation left or val accuracy < 20%".
 
 Noise: with ``batches=1`` every candidate is scored on the same batch (a paired comparison),
@@ -307,8 +309,10 @@ class TLC(Method):
         self.masks, self._on_device = {}, {}  # a fresh run starts without masks
         return model
 
-    def _collapsed(self, ctx: Context, plans: dict[str, Collapse], sites: list[str]) -> nn.Module:
-        model = ctx.linearize(sites)
+    def _collapsed(
+        self, ctx: Context, plans: dict[str, Collapse], sites: list[str], fold_ready: bool | None
+    ) -> nn.Module:
+        model = ctx.linearize(sites, fold_ready=fold_ready)
         for s in sites:
             apply_masks(model, plans[s].masks)
         return model
@@ -321,7 +325,8 @@ class TLC(Method):
         base = ctx.loss(ctx.model, batches)
 
         def gap(sites: list[str]) -> float:
-            return ctx.loss(self._collapsed(ctx, plans, sites), batches) - base
+            # scored without padding relocation: the gap is the collapse's, not the border's
+            return ctx.loss(self._collapsed(ctx, plans, sites, False), batches) - base
 
         gaps = {s: gap([s]) for s in ctx.remaining}
         tried: list[dict[str, Any]] = []
@@ -332,7 +337,7 @@ class TLC(Method):
             order = {n: i for i, n in enumerate(ctx.remaining)}
             chosen = sorted(ctx.remaining, key=lambda n: (gaps[n], order[n]))[: ctx.k]
             reason = f"{len(chosen)} lowest loss gap(s)"
-        model = self._collapsed(ctx, plans, chosen)
+        model = self._collapsed(ctx, plans, chosen, None)  # fold-ready if the run is
         for s in chosen:
             for name, mask in plans[s].masks.items():
                 old = self.masks.get(name)
