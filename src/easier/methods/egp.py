@@ -21,7 +21,12 @@ Provenance (reference: ``ZhuLIAO001/Unstructured_Relu_Pruning_Reduce_Depth``, ``
   from ``B`` and their scores from ``T`` and recomputes the softmax over the rest; L1 pruning of
   surviving weights only (``prune.l1_unstructured`` on a pruned module), masks kept through
   retraining, no rewinding; the site -> layer map ``relu -> conv1``, ``relu1 -> conv1``,
-  ``relu2 -> conv2`` (fc and downsample convs never pruned).
+  ``relu2 -> conv2`` (fc and downsample convs never pruned). That map is the reference's
+  *Tiny-ImageNet* ResNet-18 only: its CIFAR-10 ResNet-18 shares one ReLU module between the
+  stem and every block, so its hooks see one site and it prunes only for the stem there. The
+  reference runs a fixed 9 pruning rounds whatever the entropies do; here the
+  loop stops on its accuracy rule, ``max_iterations`` or an exhausted budget (pass
+  ``max_iterations=9`` for the reference's count).
 * **From the paper text**: zero-entropy layers are "removable"; their activation becomes the
   identity (a constant for OFF neurons). The reference never edits activations: it only stops
   pruning a layer once it reaches ``H = 0``. We linearize such a site at the start of the round
@@ -62,199 +67,22 @@ from __future__ import annotations
 
 import copy
 import math
-import operator
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 
-from ..errors import ConfigError, SiteError, StateError
-from ..sites import KINDS, activation_input, site_nodes, trace
+from ..errors import ConfigError, StateError
+from ..sites import KINDS
 from .base import Context, Method, Step, register_method
+from .budget import egp_logits, round_half_up, waterfill
+from .layer_map import LayerLink, site_layers
 
 __all__ = ["Egp", "LayerLink", "egp_logits", "site_layers", "waterfill"]
 
-_ADD_FNS = {operator.add, operator.iadd, torch.add}
-_PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
-_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 _DEAD_ZERO_KINDS = ("ReLU", "ReLU6")  # kinds whose OFF state outputs exactly 0
 
-
-# ---------------------------------------------------------------------------------------------
-# site -> layer map
-
-
-@dataclass(frozen=True)
-class LayerLink:
-    """The weight layer behind a site's pre-activation.
-
-    ``norm`` is the BatchNorm between them (if any); ``direct`` says the pre-activation *is* the
-    output of ``norm`` (or of ``layer`` when there is no BN), with no addition in between, so
-    zeroing a channel there zeroes that channel of the pre-activation.
-    """
-
-    layer: str
-    norm: str | None = None
-    direct: bool = True
-
-
-def _depths(gm: fx.GraphModule) -> dict[fx.Node, int]:
-    """Longest path (in nodes) from any graph input to each node."""
-    depth: dict[fx.Node, int] = {}
-    for node in gm.graph.nodes:
-        depth[node] = 1 + max((depth[a] for a in node.all_input_nodes), default=-1)
-    return depth
-
-
-def _walk(
-    gm: fx.GraphModule,
-    node: fx.Node,
-    depth: dict[fx.Node, int],
-    norm: str | None,
-    direct: bool,
-    budget: int = 32,
-) -> tuple[LayerLink, int] | None:
-    """(link, depth of the layer node) for the layer computing ``node``, or None."""
-    if budget <= 0:
-        return None
-    if node.op == "call_module":
-        mod = gm.get_submodule(str(node.target))
-        if isinstance(mod, _LAYERS):
-            return LayerLink(str(node.target), norm, direct), depth[node]
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and node.args:
-            return _walk(gm, node.args[0], depth, norm or str(node.target), direct, budget - 1)
-        if isinstance(mod, _PASS_MODULES) and node.args:
-            return _walk(gm, node.args[0], depth, norm, direct, budget - 1)
-        return None
-    is_add = (node.op == "call_function" and node.target in _ADD_FNS) or (
-        node.op == "call_method" and node.target in ("add", "add_")
-    )
-    if is_add:
-        found = [
-            r
-            for a in node.args[:2]
-            if isinstance(a, fx.Node)
-            if (r := _walk(gm, a, depth, norm, False, budget - 1)) is not None
-        ]
-        # the residual branch is the deeper operand; ties keep the first operand
-        return max(found, key=lambda r: r[1]) if found else None
-    if node.op == "call_function" and node.target is nn.functional.dropout and node.args:
-        return _walk(gm, node.args[0], depth, norm, direct, budget - 1)
-    return None
-
-
-def site_layers(
-    model: nn.Module, sites: Sequence[str] | None = None, kinds: Sequence[str] = KINDS
-) -> dict[str, LayerLink | None]:
-    """Map each site (all, or the named ones) to the layer producing its pre-activation, or None.
-
-    See the module docstring for the rule; raises :class:`~easier.errors.TraceError` for models
-    torch.fx cannot trace (the map needs the graph).
-    """
-    gm = trace(model)
-    nodes = site_nodes(gm, kinds)
-    names = list(nodes) if sites is None else list(sites)
-    unknown = [n for n in names if n not in nodes]
-    if unknown:
-        raise SiteError(f"unknown site(s) {unknown}; valid sites: {list(nodes)}")
-    depth = _depths(gm)
-    out: dict[str, LayerLink | None] = {}
-    for name in names:
-        found = _walk(gm, activation_input(nodes[name]), depth, None, True)
-        out[name] = found[0] if found is not None else None
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# budget
-
-
-def _softmax(logits: Sequence[float]) -> list[float]:
-    """Softmax shifted by the max (``-inf`` entries get 0; at least one must be finite)."""
-    top = max(logits)
-    e = [math.exp(z - top) if z != -math.inf else 0.0 for z in logits]
-    total = sum(e)
-    return [v / total for v in e]
-
-
-def egp_logits(scores: Sequence[float], remaining: Sequence[int]) -> list[float]:
-    """EGP's softmax logits: irrelevance ``I_l = sum(s) / s_l`` (size-blind).
-
-    A layer with ``s_l = 0`` has infinite irrelevance: such layers share the whole budget.
-    """
-    del remaining  # EGP's allocation ignores layer sizes
-    if any(s == 0 for s in scores):
-        return [0.0 if s == 0 else -math.inf for s in scores]
-    total = sum(scores)
-    return [total / s for s in scores]
-
-
-def waterfill(
-    scores: Sequence[float],
-    remaining: Sequence[int],
-    budget: int,
-    logits: Callable[[Sequence[float], Sequence[int]], Sequence[float]] = egp_logits,
-) -> list[int]:
-    """Integer amounts to prune per layer: they sum to ``budget`` and never exceed ``remaining``.
-
-    Each pass allocates ``budget * softmax(logits(scores, remaining))`` over the layers still in
-    the pool; every layer allocated more than it has is capped at all of it and leaves the pool,
-    its weights leave the budget, and the softmax is recomputed over the rest (``logits`` sees
-    only the pool, so EGP's ``T`` shrinks too). The real amounts are then rounded by largest
-    remainder (ties to the earlier layer).
-    """
-    if len(scores) != len(remaining):
-        raise ConfigError(f"{len(scores)} scores for {len(remaining)} layers")
-    if any(r < 0 for r in remaining) or any(s < 0 or math.isnan(s) for s in scores):
-        raise ConfigError("scores and remaining weight counts must be >= 0 (and not NaN)")
-    if not 0 <= budget <= sum(remaining):
-        raise ConfigError(f"budget {budget} is outside [0, {sum(remaining)}] remaining weights")
-    n = len(scores)
-    alloc = [0.0] * n
-    capped = [False] * n
-    pool = [i for i in range(n) if remaining[i] > 0]
-    left = float(budget)
-    while pool and budget > 0:
-        share = _softmax(logits([scores[i] for i in pool], [remaining[i] for i in pool]))
-        want = {i: left * p for i, p in zip(pool, share, strict=True)}
-        over = [i for i in pool if want[i] > remaining[i]]
-        if not over:
-            for i in pool:
-                alloc[i] = want[i]
-            break
-        for i in over:
-            alloc[i], capped[i] = float(remaining[i]), True
-            left -= remaining[i]
-        pool = [i for i in pool if not capped[i]]
-    out = [remaining[i] if capped[i] else min(math.floor(alloc[i]), remaining[i]) for i in range(n)]
-    # largest remainder first; float error may leave a unit more or less than that
-    order = sorted(
-        (i for i in range(n) if not capped[i]),
-        key=lambda i: (-(alloc[i] - math.floor(alloc[i])), i),
-    )
-    missing = budget - sum(out)
-    while missing:  # one pass in exact arithmetic; float error may need one more
-        before = missing
-        for i in order if missing > 0 else reversed(order):
-            if missing > 0 and out[i] < remaining[i]:
-                out[i], missing = out[i] + 1, missing - 1
-            elif missing < 0 and out[i] > 0:
-                out[i], missing = out[i] - 1, missing + 1
-            if not missing:
-                break
-        if missing == before:  # unreachable while 0 <= budget <= sum(remaining)
-            raise ConfigError(f"waterfill could not place {missing} weight(s)")
-    return out
-
-
-def _round_half_up(x: float) -> int:
-    return math.floor(x + 0.5)
-
-
-# ---------------------------------------------------------------------------------------------
-# the method
 
 
 @register_method
@@ -405,7 +233,7 @@ class Egp(Method):
                 prunable.append(layer)
                 scores_l.append(layer_h[layer] * float(w[mask].double().mean()))
                 left.append(alive)
-        budget = _round_half_up(self.rho * sum(left))
+        budget = round_half_up(self.rho * sum(left))
         amounts = waterfill(scores_l, left, budget, self.logits) if budget else [0] * len(left)
         for layer, k in zip(prunable, amounts, strict=True):
             if k:
