@@ -1,0 +1,58 @@
+"""Report contents checked against the history passed in (not only that a PNG is written)."""
+
+import csv
+import io
+
+from easier.report import history_csv, history_table, plot_history, report_markdown
+
+BASE = {"val_acc": 90.0, "test_acc": 89.5}
+HISTORY = [
+    {"iteration": 0, "chosen": [], "removed": [], "entropy": None, "train_acc": 95.0,
+     "val_acc": 90.0, "test_acc": 89.5, "accepted": True, "train_loss": 0.2, "params": 100,
+     "seconds": {"total": 1.5}},
+    {"iteration": 1, "chosen": ["relu2"], "removed": ["relu2"],
+     "entropy": {"relu1": 0.9, "relu2": 0.125, "relu3": 0.5}, "train_acc": 94.0,
+     "val_acc": 89.25, "test_acc": None, "accepted": True, "seconds": {"step": 1.0, "total": 3.0}},
+    {"iteration": 2, "chosen": ["relu3"], "removed": ["relu2", "relu3"],
+     "entropy": {"relu1": 0.8, "relu3": 0.4375}, "train_acc": None, "val_acc": 80.0,
+     "test_acc": 79.0, "accepted": False, "seconds": 2.0},
+]
+CFG = {"method": "easier", "model": "convnet", "data": "digits", "delta": 1.0,
+       "sites": ["relu1", "relu2", "relu3"]}
+
+
+def test_table_has_one_row_per_iteration_with_its_values():
+    rows = history_table(HISTORY, BASE).splitlines()
+    assert len(rows) == 2 + 3
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows[2:]]
+    assert cells[0] == ["0", "0", "dense", "–", "95.00", "90.00", "89.50", "yes"]
+    assert cells[1] == ["1", "1", "relu2", "0.125", "94.00", "89.25", "–", "yes"]
+    assert cells[2] == ["2", "2", "relu3", "0.438", "–", "80.00", "79.00", "no"]
+
+
+def test_csv_rows_match_the_history():
+    rows = list(csv.DictReader(io.StringIO(history_csv(HISTORY))))
+    assert [r["iteration"] for r in rows] == ["0", "1", "2"]
+    assert [r["removed"] for r in rows] == ["0", "1", "2"]  # counts, not names
+    assert [r["chosen"] for r in rows] == ["", "relu2", "relu3"]
+    assert [r["seconds"] for r in rows] == ["1.5", "3.0", "2.0"]  # the total, or the number
+    assert [r["accepted"] for r in rows] == ["True", "True", "False"]
+    assert rows[1]["test_acc"] == "" and rows[0]["params"] == "100"
+
+
+def test_markdown_reports_the_last_accepted_model():
+    md = report_markdown(HISTORY, BASE, CFG)
+    assert md.startswith("# easier run: easier on convnet / digits\n")
+    assert "- baseline val top-1: 90.00% (test 89.50%), delta = 1.0 points" in md
+    # iteration 2 was rejected: the kept model is iteration 1's
+    assert ("- kept model: 1 of 3 sites removed at iteration 1: val 89.25%, test –%" in md)
+    assert "- removed: relu2\n" in md
+    assert history_table(HISTORY, BASE) in md
+
+
+def test_plot_is_a_png_of_the_expected_size():
+    png = plot_history(HISTORY, BASE, 1.0, CFG["sites"])
+    assert png is not None and png[:8] == b"\x89PNG\r\n\x1a\n"
+    width = int.from_bytes(png[16:20], "big")
+    height = int.from_bytes(png[20:24], "big")
+    assert (width, height) == (12 * 110, int(4.5 * 110))  # figsize x dpi
