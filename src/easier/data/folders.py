@@ -16,9 +16,8 @@ from easier.data.transforms import (
     RandomHorizontalFlip,
     RandomResizedCrop,
     Transform,
+    image_to_tensor,
     load_image,
-    pil_to_tensor,
-    resize_center_crop,
 )
 from easier.errors import DataError
 
@@ -35,7 +34,10 @@ _SPLITS = ("train", "val", "test")
 
 class ImageFileDataset(Dataset):
     """``(path, label)`` samples decoded on access: RGB, shorter side resized to ``image_size``
-    and centre-cropped, then ``transform`` (augmentation, in [0, 1] space), then normalised."""
+    and centre-cropped, then ``transform`` (augmentation, in [0, 1] space), then normalised.
+
+    Pixels are scaled by the range of the file's mode (8-bit by 1/255, 16-bit by 1/65535, see
+    :func:`easier.data.transforms.image_to_tensor`); gray images fill all three channels."""
 
     def __init__(
         self,
@@ -60,7 +62,8 @@ class ImageFileDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[i]
-        x = pil_to_tensor(resize_center_crop(load_image(path, "RGB"), self.image_size))
+        img = load_image(path, None)
+        x = image_to_tensor(img, self.image_size, what=f"image {path}")
         if self.transform is not None:
             x = self.transform(x)
         return self.normalize(x), label

@@ -10,6 +10,7 @@ in the main process, so call ``torch.manual_seed`` (or pass an explicit generato
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ __all__ = [
     "RandomResizedCrop",
     "RandomVerticalFlip",
     "Resize",
+    "image_to_tensor",
     "load_image",
     "pil_to_tensor",
     "resize_center_crop",
@@ -245,16 +247,66 @@ def _pil() -> Any:
     return Image
 
 
-def load_image(path: str | Path, mode: str = "RGB") -> Image:
-    """Return the decoded image at ``path`` converted to ``mode``; DataError if unreadable."""
+def load_image(path: str | Path, mode: str | None = "RGB") -> Image:
+    """Return the decoded image at ``path`` converted to ``mode`` (``None``: as stored).
+
+    DataError if the file is unreadable or over Pillow's decompression-bomb limit
+    (``PIL.Image.MAX_IMAGE_PIXELS`` pixels).
+    """
     Image = _pil()
     try:
-        with Image.open(path) as im:
-            return im.convert(mode)
+        with warnings.catch_warnings():
+            # over MAX_IMAGE_PIXELS Pillow only warns (errors at twice that): refuse both
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if mode is None:
+                    im.load()
+                    return im.copy()
+                return im.convert(mode)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(
+            f"image {path} is too large to decode safely: {e} Pillow refuses images over "
+            f"{Image.MAX_IMAGE_PIXELS} pixels (PIL.Image.MAX_IMAGE_PIXELS) as possible "
+            "decompression bombs; shrink the file, or raise that limit if you trust it"
+        ) from None
     except (OSError, ValueError) as e:  # UnidentifiedImageError is an OSError
         raise DataError(
             f"cannot read image {path}: {e}; delete or replace the file and try again"
         ) from e
+
+
+# Pillow modes holding one channel of more than 8 bits, and the value that maps to 1.0
+_WIDE_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0,
+               "I": 65535.0, "F": 1.0}
+
+
+def image_to_tensor(img: Image, size: int | None = None, *, what: str = "image") -> torch.Tensor:
+    """Return a float32 3xHxW tensor in [0, 1] from a Pillow image of any mode.
+
+    Each mode is scaled by its real range: 8-bit modes (L, LA, P, RGB, RGBA, CMYK, ...) through
+    RGB by 1/255, mode 1 to 0/1, 16-bit grayscale (I;16*) by 1/65535, 32-bit integer (I) by
+    1/65535 (it is how 16-bit PNG/TIFF data is often stored; values outside 0..65535 are a
+    DataError), float (F) as is (non-finite values are a DataError). Alpha is dropped, as
+    ``convert("RGB")`` does. Gray images are repeated on the three channels. ``size`` resizes
+    the shorter side and centre-crops (bilinear, as :func:`resize_center_crop`); ``what``
+    names the image in errors.
+    """
+    Image = _pil()
+    if img.mode not in _WIDE_MODES:
+        rgb = img.convert("RGB")
+        return pil_to_tensor(resize_center_crop(rgb, size) if size else rgb)
+    a = np.asarray(img)
+    if img.mode == "I" and a.size and (a.min() < 0 or a.max() > 65535):
+        raise DataError(
+            f"{what}: 32-bit integer pixels range over {int(a.min())}..{int(a.max())}, outside "
+            "0..65535, so their brightness scale is unknown; save it as 8- or 16-bit"
+        )
+    a = a.astype(np.float32) / np.float32(_WIDE_MODES[img.mode])
+    if not np.isfinite(a).all():
+        raise DataError(f"{what}: the float image holds NaN or Inf pixels; fix or remove it")
+    if size:
+        a = np.asarray(resize_center_crop(Image.fromarray(a), size), dtype=np.float32)
+    return torch.from_numpy(a.copy()).unsqueeze(0).expand(3, -1, -1).contiguous()
 
 
 def resize_center_crop(img: Image, size: int) -> Image:
