@@ -116,6 +116,9 @@ def reduce(
     """
     if fold is not None and out is None:
         raise ConfigError("fold= needs out= (the folded model and plan are written there)")
+    from .data.checks import check_datasets  # empty splits, bad labels, NaN inputs: DataError
+
+    check_datasets(train, val, test=test, train_eval=train_eval, model=model, input_key=input_key)
     strategy = create_method(method)
     finetune = finetune or FineTune()
     if delta < 0:
