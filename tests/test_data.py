@@ -633,3 +633,98 @@ def test_normalize_and_full_window_resized_crop():
     whole = RandomResizedCrop(7, scale=(1.0, 1.0), ratio=(1.0, 1.0))
     assert torch.equal(whole(x), x)
     assert RandomResizedCrop((4, 5))(x).shape == (3, 4, 5)
+
+
+# --- pixel scaling by image mode (values computed by hand) ---------------------------------
+
+
+def _one_image_dataset(path: Path):
+    from easier.data import ImageFileDataset
+
+    return ImageFileDataset([(path, 0)], image_size=2, normalize=Normalize((0, 0, 0), (1, 1, 1)))
+
+
+def _write_mode(path: Path, mode: str) -> None:
+    """2x2 images whose expected [0, 1] values are written out in _EXPECTED below."""
+    if mode == "I;16":
+        img = Image.fromarray(np.array([[0, 13107], [32768, 65535]], dtype=np.uint16))
+    elif mode == "L":
+        img = Image.fromarray(np.array([[0, 51], [102, 255]], dtype=np.uint8))
+    elif mode == "LA":
+        img = Image.fromarray(np.array([[[0, 9], [51, 0]], [[102, 255], [255, 77]]],
+                                       dtype=np.uint8), mode="LA")
+    elif mode == "RGBA":
+        img = Image.fromarray(np.array([[[255, 0, 0, 0], [0, 51, 102, 255]],
+                                        [[255, 255, 255, 10], [0, 0, 0, 255]]], dtype=np.uint8))
+    elif mode == "RGB":
+        img = Image.fromarray(np.array([[[255, 0, 0], [0, 51, 102]],
+                                        [[255, 255, 255], [0, 0, 0]]], dtype=np.uint8))
+    elif mode == "P":
+        img = Image.new("P", (2, 2))
+        img.putpalette([255, 0, 0, 0, 51, 255] + [0] * 762)
+        img.putdata([0, 1, 1, 0])
+    elif mode == "1":
+        img = Image.new("1", (2, 2))
+        img.putdata([0, 1, 1, 0])
+    assert img.mode == mode
+    img.save(path)
+
+
+_GRAY = {"I;16": [[0.0, 0.2], [32768 / 65535, 1.0]], "L": [[0.0, 0.2], [0.4, 1.0]],
+         "LA": [[0.0, 0.2], [0.4, 1.0]], "1": [[0.0, 1.0], [1.0, 0.0]]}
+_COLOUR = {  # [H][W][RGB]; alpha is dropped
+    "RGBA": [[[1, 0, 0], [0, 0.2, 0.4]], [[1, 1, 1], [0, 0, 0]]],
+    "RGB": [[[1, 0, 0], [0, 0.2, 0.4]], [[1, 1, 1], [0, 0, 0]]],
+    "P": [[[1, 0, 0], [0, 0.2, 1]], [[0, 0.2, 1], [1, 0, 0]]],
+}
+
+
+@needs_pil
+@pytest.mark.parametrize("mode", ["I;16", "L", "LA", "1", "RGBA", "RGB", "P"])
+def test_image_pixels_are_scaled_by_the_range_of_their_mode(tmp_path, mode):
+    path = tmp_path / "img.png"
+    _write_mode(path, mode)
+    x, _ = _one_image_dataset(path)[0]
+    if mode in _GRAY:
+        want = np.array(_GRAY[mode], dtype=np.float64)[None].repeat(3, 0)
+    else:
+        want = np.array(_COLOUR[mode], dtype=np.float64).transpose(2, 0, 1)
+    assert x.shape == (3, 2, 2)
+    np.testing.assert_allclose(x.numpy(), want, atol=1e-6)
+
+
+@needs_pil
+def test_16_bit_images_keep_their_contrast_after_resizing(tmp_path):
+    path = tmp_path / "img.png"
+    Image.fromarray(np.full((4, 4), 16384, dtype=np.uint16)).save(path)  # a flat 25% gray
+    from easier.data import ImageFileDataset
+
+    ds = ImageFileDataset([(path, 0)], image_size=2, normalize=Normalize((0, 0, 0), (1, 1, 1)))
+    np.testing.assert_allclose(ds[0][0].numpy(), 16384 / 65535, atol=1e-6)
+
+
+def test_wide_in_memory_modes():
+    from easier.data.transforms import image_to_tensor
+
+    if Image is None:
+        pytest.skip("Pillow is not installed")
+    i32 = Image.fromarray(np.array([[0, 65535]], dtype=np.int32))
+    assert i32.mode == "I"
+    np.testing.assert_allclose(image_to_tensor(i32).numpy()[:, 0], [[0, 1]] * 3)
+    with pytest.raises(DataError, match=r"outside 0\.\.65535"):
+        image_to_tensor(Image.fromarray(np.array([[-1, 70000]], dtype=np.int32)))
+    f = Image.fromarray(np.array([[0.25, 0.5]], dtype=np.float32))
+    np.testing.assert_allclose(image_to_tensor(f).numpy()[:, 0], [[0.25, 0.5]] * 3)
+    with pytest.raises(DataError, match="NaN"):
+        image_to_tensor(Image.fromarray(np.array([[np.nan, 0.5]], dtype=np.float32)),
+                        what="image a.tif")
+
+
+@needs_pil
+@pytest.mark.parametrize("side", [4, 5])  # 16 px: over the limit (Pillow warns); 25: over 2x
+def test_image_over_the_decompression_bomb_limit_is_a_data_error(tmp_path, monkeypatch, side):
+    path = tmp_path / "big.png"
+    Image.fromarray(np.zeros((side, side), dtype=np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    with pytest.raises(DataError, match=r"big\.png.*MAX_IMAGE_PIXELS"):
+        _one_image_dataset(path)[0]
