@@ -153,9 +153,10 @@ def verify_file(path: str | Path, data: bytes | None = None) -> bool:
     got = hashlib.sha256(data).hexdigest() if data is not None else _sha256_file(path)
     if got not in accepted:
         raise StateError(
-            f"{path} is corrupt or truncated: its sha256 ({got[:16]}...) differs from the one recorded in "
-            f"{path.parent / CHECKSUMS} when easier wrote it ({accepted[0][:16]}...); the file "
-            f"changed on disk since (bit rot, a damaged copy or an edit) and was not loaded."
+            f"{path} is corrupt or truncated: its sha256 ({got[:16]}...) differs from the one "
+            f"recorded in {path.parent / CHECKSUMS} when easier wrote it "
+            f"({accepted[0][:16]}...); the file changed on disk since (bit rot, a damaged copy "
+            "or an edit) and was not loaded."
             f"{_backup_advice(path)}"
         )
     return True
@@ -457,6 +458,12 @@ class RunDir:
         if not isinstance(cfg, dict):
             raise StateError(f"{self.config_path} holds a {type(cfg).__name__}, not a JSON object "
                              "of settings; it is not an easier run's config")
+        shape = cfg.get("input_shape")
+        if shape is not None and not _is_shape(shape):
+            raise StateError(
+                f"{self.config_path}: input_shape is {shape!r}, not a list of positive integers "
+                "(e.g. [3, 32, 32]); restore the file written by `easier reduce`"
+            )
         return cfg
 
     def read_state(self) -> dict[str, Any] | None:
@@ -510,6 +517,13 @@ class RunDir:
     def write_jsonl(self, name: str, rows: Iterable[dict[str, Any]]) -> None:
         atomic_write_text(self.file(name),
                           "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+
+
+def _is_shape(shape: Any) -> bool:
+    """A list of positive ints (or of such lists, for models with several inputs)."""
+    return isinstance(shape, list) and all(
+        _is_shape(d) if isinstance(d, list) else
+        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
 
 
 def _json_default(o: Any) -> Any:
