@@ -5,8 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import easier
 from easier.errors import ConfigError
 from easier.measurement import Measurement, compare_table, measure, weight_depth
+from easier.sites import EasierWarning
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,10 +71,34 @@ def test_depth_counts_the_longest_path_not_all_layers():
         def forward(self, x):
             return torch.matmul(self.long(x) + self.short(x), self.w)
 
-    assert weight_depth(TwoBranches()) == (5, True)
+    assert weight_depth(TwoBranches(), torch.randn(2, 4)) == (5, True)
+    # the hook-free fallback (no capture) counts weight modules, and says it is not exact
+    assert weight_depth(TwoBranches()) == (5, False)
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")  # sites fall back to hooks, and say so
+def test_depth_of_a_resnet_and_its_shortcut_alone():
+    class Shortcut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.c(x) + self.b(self.a(x))  # 2 on the longest path, 3 modules
+
+    assert weight_depth(Shortcut(), torch.randn(3, 4)) == (2, True)
+    assert weight_depth(ResNet(), torch.randn(2, 3, 8, 8)) == (5, True)
+
+
+def test_linearized_model_has_fewer_activations_same_params_and_flops():
+    m = ResNet()
+    x = torch.randn(2, 3, 8, 8)
+    assert [s.name for s in easier.find_sites(m, x)] == ["relu", "relu@1", "relu@2"]
+    lin = easier.linearize(m, ["relu@1"], example_input=x)
+    a, b = measure(m, x, latency=False), measure(lin, x, latency=False)
+    assert (a.activations, b.activations) == (3, 2)
+    assert (b.params, b.flops, b.depth, b.depth_exact) == (a.params, a.flops, a.depth, True)
+
+
 def test_untraceable_model_falls_back_to_module_count():
     class Branchy(nn.Module):
         def __init__(self):
@@ -82,9 +108,14 @@ def test_untraceable_model_falls_back_to_module_count():
         def forward(self, x):
             return self.c(self.a(x) if x.sum() > 0 else self.b(x))
 
-    got = measure(Branchy(), torch.randn(2, 3), latency=False)
-    assert (got.depth, got.depth_exact) == (3, False)
+    m = Branchy()
+    x = torch.randn(2, 3)
+    with pytest.warns(EasierWarning, match="could not capture Branchy"):  # sites: hook fallback
+        got = measure(m, x, latency=False)
+    assert (got.depth, got.depth_exact) == (3, False)  # all three modules, although 2 run
     assert got.activations == 0
+    assert got.params == 3 * (3 * 3 + 3)
+    assert got.flops == 2 * 2 * 2 * 3 * 3  # two linears ran on a batch of 2
 
 
 def test_training_flags_restored_and_latency_recorded():
