@@ -67,3 +67,120 @@ def test_exported_program_matches_torchscript(run_dir):
     x = torch.randn(3, 1, 8, 8)
     ep = torch.export.load(str(run_dir / "folded.pt2")).module()
     torch.testing.assert_close(ep(x), torch.jit.load(str(run_dir / "folded.pt"))(x))
+
+
+# --- errors: one line, exit 2 for a bad option and 1 for a runtime failure -------------------
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("easier: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("bad", [["--device", "tpu"], ["--threads", "-1"], ["--delta", "nan"],
+                                 ["--lr", "nan"], ["--max-removals", "-3"], ["--width", "0"],
+                                 ["--dist-timeout", "0"], ["--dev", "cpu"]])
+def test_bad_options_are_one_line_exit_2_before_any_output(tmp_path, capsys, bad):
+    out = tmp_path / "run"
+    assert main(["reduce", *TINY, "--out", str(out), *bad]) == 2
+    line = one_line_error(capsys)
+    assert bad[0] in line
+    assert not out.exists()  # refused before anything was written
+
+
+def test_help_shows_defaults(capsys):
+    assert main(["reduce", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "(default: 0.25)" in text and "(default: 1.0)" in text and "--dist-timeout" in text
+
+
+def test_disk_full_while_writing_reports_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    import easier.report
+
+    def full(run, *_a, **_k):
+        path = run.file("history.csv")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(easier.report, "write_reports", full)
+    out = tmp_path / "run"
+    assert main(["reduce", *TINY, "--max-removals", "1", "--delta", "100", "--out", str(out)]) == 1
+    line = one_line_error(capsys)
+    assert "No space left on device" in line and "history.csv" in line and "--resume" in line
+    assert main(["reduce", *TINY, "--max-removals", "1", "--delta", "100", "--out", str(out),
+                 "--resume", "--debug"]) == 1
+    assert "Traceback" in capsys.readouterr().err  # --debug shows it
+
+
+@pytest.fixture
+def broken_run(run_dir, tmp_path):
+    """A copy of the finished run with no checksums (so config.json edits are not caught by
+    the checksum first)."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "checksums.json").unlink()
+    return copy
+
+
+@pytest.mark.parametrize("config,words", [("[1, 2]", "not a JSON object"),
+                                          ('{"input_shape": "1x8x8"}', "input_shape")])
+def test_bad_config_json_is_one_line_exit_1(broken_run, capsys, config, words):
+    (broken_run / "config.json").write_text(config)
+    assert main(["fold", str(broken_run)]) == 1
+    assert words in one_line_error(capsys)
+
+
+def test_edited_run_file_is_caught_by_its_checksum(run_dir, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["input_shape"] = [1, 9, 9]
+    (copy / "config.json").write_text(json.dumps(cfg))
+    assert main(["reduce", *TINY, "--max-removals", "2", "--delta", "100", "--out", str(copy),
+                 "--resume"]) == 1
+    assert "config.json is corrupt" in one_line_error(capsys)
+
+
+def test_fold_of_a_locked_run_is_refused_naming_the_holder(broken_run, capsys):
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from easier.state import lock_run_dir\n"
+         "with lock_run_dir(sys.argv[1]):\n print('locked', flush=True); sys.stdin.read()",
+         str(broken_run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = (broken_run / "fold_plan.json").read_bytes()
+        assert main(["fold", str(broken_run)]) == 1
+        assert f"PID {holder.pid}" in one_line_error(capsys)
+        assert (broken_run / "fold_plan.json").read_bytes() == before  # nothing written
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+
+
+def test_image_over_the_bomb_limit_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    Image = pytest.importorskip("PIL.Image")
+
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for k in range(10):
+            Image.fromarray(np.full((4, 4, 3), 20 * k, dtype=np.uint8)).save(
+                tmp_path / "imgs" / c / f"{k}.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    assert main(["reduce", *TINY, "--data", f"imagefolder:{tmp_path / 'imgs'}", "--image-size",
+                 "8", "--out", str(tmp_path / "run")]) == 1
+    line = one_line_error(capsys)
+    assert ".png" in line and "MAX_IMAGE_PIXELS" in line
