@@ -17,11 +17,11 @@ from .errors import (
     StateError,
     TraceError,
 )
-from .folding import fold, fold_ready
+from .fold import FoldPlan, fold, plan_fold
 from .linearize import linearize, linearized_sites, replace_with_identity
 from .loop import ReduceResult, reduce
 from .measurement import Measurement, compare_table, measure
-from .plan import FoldPlan, plan_fold
+from .padding import fold_ready
 from .sites import KINDS, EasierWarning, Site, find_sites
 from .state import load_model, save_model
 from .train import FineTune

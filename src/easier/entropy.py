@@ -28,19 +28,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .errors import DataError, NonFiniteError, SiteError, TraceError
-from .sites import (
-    KINDS,
-    Site,
-    activation_input,
-    call_model,
-    eval_mode,
-    find_sites,
-    module_sites,
-    site_nodes,
-    sites_of_graph,
-    trace,
-)
+from .capture import Capture, call_model, capture, eval_mode
+from .errors import DataError, NonFiniteError, NoSitesError, SiteError, TraceError
+from .sites import KINDS, GraphSite, Site, find_sites, graph_sites, module_sites, sites_by_hooks
 
 __all__ = ["EntropyPass", "EntropyReport", "NeuronStats", "binary_entropy", "measure_entropy"]
 
@@ -341,17 +331,30 @@ class EntropyReport:
 # measurement
 
 
-def batch_input(batch: Any, input_key: str | None = None) -> Any:
-    """The model input of a batch: a tensor, ``(input, target, ...)``, or a dict with input_key."""
+def batch_input(batch: Any, input_key: str | Sequence[str] | None = None) -> Any:
+    """The model input of a batch.
+
+    A tensor; ``(input, target, ...)``; or a dict (e.g. a Hugging Face batch): by default every
+    key but ``label``/``labels`` is passed as a keyword argument; ``input_key`` names the one
+    model input (passed positionally) or a list of keys (passed as keyword arguments).
+    """
     if isinstance(batch, torch.Tensor):
         return batch
     if isinstance(batch, dict):
-        if input_key is None or input_key not in batch:
+        if input_key is None:  # a Hugging Face batch: every key but the labels is an input
+            keys = [k for k in batch if k not in ("label", "labels")]
+        else:
+            keys = [input_key] if isinstance(input_key, str) else list(input_key)
+        missing = [k for k in keys if k not in batch]
+        if not keys or missing:
             raise DataError(
                 f"batch is a dict with keys {sorted(batch)}; pass input_key= naming the model "
-                "input (e.g. input_key='pixel_values')"
+                "input (e.g. input_key='pixel_values', or a list of keys passed as keyword "
+                "arguments: input_key=['input_ids', 'attention_mask'])"
             )
-        return batch[input_key]
+        if isinstance(input_key, str):
+            return batch[input_key]
+        return {k: batch[k] for k in keys}
     if isinstance(batch, (tuple, list)) and batch:
         return batch[0]
     raise DataError(
@@ -401,8 +404,9 @@ class EntropyPass:
     """Counters attached to a model for one measurement: set up, ``run`` batches, ``report``.
 
     The building block of :func:`measure_entropy`; a distributed pass runs each rank's shard and
-    sums the counters (:func:`easier.distributed.all_reduce_counters`) before ``report``.
-    ``example`` is one model input (used to find sites when fx cannot trace the model).
+    sums the counters before ``report``. ``example`` is one model input: the model is captured
+    with ``torch.export`` on it and a counter node is inserted before every chosen site (the
+    PT2E observer pattern); a model export cannot capture is counted through module hooks.
     """
 
     def __init__(self, model: nn.Module, example: Any, sites: Sequence[str | Site] | None = None,
@@ -414,31 +418,50 @@ class EntropyPass:
         if neuron not in NEURONS:
             raise SiteError(f"neuron={neuron!r}; valid: {list(NEURONS)}")
         self.model, self.estimator, self.neuron = model, estimator, neuron
+        self.kinds = tuple(kinds)
         self.device = torch.device(device) if device is not None else model_device(model)
         self.samples = 0
+        example = _to_device(example, self.device)
         try:
-            gm = trace(model)
-        except TraceError:
-            gm = None
-        if gm is None:
-            found = find_sites(model, _to_device(example, self.device), kinds=kinds)
+            cap: Capture | None = capture(model, example)
+        except TraceError as exc:
+            cap, reason = None, str(exc)
+        if cap is None:
+            found = sites_by_hooks(model, example, kinds, reason=reason)
         else:
-            found = sites_of_graph(gm, kinds)
+            located = graph_sites(model, cap, kinds)
+            found = [g.site for g in located]
             if not found:
-                find_sites(model, kinds=kinds)  # raises the NoSitesError with its message
+                find_sites(model, example, kinds=kinds)  # raises NoSitesError with its message
+                raise NoSitesError(f"{type(model).__name__} has no activation site")
         self.chosen = _select(found, sites)
         scratch = _Scratch()
         self.counters = {s.name: _Counter(s, neuron, _axis_for(s, channel_axis), estimator,
                                           scratch, check_finite) for s in self.chosen}
         self._handles: list[Any] = []
-        if gm is None:
+        self._runners: dict[Any, nn.Module] = {}
+        if cap is None:
             mods = module_sites(model, kinds)
             for name, c in self.counters.items():
                 self._handles.append(mods[name].register_forward_pre_hook(
                     lambda _m, args, c=c: c(args[0])))
             self.runner: nn.Module = model
+            self.dynamic = True
         else:
-            self.runner = _instrument(gm, self.counters, kinds)
+            self.runner = _instrument(cap.gm, self.counters, located)
+            self.dynamic = cap.dynamic_batch
+            self._runners[_signature(example)] = self.runner
+
+    def _runner_for(self, x: Any) -> nn.Module:
+        """The instrumented capture for this input (a static capture is redone per shape)."""
+        if self.dynamic:
+            return self.runner
+        key = _signature(x)
+        if key not in self._runners:
+            cap = capture(self.model, x, dynamic_batch=False)
+            self._runners[key] = _instrument(cap.gm, self.counters,
+                                             graph_sites(self.model, cap, self.kinds))
+        return self._runners[key]
 
     @torch.no_grad()
     def run(self, batches: Iterable[Any], *, input_key: str | None = None,
@@ -452,7 +475,7 @@ class EntropyPass:
         with eval_mode(self.model):
             for batch in stream:
                 x = _to_device(batch_input(batch, input_key), self.device)
-                call_model(self.runner, x)
+                call_model(self._runner_for(x), x)
                 self.samples += _batch_size(x)
 
     def close(self) -> None:
@@ -525,22 +548,29 @@ def _batch_size(x: Any) -> int:
     return 0
 
 
+def _signature(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return tuple(x.shape)
+    if isinstance(x, (tuple, list)):
+        return tuple(_signature(v) for v in x)
+    if isinstance(x, dict):
+        return tuple((k, _signature(v)) for k, v in sorted(x.items()))
+    return None
+
+
 def _instrument(gm: fx.GraphModule, counters: dict[str, _Counter],
-                kinds: Sequence[str]) -> fx.GraphModule:
-    """A new GraphModule sharing gm's modules, with a counter node before each chosen site."""
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    out = graph.graph_copy(gm.graph, env)
-    graph.output(out)
-    probed = fx.GraphModule(gm, graph)
-    nodes = site_nodes(probed, kinds)
+                located: Sequence[GraphSite]) -> fx.GraphModule:
+    """``gm`` (a capture, changed in place) with a counter node before each chosen site."""
+    by_name = {g.site.name: g for g in located}
     for i, (name, counter) in enumerate(counters.items()):
-        if name not in nodes:
-            raise TraceError(f"site {name!r} disappeared while instrumenting the graph")
-        node = nodes[name]
+        if name not in by_name:
+            raise SiteError(f"site {name!r} is not in this capture; sites: {list(by_name)}")
+        g = by_name[name]
         path = f"_easier_counter_{i}"
-        probed.add_submodule(path, counter)
-        with probed.graph.inserting_before(node):
-            probed.graph.call_module(path, (activation_input(node),))
-    probed.recompile()
-    return probed
+        gm.add_submodule(path, counter)
+        group = set(g.nodes)
+        first = next(n for n in gm.graph.nodes if n in group and g.input in n.all_input_nodes)
+        with gm.graph.inserting_before(first):
+            gm.graph.call_module(path, (g.input,))
+    gm.recompile()
+    return gm

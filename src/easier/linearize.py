@@ -1,25 +1,42 @@
-"""Edits that make a model more linear, recorded so a saved model can be rebuilt.
+"""Edits that make a model more linear, done on the user's *eager* module and recorded.
 
-:func:`linearize` replaces activation sites by identity (an fx graph rewrite);
-:func:`replace_with_identity` replaces whole modules (blocks) by identity. Every edit returns a
-copy and appends a plain-data record to ``model.easier_edits``; :func:`apply_edits` replays such
-a list on a fresh base model, which is how checkpoints are rebuilt under ``weights_only=True``.
-Methods may register their own edits with :func:`register_edit`.
+:func:`linearize` makes activation call sites compute the identity; :func:`replace_with_identity`
+replaces whole modules (blocks). The edited model keeps its class, its module tree and every
+parameter and buffer name, so it trains exactly as before (BN statistics, dropout, DDP, AMP) and
+``state_dict``s load across. How a site is switched off:
+
+* an activation module called once is replaced by :class:`Linearized` (returns its input, keeps
+  the module's parameters, e.g. a PReLU's weight);
+* the k-th call of a shared activation module: the module is wrapped in a :class:`CallSwitch`
+  that skips the linearized calls (counted per forward pass);
+* a functional site ``scope:op@k``: the ``scope`` module gets forward hooks that run its
+  forward under a ``TorchFunctionMode`` returning the input of its k-th ``op`` call.
+
+Every edit returns a copy and appends a plain-data record to ``model.easier_edits``;
+:func:`apply_edits` replays such a list on a fresh base model, which is how checkpoints are
+rebuilt under ``weights_only=True``. Methods may register their own edits with
+:func:`register_edit`.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from torch import fx, nn
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from .errors import SiteError, StateError, TraceError
-from .sites import KINDS, activation_input, module_sites, site_nodes, trace
+from .capture import capture
+from .errors import ConfigError, SiteError, StateError, TraceError
+from .padding import conv_paddings, relocate
+from .sites import KINDS, SWITCH_ATTR, graph_sites, module_kind
 
-__all__ = ["apply_edits", "edits_of", "linearize", "linearized_sites", "register_edit",
-           "replace_with_identity"]
+__all__ = ["CallSwitch", "Linearized", "apply_edits", "edits_of", "linearize",
+           "linearized_sites", "register_edit", "replace_with_identity"]
 
 _EDITS = "easier_edits"  # list of edit records, kept on every edited module
 _CARRIED = ("easier_spec",)  # attributes a copy keeps
@@ -72,62 +89,268 @@ def fold_ready_model(model: nn.Module) -> bool:
     return any(e.get("fold_ready") for e in edits_of(model) if e["op"] == "linearize")
 
 
+# ---------------------------------------------------------------------------------------------
+# the eager switches
+
+
+class Linearized(nn.Module):
+    """An activation module switched to the identity; keeps the original's parameters."""
+
+    def __init__(self, original: nn.Module, kind: str):
+        super().__init__()
+        self.easier_kind = kind
+        self.original_type = type(original).__name__
+        for name, p in original.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in original.named_buffers(recurse=False):
+            self.register_buffer(name, b)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return f"was {self.original_type}"
+
+
+class CallSwitch(nn.Module):
+    """A shared activation module whose listed calls (0-based, per forward) are the identity."""
+
+    def __init__(self, inner: nn.Module, kind: str, calls: Iterable[int]):
+        super().__init__()
+        self.inner = inner
+        self.easier_kind = kind
+        self.calls = set(calls)
+        self.count = 0
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        i, self.count = self.count, self.count + 1
+        return x if i in self.calls else self.inner(x, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"identity at calls {sorted(self.calls)}"
+
+
+# torch-level callables -> op name of the sites they create (same names as in sites.py)
+_EAGER_OPS: dict[Any, str] = {}
+for _fns, _op in (
+    ((F.relu, torch.relu, torch.Tensor.relu, getattr(F, "relu_", None), torch.relu_,
+      torch.Tensor.relu_), "relu"),
+    ((F.relu6, F.hardtanh, getattr(F, "hardtanh_", None)), "relu6"),
+    ((F.leaky_relu, getattr(F, "leaky_relu_", None)), "leaky_relu"),
+    ((F.prelu, torch.prelu), "prelu"),
+    ((F.gelu,), "gelu"),
+    ((F.silu,), "silu"),
+):
+    for _fn in _fns:
+        if _fn is not None:
+            _EAGER_OPS[_fn] = _op
+
+
+class _Switch:
+    """State of one scope module's functional-site switch (kept as ``SWITCH_ATTR``)."""
+
+    def __init__(self) -> None:
+        self.skip: dict[str, set[int]] = {}
+        self.count: dict[str, int] = {}
+        self.depth = 0
+        self.modes: list[TorchFunctionMode] = []
+
+    def skipped(self, op: str) -> set[int]:
+        return self.skip.get(op, set())
+
+
+class _Override(TorchFunctionMode):
+    """Returns the input of the switched calls made by the scope's own forward (depth 0)."""
+
+    def __init__(self, switch: _Switch):
+        super().__init__()
+        self.switch = switch
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        sw, op = self.switch, _EAGER_OPS.get(func)
+        if op is not None and sw.depth == 0:
+            if func is F.hardtanh or func is getattr(F, "hardtanh_", None):
+                lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+                op = op if lo == 0 else None
+            if op is not None:
+                i = sw.count.get(op, 0)
+                sw.count[op] = i + 1
+                if i in sw.skip.get(op, ()):
+                    return args[0] if args else kwargs.get("input")
+        return func(*args, **kwargs)
+
+
+def _scope_enter(module: nn.Module, args: Any) -> None:
+    sw: _Switch = getattr(module, SWITCH_ATTR)
+    sw.depth = 0
+    mode = _Override(sw)
+    mode.__enter__()
+    sw.modes.append(mode)
+
+
+def _scope_exit(module: nn.Module, args: Any, out: Any) -> None:
+    sw: _Switch = getattr(module, SWITCH_ATTR)
+    if sw.modes:
+        sw.modes.pop().__exit__(None, None, None)
+
+
+def _child_enter(sw: _Switch, module: nn.Module, args: Any) -> None:
+    sw.depth += 1
+
+
+def _child_exit(sw: _Switch, module: nn.Module, args: Any, out: Any) -> None:
+    sw.depth -= 1
+
+
+def _reset_counts(root: nn.Module, args: Any) -> None:
+    """Root forward pre-hook: call counters restart at every forward pass."""
+    for m in root.modules():
+        sw = getattr(m, SWITCH_ATTR, None)
+        if sw is not None:
+            sw.count.clear()
+        if isinstance(m, CallSwitch):
+            m.count = 0
+
+
+def _ensure_reset_hook(root: nn.Module) -> None:
+    if _reset_counts not in root._forward_pre_hooks.values():
+        root.register_forward_pre_hook(_reset_counts)
+
+
+def _switch_of(scope: nn.Module) -> _Switch:
+    sw = getattr(scope, SWITCH_ATTR, None)
+    if sw is None:
+        sw = _Switch()
+        setattr(scope, SWITCH_ATTR, sw)
+        scope.register_forward_pre_hook(_scope_enter)
+        scope.register_forward_hook(_scope_exit, always_call=True)
+        for child in scope.children():
+            child.register_forward_pre_hook(functools.partial(_child_enter, sw))
+            child.register_forward_hook(functools.partial(_child_exit, sw), always_call=True)
+    return sw
+
+
+# ---------------------------------------------------------------------------------------------
+# linearize
+
+
+def _parse(name: str) -> tuple[str, str | None, int]:
+    """(module path, op or None for a module site, call index)."""
+    base, sep, tail = name.rpartition("@")
+    if not (sep and tail.isdigit()):
+        base, tail = name, "0"
+    path, colon, op = base.partition(":")
+    return path, (op if colon else None), int(tail)
+
+
+def _submodule(model: nn.Module, path: str, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise SiteError(f"site {name!r}: the model has no module {path!r}") from None
+
+
+def _set(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
 def linearize(
     model: nn.Module,
     sites: Iterable[str],
     *,
+    example_input: Any = None,
     fold_ready: bool = False,
     kinds: Sequence[str] = KINDS,
 ) -> nn.Module:
     """Return a copy of ``model`` in which the named activation sites compute the identity.
 
-    The copy is a ``torch.fx.GraphModule`` whose graph no longer contains the site calls, so it
-    runs, trains and exports like any module; parameters and buffers keep their names, so
-    ``state_dict``s load across the original and the copy. ``model`` itself is not modified.
-    The removed names are recorded (:func:`linearized_sites`), so a saved model is rebuilt from its
-    architecture, this list and a ``state_dict``.
+    The copy is the same eager module (same class and module tree, see the module doc); ``model``
+    itself is not modified. Parameters and buffers keep their names. The removed names are
+    recorded (:func:`linearized_sites`), so a saved model is rebuilt from its architecture, this
+    list and a ``state_dict``.
 
-    ``fold_ready=True`` also moves the zero padding of each conv chain that a removed activation
-    joins to the chain's first conv. That changes the function at the image borders (fine-tuning
-    adapts to it) and makes the later :func:`easier.fold` of the chain exact; see the README.
-
-    Models fx cannot trace fall back to swapping activation *modules* for ``nn.Identity`` (the
-    result keeps the model's class); functional and shared activations cannot be linearized then.
+    With ``example_input`` (one model input) the names are checked against the sites of a
+    capture, so a wrong name fails with the list of valid ones. ``fold_ready=True`` (needs
+    ``example_input``) also moves the zero padding of each conv chain that a removed activation
+    joins to the chain's first conv: that changes the function at the image borders (fine-tuning
+    adapts to it) and makes the later :func:`easier.fold` of the chain exact.
     """
     names = list(sites)
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise SiteError(f"site(s) {dup} given more than once")
     done = linearized_sites(model)
-    edit = {"op": "linearize", "sites": names, "fold_ready": bool(fold_ready)}
-    new = copy.deepcopy(model)
-    try:
-        gm = trace(new)
-    except TraceError:
-        return record_edit(_swap_modules(new, names, done, kinds), model, edit)
-    nodes = site_nodes(gm, kinds)
-    _check_names(names, list(nodes), done)
-    junctions: list[fx.Node] = []
     for name in names:
-        node = nodes[name]
-        src = activation_input(node)
-        node.replace_all_uses_with(src)
-        gm.graph.erase_node(node)
-        junctions.append(src)
-    gm.graph.lint()
-    gm.recompile()
-    if gm is not new:
-        _keep_unreferenced_state(gm, new)
-        gm.train(model.training)
-    if fold_ready and junctions:
-        from .folding import relocate_padding
+        if name in done:
+            raise SiteError(f"site {name!r} is already linearized")
+    if fold_ready and example_input is None:
+        raise ConfigError("linearize(fold_ready=True) needs example_input= to find conv chains")
+    padding: dict[str, list[int]] = {}
+    shared = {_parse(n)[0] for n in [*names, *done] if _parse(n)[2] > 0}
+    if example_input is not None:
+        try:
+            cap = capture(model, example_input)
+        except TraceError:
+            cap = None  # hook fallback: module sites only, checked structurally below
+        if cap is not None:
+            located = {g.site.name: g for g in graph_sites(model, cap, kinds)}
+            unknown = [n for n in names if n not in located]
+            if unknown:
+                raise SiteError(f"unknown site(s) {unknown}; valid sites: {list(located)}")
+            shared |= {_parse(n)[0] for n in located if _parse(n)[2] > 0}
+            if fold_ready:
+                padding = relocate(model, cap, [located[n] for n in names])
+    shared = {p for p in shared if _parse(p)[1] is None and p in {_parse(n)[0] for n in names}}
+    new = _apply_linearize(copy.deepcopy(model), names, padding, shared)
+    edit = {"op": "linearize", "sites": names, "fold_ready": bool(fold_ready),
+            "padding": padding, "shared": sorted(shared)}
+    return record_edit(new, model, edit)
 
-        relocate_padding(gm, junctions)
-    return record_edit(gm, model, edit)
+
+def _apply_linearize(new: nn.Module, names: list[str], padding: dict[str, list[int]],
+                     shared: set[str]) -> nn.Module:
+    """Switch the named sites off in ``new`` (in place) and set relocated paddings.
+
+    ``shared`` lists activation modules called more than once per forward: they get a
+    :class:`CallSwitch`, every other module site a :class:`Linearized`.
+    """
+    for name in names:
+        path, op, call = _parse(name)
+        scope = _submodule(new, path, name)
+        if op is not None:
+            if op not in set(_EAGER_OPS.values()):
+                raise SiteError(f"site {name!r}: unknown op {op!r}")
+            _switch_of(scope).skip.setdefault(op, set()).add(call)
+            _ensure_reset_hook(new)
+            continue
+        kind = module_kind(scope)
+        if kind is None:
+            raise SiteError(f"site {name!r}: module {path!r} ({type(scope).__name__}) is not an "
+                            "activation module")
+        if isinstance(scope, CallSwitch):
+            scope.calls.add(call)
+        elif isinstance(scope, Linearized):
+            raise SiteError(f"site {name!r} is already linearized")
+        elif path not in shared:
+            _set(new, path, Linearized(scope, kind))
+        else:
+            _set(new, path, CallSwitch(scope, kind, [call]))
+            _ensure_reset_hook(new)
+    conv_paddings(new, padding)
+    return new
 
 
-register_edit("linearize")(lambda model, sites, fold_ready=False: linearize(
-    model, sites, fold_ready=fold_ready))
+@register_edit("linearize")
+def _replay_linearize(model: nn.Module, sites: list[str], fold_ready: bool = False,
+                      padding: dict[str, list[int]] | None = None,
+                      shared: list[str] | None = None) -> nn.Module:
+    new = _apply_linearize(copy.deepcopy(model), list(sites), dict(padding or {}),
+                           set(shared or ()))
+    return record_edit(new, model, {"op": "linearize", "sites": list(sites),
+                                    "fold_ready": bool(fold_ready), "padding": padding or {},
+                                    "shared": list(shared or [])})
 
 
 @register_edit("identity")
@@ -135,58 +358,14 @@ def replace_with_identity(model: nn.Module, modules: Iterable[str]) -> nn.Module
     """Return a copy of ``model`` in which the named submodules (whole blocks) are identities.
 
     Each module must map its input to an output of the same shape (e.g. a non-downsampling
-    residual block); that is checked when the model runs, not here. Works on the model's own
-    module tree, so it is for models that were not flattened into an fx graph by an earlier edit.
+    residual block); that is checked when the model runs, not here.
     """
     names = list(modules)
-    if isinstance(model, fx.GraphModule):
-        raise SiteError(
-            "replace_with_identity works on a model's module tree, but this model is an fx graph "
-            "(its blocks were inlined by an earlier edit); replace blocks before linearizing"
-        )
     valid = {n for n, _ in model.named_modules() if n}
     unknown = [n for n in names if n not in valid]
     if unknown:
         raise SiteError(f"unknown module(s) {unknown}; e.g. {sorted(valid)[:10]}")
     new = copy.deepcopy(model)
     for name in names:
-        parent, _, leaf = name.rpartition(".")
-        setattr(new.get_submodule(parent) if parent else new, leaf, nn.Identity())
+        _set(new, name, nn.Identity())
     return record_edit(new, model, {"op": "identity", "modules": names})
-
-
-def _check_names(names: list[str], valid: list[str], done: list[str]) -> None:
-    for name in names:
-        if name in done:
-            raise SiteError(f"site {name!r} is already linearized; remaining sites: {valid}")
-    unknown = [n for n in names if n not in valid]
-    if unknown:
-        raise SiteError(f"unknown site(s) {unknown}; valid sites: {valid}")
-
-
-def _keep_unreferenced_state(gm: fx.GraphModule, source: nn.Module) -> None:
-    """fx drops submodules the forward never calls; put them back so state_dict keys match."""
-    have = set(gm.state_dict())
-    owners: dict[str, nn.Module] = {}
-    for key in source.state_dict():
-        if key not in have:
-            path = key.rpartition(".")[0]
-            if path and path not in owners:
-                owners[path] = source.get_submodule(path)
-    for path, mod in sorted(owners.items()):
-        try:
-            gm.get_submodule(path)
-        except AttributeError:
-            gm.add_submodule(path, mod)
-
-
-def _swap_modules(new: nn.Module, names: list[str], done: list[str],
-                  kinds: Sequence[str]) -> nn.Module:
-    """Fallback for untraceable models: swap whole activation modules of the copy for Identity."""
-    mods = module_sites(new, kinds)
-    _check_names(names, [n for n in mods if n not in done], done)
-    for name in names:
-        parent, _, leaf = name.rpartition(".")
-        setattr(new.get_submodule(parent) if parent else new, leaf, nn.Identity())
-    return new
-

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .capture import to_device
 from .entropy import batch_input
 from .errors import ConfigError, NonFiniteError
 from .linearize import linearized_sites
@@ -59,7 +60,7 @@ class ReduceResult:
         return history_table(self.history, self.baseline)
 
 
-def _example(data: Dataset | DataLoader, input_key: str | None) -> torch.Tensor:
+def _example(data: Dataset | DataLoader, input_key: Any) -> Any:
     batch = next(iter(make_loader(data, 1, shuffle=False)))
     return batch_input(batch, input_key)
 
@@ -128,8 +129,9 @@ def reduce(
     say = log or (lambda _msg: None)
     device = torch.device(device)
     train_eval = train if train_eval is None else train_eval
-    example = _example(val, input_key).to(device)
-    all_sites = [s.name for s in find_sites(model, example.cpu(), kinds=kinds)]
+    example = to_device(_example(val, input_key), device)
+    strategy.example = to_device(example, "cpu")  # captures (sites, fold) use this input
+    all_sites = [s.name for s in find_sites(model, strategy.example, kinds=kinds)]
     prepared = strategy.prepare(copy.deepcopy(model).cpu())
     all_units = strategy.units(prepared, kinds)
 
@@ -140,7 +142,7 @@ def reduce(
         "run_all": run_all, "max_iterations": max_iterations, "seed": seed,
         "entropy_batches": entropy_batches, "fold_ready": fold_ready, "kinds": list(kinds),
         "sites": all_sites, "units": all_units, "unit": strategy.unit,
-        "input_shape": list(example.shape[1:]),
+        "input_shape": list(example.shape[1:]) if isinstance(example, torch.Tensor) else None,
         "model_spec": getattr(model, "easier_spec", None), **(config or {}),
     }
     from .distributed import barrier, get_info
@@ -220,7 +222,7 @@ def reduce(
                       rng=random.Random(seed * 1_000_003 + k), train_eval=train_eval, val=val,
                       device=device, kinds=kinds, fold_ready=fold_ready,
                       batch_size=finetune.batch_size, entropy_batches=entropy_batches,
-                      input_key=input_key, progress=progress,
+                      input_key=input_key, progress=progress, example=example,
                       max_k=None if max_removals is None else max_removals - len(removed))
         step = strategy.step(ctx)
         candidate = step.model.to(device)
@@ -274,7 +276,7 @@ def reduce(
                           baseline=baseline, stop_reason=stop_reason or "",
                           out=run.path if run else None)
     if fold is not None and run is not None and info.is_main:
-        from .folding import fold_run
+        from .run_outputs import fold_run
 
         result.extras["fold"] = fold_run(run.path, plan=fold, model=copy.deepcopy(base))
         say(f"folded (plan={fold}), max |error| "

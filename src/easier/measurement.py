@@ -9,18 +9,18 @@ path of the fx graph, so a residual block counts its longer branch, not both.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-import torch.utils.benchmark as benchmark
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import ConfigError, DataError, NoSitesError
+from .capture import call_model, capture
+from .errors import ConfigError, DataError, NoSitesError, TraceError
+from .timing import time_call, time_side_by_side
 
 __all__ = [
     "Latency",
@@ -33,25 +33,6 @@ __all__ = [
 ]
 
 _WEIGHT_MODULES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear)
-_WEIGHT_FNS = {
-    F.conv1d,
-    F.conv2d,
-    F.conv3d,
-    F.conv_transpose1d,
-    F.conv_transpose2d,
-    F.conv_transpose3d,
-    F.linear,
-    F.bilinear,
-    torch.matmul,
-    operator.matmul,
-    torch.mm,
-    torch.bmm,
-    torch.addmm,
-    torch.conv1d,
-    torch.conv2d,
-    torch.conv3d,
-}
-_WEIGHT_METHODS = {"matmul", "mm", "bmm", "__matmul__"}
 
 
 @dataclass(frozen=True)
@@ -95,112 +76,56 @@ class Measurement:
         return cls(**d)
 
 
-def _timer(fn: Callable[[], Any]) -> benchmark.Timer:
-    # the Timer defaults to one thread; time with what the caller has set
-    return benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-
-
-def _stats(times: Sequence[float]) -> tuple[float, float]:
-    t = torch.tensor(times, dtype=torch.float64) * 1e3
-    q = torch.quantile(t, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
-    return float(q[1]), float(q[2] - q[0])
-
-
-def time_call(
-    fn: Callable[[], Any], *, min_run_time: float = 0.2, repeats: int = 1
-) -> tuple[float, float, int]:
-    """(median ms, IQR ms, number of timed blocks) of ``fn()`` under inference_mode.
-
-    ``torch.utils.benchmark.Timer.blocked_autorange`` with the current thread count;
-    ``repeats`` pools several autoranges (each re-estimates its block size, which bounds the
-    damage one disturbed estimate can do on a busy machine).
-    """
-    if min_run_time <= 0 or repeats < 1:
-        raise ConfigError(f"need min_run_time > 0 and repeats >= 1, got {min_run_time}, {repeats}")
-    timer = _timer(fn)
-    times: list[float] = []
-    with torch.inference_mode():
-        fn()  # warm-up outside the timed blocks (allocations, oneDNN primitive creation)
-        for _ in range(repeats):
-            times += timer.blocked_autorange(min_run_time=min_run_time / repeats).times
-    return (*_stats(times), len(times))
-
-
-def time_side_by_side(
-    fns: Sequence[Callable[[], Any]], *, min_run_time: float = 0.2, rounds: int = 5
-) -> list[tuple[float, float]]:
-    """(median ms, IQR ms) of each function, timed in alternating rounds.
-
-    Alternating spreads any change in machine load over all candidates alike, so their ratio is
-    trustworthy even when the absolute times drift. ``min_run_time`` is per function in total.
-    """
-    if min_run_time <= 0 or rounds < 1:
-        raise ConfigError(f"need min_run_time > 0 and rounds >= 1, got {min_run_time}, {rounds}")
-    timers = [_timer(fn) for fn in fns]
-    times: list[list[float]] = [[] for _ in fns]
-    with torch.inference_mode():
-        for fn in fns:
-            fn()
-        for _ in range(rounds):
-            for timer, acc in zip(timers, times, strict=True):
-                acc += timer.blocked_autorange(min_run_time=min_run_time / rounds).times
-    return [_stats(t) for t in times]
-
-
-def _as_args(example_input: Any) -> tuple[Any, ...]:
-    return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
-
-
-def _batch_size(args: Sequence[Any]) -> int:
-    for a in args:
+def _batch_size(example_input: Any) -> int:
+    for a in pytree.tree_leaves(example_input):
         if isinstance(a, torch.Tensor) and a.dim() > 0:
             return int(a.shape[0])
     raise DataError(
         "measure needs an example input with a batch dimension (a tensor, or a "
-        "tuple whose first tensor has one)."
+        "tuple or dict whose first tensor has one)."
     )
 
 
-def _resize_batch(args: Sequence[Any], batch: int, size: int) -> tuple[Any, ...]:
+def _resize_batch(example_input: Any, batch: int, size: int) -> Any:
     """The example input with ``size`` samples, cycling through the example's own samples."""
     idx = torch.arange(size) % batch
-    return tuple(
-        a[idx.to(a.device)]
-        if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch
-        else a
-        for a in args
+    return pytree.tree_map(
+        lambda a: a[idx.to(a.device)]
+        if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch else a,
+        example_input,
     )
 
 
-def _is_weight_node(gm: fx.GraphModule, node: fx.Node) -> int:
+_WEIGHT_OPS = {"conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d",
+               "conv_transpose2d", "conv_transpose3d", "linear", "addmm", "mm", "matmul", "bmm",
+               "baddbmm", "bilinear", "einsum"}
+
+
+def _weight_layers(gm: fx.GraphModule, node: fx.Node) -> int:
     """How many weight layers ``node`` applies in sequence (0 for none)."""
     if node.op == "call_module":
-        mod = gm.get_submodule(str(node.target))
-        if isinstance(mod, nn.MultiheadAttention):
-            return 2  # input projection, then output projection
-        return int(isinstance(mod, _WEIGHT_MODULES))
-    has_param = any(a.op == "get_attr" for a in node.all_input_nodes)
-    if node.op == "call_function" and node.target in _WEIGHT_FNS:
-        return int(has_param)
-    if node.op == "call_method" and node.target in _WEIGHT_METHODS:
-        return int(has_param)
-    return 0
+        return int(isinstance(gm.get_submodule(str(node.target)), _WEIGHT_MODULES))
+    if node.op != "call_function":
+        return 0
+    op = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+    return int(op in _WEIGHT_OPS and any(a.op == "get_attr" for a in node.all_input_nodes))
 
 
-def weight_depth(model: nn.Module) -> tuple[int, bool]:
+def weight_depth(model: nn.Module, example_input: Any = None) -> tuple[int, bool]:
     """(weight layers on the longest input->output path, exact?).
 
-    Untraceable models fall back to counting conv/linear modules (not exact: parallel branches
-    are summed).
+    Read from a torch.export capture (an op with a parameter operand is a weight layer). A model
+    that cannot be captured falls back to counting conv/linear modules (not exact: parallel
+    branches are summed).
     """
     try:
-        gm = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
-    except Exception:  # fx raises many types; the fallback is flagged, not hidden
+        gm = capture(model, example_input).gm
+    except TraceError:  # the fallback is flagged, not hidden
         return sum(isinstance(m, _WEIGHT_MODULES) for m in model.modules()), False
     depth: dict[fx.Node, int] = {}
     for node in gm.graph.nodes:
         before = max((depth[a] for a in node.all_input_nodes), default=0)
-        depth[node] = before + _is_weight_node(gm, node)
+        depth[node] = before + _weight_layers(gm, node)
     outputs = [n for n in gm.graph.nodes if n.op == "output"]
     return (depth[outputs[0]] if outputs else 0), True
 
@@ -231,28 +156,28 @@ def measure(
     it); latency is timed at each of ``batch_sizes`` by cycling the example's samples. The model
     runs in eval mode and its training flags are restored afterwards.
     """
-    args = _as_args(example_input)
-    batch = _batch_size(args)
+    batch = _batch_size(example_input)
     if latency and (not batch_sizes or any(int(b) < 1 for b in batch_sizes)):
         raise ConfigError(f"batch_sizes must be positive integers, got {batch_sizes}")
     flags = {m: m.training for m in model.modules()}
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(*args)
+            call_model(model, example_input)
         flops = int(counter.get_total_flops())
         lats = []
         if latency:
             for b in batch_sizes:
-                batch_args = _resize_batch(args, batch, int(b))
+                batch_in = _resize_batch(example_input, batch, int(b))
                 med, iqr, runs = time_call(
-                    lambda a=batch_args: model(*a), min_run_time=min_run_time, repeats=repeats
+                    lambda a=batch_in: call_model(model, a), min_run_time=min_run_time,
+                    repeats=repeats,
                 )
                 lats.append(Latency(int(b), med, iqr, runs))
     finally:
         for m, t in flags.items():
             m.training = t
-    depth, exact = weight_depth(model)
+    depth, exact = weight_depth(model, example_input)
     return Measurement(
         params=sum(p.numel() for p in model.parameters()),
         flops=flops,

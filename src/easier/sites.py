@@ -1,43 +1,70 @@
 """Find activation *call sites*: every place a rectifier is applied in a forward pass.
 
 A site is a call, not a module: one ``nn.ReLU`` called twice is two sites, and ``F.relu(x)``,
-``torch.relu(x)`` and ``x.relu_()`` are sites too. Sites are found by tracing the model with
-``torch.fx``; a model fx cannot trace falls back to module hooks, which can see only activation
-modules that are called exactly once per forward pass (and says which ones it lost).
+``torch.relu(x)`` and ``x.relu_()`` are sites too. Sites are read from a ``torch.export``
+capture of the model (:mod:`easier.capture`) and recognised by what they compute:
+
+* an *activation module* is a module whose whole forward is one rectifier: torch's classes
+  (``nn.ReLU``, ``ReLU6``, ``LeakyReLU``, ``PReLU``, ``GELU``, ``SiLU``, ``Hardtanh(0, t)``) and any
+  parameter-free leaf module that numerically computes one of them on a probe input — Hugging
+  Face's ``GELUActivation``, ``NewGELUActivation`` (the tanh formula, no ``gelu`` op at all),
+  ``QuickGELUActivation``, ``SiLUActivation``, timm's activation layers;
+* any other rectifier op in the graph (``F.relu`` inside a fused BN-act module, ``x.relu_()``,
+  ``torch.nn.functional.gelu`` in a forward) is a *functional* site of the module it is written in.
 
 Names are readable and stable:
 
-* a module call is named by the module path: ``layer1.0.relu1``;
-* a repeated call of the same module gets fx's own suffix: ``layer1.0.relu@1`` is the second call;
-* a functional or method call is named by the module it is written in and the op:
-  ``layer1.0:relu`` (``:relu`` at the root), then ``layer1.0:relu@1`` for the next one.
+* a module site is its module path: ``layer1.0.relu1``; the k-th call of the same module
+  ``layer1.0.relu@k``;
+* a functional site is the module it is written in and the op: ``layer1.0:relu`` (``:relu`` at the
+  root), then ``layer1.0:relu@1`` for the next one. Linearized calls keep their numbers, so the
+  remaining sites keep their names.
 
-The names are pinned in the graph's node metadata, so a linearized model keeps the names of the
-sites it still has.
+A model that even ``torch.export`` cannot capture falls back to module hooks, with one warning
+naming what is lost (functional activations, and modules called more than once).
 """
 
 from __future__ import annotations
 
-import operator
+import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-from .errors import NoSitesError, SiteError, TraceError
+from .capture import Capture, call_model, capture, eval_mode, node_scope
+from .errors import ConfigError, NoSitesError, SiteError, TraceError
 
-__all__ = ["KINDS", "EasierWarning", "Site", "find_sites", "sites_of_graph", "trace"]
+__all__ = ["KINDS", "SWITCH_ATTR", "EasierWarning", "GraphSite", "Site", "find_sites",
+           "graph_sites", "module_kind", "module_sites"]
 
 KINDS: tuple[str, ...] = ("ReLU", "ReLU6", "LeakyReLU", "PReLU", "GELU", "SiLU")
 """Activation kinds that are sites (pass a subset as ``kinds=``)."""
 
-_META = "easier_site"  # node.meta key pinning a site's name
+SWITCH_ATTR = "_easier_switch"
+"""Attribute of a module whose functional sites were edited (see :mod:`easier.linearize`)."""
 
-# Module classes, most specific first (ReLU6 subclasses Hardtanh, not ReLU, but keep order anyway).
+_aten = torch.ops.aten
+# aten op -> (kind, op name used in site names)
+_ATEN: dict[Any, tuple[str, str]] = {}
+for _ops, _kind, _name in (
+    (("relu", "relu_"), "ReLU", "relu"),
+    (("relu6", "relu6_"), "ReLU6", "relu6"),
+    (("hardtanh", "hardtanh_"), "ReLU6", "relu6"),  # only with min_val == 0 (checked below)
+    (("leaky_relu", "leaky_relu_"), "LeakyReLU", "leaky_relu"),
+    (("prelu", "_prelu_kernel"), "PReLU", "prelu"),
+    (("gelu", "gelu_"), "GELU", "gelu"),
+    (("silu", "silu_"), "SiLU", "silu"),
+):
+    for _op in _ops:
+        _packet = getattr(_aten, _op, None)
+        if _packet is not None:
+            for _overload in _packet.overloads():
+                _ATEN[getattr(_packet, _overload)] = (_kind, _name)
+
 _MODULE_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.ReLU6, "ReLU6"),
     (nn.ReLU, "ReLU"),
@@ -47,47 +74,15 @@ _MODULE_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.SiLU, "SiLU"),
 )
 
-
-def _function_table() -> dict[Callable[..., Any], tuple[str, str, bool]]:
-    """Callable -> (kind, op name, always in place)."""
-    table: dict[Callable[..., Any], tuple[str, str, bool]] = {}
-
-    def add(fn: Any, kind: str, op: str, inplace: bool = False) -> None:
-        if fn is not None:
-            table[fn] = (kind, op, inplace)
-
-    add(F.relu, "ReLU", "relu")
-    add(torch.relu, "ReLU", "relu")
-    add(getattr(F, "relu_", None), "ReLU", "relu", True)
-    add(getattr(torch, "relu_", None), "ReLU", "relu", True)
-    add(F.relu6, "ReLU6", "relu6")
-    add(F.leaky_relu, "LeakyReLU", "leaky_relu")
-    add(getattr(F, "leaky_relu_", None), "LeakyReLU", "leaky_relu", True)
-    add(F.prelu, "PReLU", "prelu")
-    add(getattr(torch, "prelu", None), "PReLU", "prelu")
-    add(F.gelu, "GELU", "gelu")
-    add(F.silu, "SiLU", "silu")
-    return table
-
-
-_FUNCTIONS = _function_table()
-_METHODS: dict[str, tuple[str, str, bool]] = {
-    "relu": ("ReLU", "relu", False),
-    "relu_": ("ReLU", "relu", True),
-}
-
 # Producers that decide where the channel axis of a pre-activation is.
-_CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm,
-                  nn.modules.instancenorm._InstanceNorm, nn.GroupNorm)
-_CHANNEL_LAST = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.MultiheadAttention, nn.Bilinear)
-_CHANNEL_FIRST_FNS = {F.conv1d, F.conv2d, F.conv3d, F.batch_norm, F.group_norm,
-                      F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
-_CHANNEL_LAST_FNS = {F.linear, F.layer_norm, torch.matmul, torch.bmm, operator.matmul,
-                     F.embedding}
-# Ops through which the channel layout of the producer carries over unchanged.
-_PASS_THROUGH_FNS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd,
-                     torch.add, torch.sub, torch.mul, operator.neg, F.dropout}
-_PASS_THROUGH_METHODS = {"add", "add_", "sub", "mul", "contiguous", "clone", "float", "to"}
+_FIRST = {"conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
+          "conv_transpose3d", "batch_norm", "_native_batch_norm_legit_no_training",
+          "group_norm", "instance_norm", "cudnn_batch_norm", "native_batch_norm"}
+_LAST = {"linear", "addmm", "mm", "matmul", "bmm", "layer_norm", "embedding", "baddbmm",
+         "native_layer_norm", "rms_norm"}
+_PASS = {"add", "add_", "sub", "mul", "mul_", "div", "neg", "dropout", "clone", "contiguous",
+         "_to_copy", "to", "alias", "getitem", "type_as", "detach"}
+_RESHAPE = {"view", "reshape", "_unsafe_view", "unsqueeze", "flatten"}
 
 
 class EasierWarning(UserWarning):
@@ -100,20 +95,19 @@ class Site:
 
     ``channel_axis`` is where the neurons are: 1 for conv maps (N, C, ...), -1 for token tensors
     (..., C) produced by a Linear; ``None`` when it could not be inferred (entropy then uses axis 1
-    for 2-D-or-more inputs). ``shape`` is the pre-activation shape on the example input, if one was
-    given.
+    for 2-D-or-more inputs). ``shape`` is the pre-activation shape on the example input.
     """
 
     name: str
     kind: str
-    form: str  # "module", "function", "method", or "hook" (fallback: module found without fx)
-    target: str  # module path, or the qualified name of the function / method
+    form: str  # "module", "function", or "hook" (fallback: module found without a capture)
+    target: str  # module path, or "scope:op" for a functional site
     index: int  # position in execution order
     inplace: bool = False
     channel_axis: int | None = None
     producer: str | None = None
     shape: tuple[int, ...] | None = None
-    node: str | None = None  # fx node name (None in the hook fallback)
+    node: str | None = None  # name of the site's output node in the capture
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -128,165 +122,235 @@ class Site:
         return cls(**d)
 
 
+@dataclass
+class GraphSite:
+    """A site located in a capture: its pre-activation node, output node and all its nodes."""
+
+    site: Site
+    input: fx.Node
+    output: fx.Node
+    nodes: list[fx.Node]
+
+
 # ---------------------------------------------------------------------------------------------
-# classification of fx nodes
+# what computes a rectifier
 
 
-def _module_kind(module: nn.Module) -> str | None:
-    for cls, kind in _MODULE_KINDS:
+def _references() -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor], float]]:
+    import torch.nn.functional as F
+
+    return [
+        ("ReLU", torch.relu, 1e-6),
+        ("ReLU6", lambda x: x.clamp(0, 6), 1e-6),
+        ("GELU", F.gelu, 2.5e-2),  # erf, tanh and sigmoid (QuickGELU) forms are all within this
+        ("SiLU", F.silu, 1e-4),
+    ]
+
+
+@torch.no_grad()
+def _probe(module: nn.Module) -> str | None:
+    """The kind a parameter-free module computes on a probe input, or None."""
+    x = torch.linspace(-8.0, 8.0, 2001, dtype=torch.float32).reshape(3, 667)
+    try:
+        y = module(x.clone())
+    except Exception:  # not an elementwise function of one tensor
+        return None
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape or not y.is_floating_point():
+        return None
+    y = y.float()
+    if not torch.isfinite(y).all():
+        return None
+    best, err = None, math.inf
+    for kind, fn, tol in _references():
+        e = float((y - fn(x)).abs().max())
+        if e <= tol and e < err:
+            best, err = kind, e
+    if best is None:  # leaky: x for x > 0, a·x with 0 < a < 1 for x < 0
+        pos, neg = x > 0, x < 0
+        a = float((y[neg] / x[neg]).mean())
+        if (0 < a < 1 and torch.allclose(y[pos], x[pos], atol=1e-6)
+                and torch.allclose(y[neg], a * x[neg], atol=1e-5)):
+            best = "LeakyReLU"
+    return best
+
+
+def module_kind(module: nn.Module) -> str | None:
+    """The rectifier kind a module's whole forward computes, or None (see the module doc)."""
+    kind = getattr(module, "easier_kind", None)  # an edited site keeps the kind it replaced
+    if isinstance(kind, str):
+        return kind
+    for cls, k in _MODULE_KINDS:
         if isinstance(module, cls):
-            return kind
-    return None
+            return k
+    if isinstance(module, nn.Hardtanh):
+        return "ReLU6" if module.min_val == 0 else None
+    if type(module).__module__.startswith("torch.") or next(module.children(), None) is not None:
+        return None
+    if next(module.parameters(recurse=False), None) is not None:
+        return None
+    cache = module.__dict__.setdefault("_easier_probe", {})
+    if "kind" not in cache:
+        with eval_mode(module):
+            cache["kind"] = _probe(module)
+    return cache["kind"]
 
 
-def _node_kind(gm: fx.GraphModule, node: fx.Node) -> tuple[str, str, str, bool] | None:
-    """(kind, form, op-or-target, inplace) if ``node`` applies an activation, else None."""
-    if node.op == "call_module":
-        mod = gm.get_submodule(str(node.target))
-        kind = _module_kind(mod)
-        if kind is not None:
-            return kind, "module", str(node.target), bool(getattr(mod, "inplace", False))
-    elif node.op == "call_function" and node.target in _FUNCTIONS:
-        kind, op, always = _FUNCTIONS[node.target]
-        inplace = always or bool(node.kwargs.get("inplace", False))
-        # positional inplace flag: relu(x, True), relu6(x, True), leaky_relu(x, slope, True)
-        pos = {"relu": 1, "relu6": 1, "leaky_relu": 2}.get(op)
-        if pos is not None and len(node.args) > pos:
-            inplace = inplace or bool(node.args[pos])
-        return kind, "function", op, inplace
-    elif node.op == "call_method" and node.target in _METHODS:
-        kind, op, inplace = _METHODS[str(node.target)]
-        return kind, "method", op, inplace
-    return None
-
-
-def activation_input(node: fx.Node) -> fx.Node:
-    """The node whose value is the pre-activation of site ``node``."""
-    arg = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
-    if not isinstance(arg, fx.Node):
-        raise SiteError(f"activation node {node.name!r} has no tensor input in the graph")
-    return arg
-
-
-def _scope(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    return str(path)
-
-
-def _infer_channel_axis(gm: fx.GraphModule, node: fx.Node, depth: int = 0) -> tuple[int | None,
-                                                                                    str | None]:
-    """Walk back from a pre-activation to the layer that produced it: (axis, producer)."""
-    if depth > 16:
-        return None, None
-    if node.op == "call_module":
-        mod = gm.get_submodule(str(node.target))
-        if isinstance(mod, _CHANNEL_FIRST):
-            return 1, type(mod).__name__
-        if isinstance(mod, _CHANNEL_LAST):
-            return -1, type(mod).__name__
-        if isinstance(mod, (nn.Identity, nn.Dropout)) or _module_kind(mod) is not None:
-            return _walk_args(gm, node, depth)
-        return None, type(mod).__name__
-    if node.op == "call_function":
-        if node.target in _CHANNEL_FIRST_FNS:
-            return 1, getattr(node.target, "__name__", str(node.target))
-        if node.target in _CHANNEL_LAST_FNS:
-            return -1, getattr(node.target, "__name__", str(node.target))
-        if node.target in _PASS_THROUGH_FNS or node.target in _FUNCTIONS:
-            return _walk_args(gm, node, depth)
-    if node.op == "call_method" and (node.target in _PASS_THROUGH_METHODS
-                                     or node.target in _METHODS):
-        return _walk_args(gm, node, depth)
-    return None, None
-
-
-def _walk_args(gm: fx.GraphModule, node: fx.Node, depth: int) -> tuple[int | None, str | None]:
-    for arg in node.all_input_nodes:
-        axis, producer = _infer_channel_axis(gm, arg, depth + 1)
-        if axis is not None:
-            return axis, producer
-    return None, None
+def module_sites(model: nn.Module, kinds: Sequence[str] = KINDS) -> dict[str, nn.Module]:
+    """Activation modules of the given kinds, by qualified name."""
+    return {name: m for name, m in model.named_modules()
+            if (k := module_kind(m)) is not None and k in kinds}
 
 
 # ---------------------------------------------------------------------------------------------
-# tracing
+# sites of a capture
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """Return an fx graph of ``model`` whose site nodes carry their pinned names.
-
-    The graph shares parameters and submodules with ``model`` (nothing is copied). A
-    ``GraphModule`` is used as it is, so names pinned by an earlier step are kept; to trace a
-    model that needs a special tracer (e.g. Hugging Face ``transformers.utils.fx``), trace it
-    yourself and pass the ``GraphModule``.
-    """
-    if isinstance(model, fx.GraphModule):
-        gm = model
-    else:
-        try:
-            gm = fx.symbolic_trace(model)
-        except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
-            raise TraceError(
-                f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}"
-            ) from exc
-    _pin_names(gm)
-    return gm
+def _aten_site(node: fx.Node) -> tuple[str, str] | None:
+    if node.op != "call_function" or node.target not in _ATEN:
+        return None
+    kind, op = _ATEN[node.target]
+    if op == "relu6" and "hardtanh" in str(node.target):
+        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+        if lo != 0:
+            return None
+    return kind, op
 
 
-def _pin_names(gm: fx.GraphModule) -> None:
-    """Give every unnamed site node a unique readable name (idempotent)."""
-    taken = {n.meta[_META] for n in gm.graph.nodes if _META in n.meta}
-    seen: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if _META in node.meta:
+def _call_index(key: str) -> int:
+    _head, sep, tail = key.rpartition("@")
+    return int(tail) if sep and tail.isdigit() else 0
+
+
+def _inplace(node: fx.Node) -> bool:
+    return str(node.target).split(".")[1].endswith("_") if "." in str(node.target) else False
+
+
+def _skipped(model: nn.Module, path: str, op: str) -> set[int]:
+    try:
+        mod = model.get_submodule(path)
+    except AttributeError:
+        return set()
+    switch = getattr(mod, SWITCH_ATTR, None)
+    return set(switch.skipped(op)) if switch is not None else set()
+
+
+def graph_sites(model: nn.Module, cap: Capture, kinds: Sequence[str] = KINDS) -> list[GraphSite]:
+    """Every site of ``model`` in its capture ``cap``, in execution order."""
+    kinds = check_kinds(kinds)
+    groups: dict[tuple[str, int], list[fx.Node]] = {}  # module sites: (path, call) -> nodes
+    order: list[tuple[str, Any]] = []
+    counters: dict[tuple[str, str], int] = {}
+    found: dict[Any, tuple[str, str, list[fx.Node], str]] = {}
+    kind_of: dict[str, str | None] = {}
+    for node in cap.gm.graph.nodes:
+        if node.op != "call_function":
             continue
-        info = _node_kind(gm, node)
+        path, _, _key = node_scope(node)
+        stack = node.meta.get("nn_module_stack") or {}
+        mod_path = None
+        for p, _cls in stack.values():  # the outermost activation module on the stack
+            if p and p not in kind_of:
+                try:
+                    kind_of[p] = module_kind(model.get_submodule(p))
+                except AttributeError:
+                    kind_of[p] = None
+            if p and kind_of.get(p):
+                mod_path = p
+                break
+        if mod_path is not None:
+            call = next((_call_index(k) for k, (p, _c) in stack.items() if p == mod_path), 0)
+            gid = (mod_path, call)
+            if gid not in groups:
+                groups[gid] = []
+                order.append(("module", gid))
+            groups[gid].append(node)
+            continue
+        info = _aten_site(node)
         if info is None:
             continue
-        _, form, what, _ = info
-        base = what if form == "module" else f"{_scope(node)}:{what}"
-        count = seen.get(base, 0)
-        name = base if count == 0 else f"{base}@{count}"
-        while name in taken:  # a name pinned earlier in a linearized graph
-            count += 1
-            name = f"{base}@{count}"
-        seen[base] = count + 1
-        taken.add(name)
-        node.meta[_META] = name
-
-
-def site_nodes(gm: fx.GraphModule, kinds: Sequence[str] = KINDS) -> dict[str, fx.Node]:
-    """Map pinned site name -> fx node, in execution order, for sites of the given kinds."""
-    out: dict[str, fx.Node] = {}
-    for node in gm.graph.nodes:
-        info = _node_kind(gm, node)
-        if info is not None and info[0] in kinds and _META in node.meta:
-            out[node.meta[_META]] = node
+        kind, op = info
+        skip = _skipped(model, path, op)
+        i = counters.get((path, op), 0)
+        while i in skip:
+            i += 1
+        counters[(path, op)] = i + 1
+        name = f"{path}:{op}" if i == 0 else f"{path}:{op}@{i}"
+        found[name] = (kind, "function", [node], f"{path}:{op}")
+        order.append(("function", name))
+    out: list[GraphSite] = []
+    for form, ident in order:
+        if form == "module":
+            path, call = ident
+            nodes = groups[ident]
+            kind = kind_of[path]
+            name = path if call == 0 else f"{path}@{call}"
+            target = path
+        else:
+            kind, _, nodes, target = found[ident]
+            name = ident
+        if kind not in kinds:
+            continue
+        inside = set(nodes)
+        inputs = [a for n in nodes for a in n.all_input_nodes
+                  if a not in inside and a.op != "get_attr"]
+        outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+        if not inputs or len(outputs) != 1:
+            continue  # not a one-tensor-in, one-tensor-out call: not a rectifier site
+        src, dst = inputs[0], outputs[0]
+        axis, producer = _infer_axis(src)
+        val = src.meta.get("val")
+        shape = tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) and all(
+            isinstance(s, int) for s in val.shape) else None
+        site = Site(name=name, kind=kind, form="module" if form == "module" else "function",
+                    target=target, index=len(out), inplace=any(_inplace(n) for n in nodes),
+                    channel_axis=axis, producer=producer, shape=shape, node=dst.name)
+        out.append(GraphSite(site, src, dst, nodes))
     return out
+
+
+def _op_name(node: fx.Node) -> str:
+    t = node.target
+    name = getattr(t, "__name__", str(t))
+    return name.split(".")[0]
+
+
+def _infer_axis(node: fx.Node, depth: int = 0, reshaped: bool = False
+                ) -> tuple[int | None, str | None]:
+    """Walk back from a pre-activation to the layer that produced it: (axis, producer op)."""
+    if depth > 24 or node.op != "call_function":
+        return None, None
+    op = _op_name(node)
+    if op in _FIRST:
+        return (None, op) if reshaped else (1, op)
+    if op in _LAST:
+        return -1, op
+    if op in _RESHAPE:
+        val, src = node.meta.get("val"), node.args[0] if node.args else None
+        sval = src.meta.get("val") if isinstance(src, fx.Node) else None
+        keeps_last = (isinstance(val, torch.Tensor) and isinstance(sval, torch.Tensor)
+                      and val.dim() > 0 and sval.dim() > 0 and val.shape[-1] == sval.shape[-1])
+        if isinstance(src, fx.Node):
+            return _infer_axis(src, depth + 1, reshaped or not keeps_last)
+        return None, None
+    if op in _PASS or node.target in _ATEN:
+        for arg in node.all_input_nodes:
+            if arg.op == "call_function":
+                axis, producer = _infer_axis(arg, depth + 1, reshaped)
+                if producer is not None:
+                    return axis, producer
+    return None, None
 
 
 # ---------------------------------------------------------------------------------------------
 # public entry
 
 
-def _check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
+def check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
     kinds = tuple(kinds)
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise SiteError(f"unknown activation kind(s) {unknown}; valid kinds: {list(KINDS)}")
     return kinds
-
-
-def call_model(model: nn.Module, example_input: Any) -> Any:
-    """Call ``model`` on a tensor, a tuple of positional args, or a dict of keyword args."""
-    if isinstance(example_input, dict):
-        return model(**example_input)
-    if isinstance(example_input, tuple):
-        return model(*example_input)
-    return model(example_input)
 
 
 def find_sites(
@@ -298,102 +362,42 @@ def find_sites(
 ) -> list[Site]:
     """Return the model's activation call sites in execution order.
 
-    ``example_input`` (a tensor, a tuple of positional arguments or a dict of keyword arguments)
-    is optional for traceable models; when given, each site's pre-activation shape is recorded.
-    It is required for the hook fallback, which must run the model to see which modules are
-    called. Raises :class:`NoSitesError` when there is no site of the requested kinds.
+    ``example_input`` is one model input: a tensor, a tuple of positional arguments or a dict of
+    keyword arguments (e.g. ``{"input_ids": ids}`` for a Hugging Face model). The model is
+    captured with ``torch.export`` on it; a model export cannot capture falls back to module hooks
+    with an :class:`EasierWarning` (``fallback=False`` raises :class:`TraceError` instead).
+    Raises :class:`NoSitesError` when there is no site of the requested kinds.
     """
-    kinds = _check_kinds(kinds)
+    kinds = check_kinds(kinds)
+    if example_input is None:
+        raise ConfigError(
+            "find_sites needs an example input to capture the model: pass find_sites(model, x) "
+            "with one model input (a tensor, a tuple of arguments or a dict of keyword arguments)"
+        )
     try:
-        gm = trace(model)
+        cap = capture(model, example_input)
     except TraceError as exc:
         if not fallback:
             raise
-        return _find_sites_by_hooks(model, example_input, kinds, reason=str(exc))
-    shapes = _shapes(gm, example_input) if example_input is not None else {}
-    sites = sites_of_graph(gm, kinds, shapes)
+        return sites_by_hooks(model, example_input, kinds, reason=str(exc))
+    sites = [g.site for g in graph_sites(model, cap, kinds)]
     if not sites:
         raise NoSitesError(
-            f"{type(model).__name__} has no activation call site of kinds {list(kinds)} "
-            "(looked for nn modules, torch.nn.functional calls and tensor methods)."
+            f"{type(model).__name__} has no activation call site of kinds {list(kinds)}: looked "
+            "for activation modules (by class and by what they compute on a probe input) and "
+            "rectifier ops (relu, relu6, leaky_relu, prelu, gelu, silu) in its torch.export graph."
         )
     return sites
-
-
-def sites_of_graph(gm: fx.GraphModule, kinds: Sequence[str] = KINDS,
-                   shapes: dict[str, tuple[int, ...]] | None = None) -> list[Site]:
-    """Sites of an already traced graph (see :func:`trace`), in execution order."""
-    shapes = shapes or {}
-    sites = []
-    for i, (name, node) in enumerate(site_nodes(gm, kinds).items()):
-        kind, form, what, inplace = _node_kind(gm, node)  # type: ignore[misc]
-        axis, producer = _infer_channel_axis(gm, activation_input(node))
-        target = what if form == "module" else f"{_scope(node)}:{what}".lstrip(":")
-        sites.append(Site(name=name, kind=kind, form=form, target=target, index=i,
-                          inplace=inplace, channel_axis=axis, producer=producer,
-                          shape=shapes.get(node.name), node=node.name))
-    return sites
-
-
-@torch.no_grad()
-def _shapes(gm: fx.GraphModule, example_input: Any) -> dict[str, tuple[int, ...]]:
-    """Pre-activation shape of every site node, from one eval-mode run."""
-    wanted: dict[str, list[str]] = {}
-    for n in site_nodes(gm).values():
-        wanted.setdefault(activation_input(n).name, []).append(n.name)
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    class _Shapes(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            out = super().run_node(n)
-            if isinstance(out, torch.Tensor):
-                for site in wanted.get(n.name, ()):
-                    shapes[site] = tuple(out.shape)
-            return out
-
-    if isinstance(example_input, dict):  # fx.Interpreter takes positional inputs only
-        return shapes
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
-    with eval_mode(gm):
-        _Shapes(gm).run(*args)
-    return shapes
-
-
-class eval_mode:
-    """Context manager: put a module in eval() and restore every submodule's own mode after."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.modes: list[tuple[nn.Module, bool]] = []
-
-    def __enter__(self) -> nn.Module:
-        self.modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc: object) -> None:
-        for m, mode in self.modes:
-            m.training = mode
 
 
 # ---------------------------------------------------------------------------------------------
-# fallback for models fx cannot trace
-
-
-def module_sites(model: nn.Module, kinds: Sequence[str]) -> dict[str, nn.Module]:
-    """Activation modules of the given kinds, by qualified name."""
-    return {name: m for name, m in model.named_modules()
-            if (k := _module_kind(m)) is not None and k in kinds}
+# fallback for models torch.export cannot capture
 
 
 @torch.no_grad()
-def _find_sites_by_hooks(model: nn.Module, example_input: Any, kinds: Sequence[str],
-                         reason: str) -> list[Site]:
-    if example_input is None:
-        raise TraceError(
-            f"{reason}\nThe hook fallback needs an example input to see which activation modules "
-            "run: pass example_input=..."
-        )
+def sites_by_hooks(model: nn.Module, example_input: Any, kinds: Sequence[str],
+                   reason: str) -> list[Site]:
+    """Sites seen by forward-pre-hooks on activation modules (called once per forward only)."""
     mods = module_sites(model, kinds)
     calls: dict[str, list[tuple[int, ...]]] = {name: [] for name in mods}
     order: list[str] = []
@@ -417,26 +421,26 @@ def _find_sites_by_hooks(model: nn.Module, example_input: Any, kinds: Sequence[s
     for name in order:
         if name in shared:
             continue
-        mod = mods[name]
         shape = calls[name][0]
         axis = 1 if len(shape) != 3 else -1  # 3-D is ambiguous without a graph: assume tokens
-        sites.append(Site(name=name, kind=_module_kind(mod) or "", form="hook", target=name,
-                          index=len(sites), inplace=bool(getattr(mod, "inplace", False)),
+        sites.append(Site(name=name, kind=module_kind(mods[name]) or "", form="hook",
+                          target=name, index=len(sites),
+                          inplace=bool(getattr(mods[name], "inplace", False)),
                           channel_axis=axis, producer=None, shape=shape, node=None))
     lost = (f" Lost: {', '.join(f'{n} (called {len(calls[n])}x)' for n in shared)} — a shared "
             "module's calls cannot be told apart without a graph, so they are not measured."
             if shared else "")
     warnings.warn(
-        f"torch.fx could not trace {type(model).__name__}, so sites were found with module hooks: "
-        f"functional activations (F.relu, x.relu(), ...) are invisible and channel axes of 3-D "
-        f"tensors are guessed as last.{lost} ({reason.splitlines()[0]})",
+        f"torch.export could not capture {type(model).__name__}, so sites were found with module "
+        "hooks: functional activations (F.relu, x.relu(), ...) are invisible and channel axes of "
+        f"3-D tensors are guessed as last.{lost} ({reason.splitlines()[0]})",
         EasierWarning,
         stacklevel=3,
     )
     if not sites:
         raise NoSitesError(
             f"{type(model).__name__} has no activation module of kinds {list(kinds)} that the hook "
-            "fallback can measure (it cannot be traced by torch.fx, so functional activations and "
+            "fallback can measure (torch.export cannot capture it, so functional activations and "
             "shared modules are invisible)."
         )
     return sites

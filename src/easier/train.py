@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .capture import call_model, to_device
 from .entropy import batch_input
 from .errors import ConfigError, NonFiniteError
 from .parallel.collectives import all_finite, reduce_accuracy
@@ -86,6 +87,22 @@ class TrainResult:
     accuracy: float = math.nan
     failed: str | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    """The logits of a model output: a tensor, ``out.logits`` (Hugging Face), or ``out[0]``."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, dict) and isinstance(out.get("logits"), torch.Tensor):
+        return out["logits"]
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise ConfigError(f"cannot find logits in a model output of type {type(out).__name__}; "
+                      "return a tensor, a tuple whose first item is the logits, or an object "
+                      "with .logits")
 
 
 def seed_everything(seed: int) -> None:
@@ -210,12 +227,12 @@ def _epochs(net: nn.Module, model: nn.Module, loader_for: Callable[[int], Any], 
                           leave=False)
         total_loss, correct, seen = 0.0, 0, 0
         for batch in loader:
-            x = batch_input(batch, input_key).to(device, non_blocking=True)
+            x = to_device(batch_input(batch, input_key), device)
             y = targets(batch).to(device, non_blocking=True)
-            if channels_last and x.ndim == 4:
+            if channels_last and isinstance(x, torch.Tensor) and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=amp):
-                logits = net(x)
+                logits = logits_of(call_model(net, x))
                 loss = F.cross_entropy(logits.float(), y)
             if regularizer is not None:
                 loss = loss + regularizer(model)
@@ -269,9 +286,9 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 
     total_loss, correct, seen = 0.0, 0, 0
     try:
         for batch in make_loader(data, batch_size, shuffle=False):
-            x = batch_input(batch, input_key).to(device)
+            x = to_device(batch_input(batch, input_key), device)
             y = targets(batch).to(device)
-            logits = model(x)
+            logits = logits_of(call_model(model, x))
             total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(-1) == y).sum())
             seen += len(y)

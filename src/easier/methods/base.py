@@ -28,10 +28,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..entropy import EntropyReport, batch_input, measure_entropy
+from ..capture import call_model, to_device
+from ..entropy import EntropyReport, batch_input, measure_entropy, model_device
 from ..errors import ConfigError
 from ..linearize import linearize
 from ..sites import KINDS, find_sites
+from ..train import logits_of, targets
 
 __all__ = ["Context", "Method", "SiteMethod", "Step", "create_method", "list_methods",
            "register_method"]
@@ -58,6 +60,7 @@ class Context:
     progress: bool = False
     report: EntropyReport | None = None  # set by entropy(); recorded in the history
     max_k: int | None = None  # units the budget still allows (max_removals); None = no limit
+    example: Any = None  # one model input (on the device): what captures are made on
 
     def entropy(self, model: nn.Module | None = None, **options: Any) -> EntropyReport:
         """Entropy of the remaining sites on the training images (cached for ``ctx.model``)."""
@@ -89,8 +92,10 @@ class Context:
         measures the removal alone, without the border change that padding relocation makes.
         """
         ready = self.fold_ready if fold_ready is None else fold_ready
-        return linearize(self.model if model is None else model, list(sites),
-                         fold_ready=ready, kinds=self.kinds)
+        target = self.model if model is None else model
+        example = to_device(self.example, model_device(target))
+        return linearize(target, list(sites), example_input=example,
+                         fold_ready=ready and example is not None, kinds=self.kinds)
 
     def val_batches(self, n: int | None = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The first ``n`` validation batches (all when None), on the device."""
@@ -100,8 +105,8 @@ class Context:
         for i, batch in enumerate(make_loader(self.val, self.batch_size, shuffle=False)):
             if n is not None and i >= n:
                 break
-            out.append((batch_input(batch, self.input_key).to(self.device),
-                        batch[1].to(self.device)))
+            out.append((to_device(batch_input(batch, self.input_key), self.device),
+                        targets(batch).to(self.device)))
         return out
 
     @torch.no_grad()
@@ -110,7 +115,8 @@ class Context:
         was = model.training
         model.eval()
         try:
-            total = sum(float(nn.functional.cross_entropy(model(x), y, reduction="sum"))
+            total = sum(float(nn.functional.cross_entropy(logits_of(call_model(model, x)), y,
+                                                          reduction="sum"))
                         for x, y in batches)
         finally:
             model.train(was)
@@ -135,6 +141,7 @@ class Method:
     description: ClassVar[str] = ""
     unit: ClassVar[str] = "site"  # what one removed unit is, for reports
     finetune: ClassVar[bool] = True  # fine-tune after each step
+    example: Any = None  # one model input, set by the loop: captures (sites) are made on it
 
     def __init__(self, **options: Any):
         if options:
@@ -153,7 +160,8 @@ class Method:
         from ..errors import NoSitesError
 
         try:
-            return [s.name for s in find_sites(model, kinds=kinds)]
+            example = to_device(self.example, model_device(model))
+            return [s.name for s in find_sites(model, example, kinds=kinds)]
         except NoSitesError:
             return []
 

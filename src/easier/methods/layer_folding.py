@@ -52,11 +52,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import ConfigError, SiteError, TraceError
-from ..linearize import _keep_unreferenced_state as keep_unreferenced_state
 from ..linearize import record_edit, register_edit
-from ..sites import KINDS, activation_input, site_nodes, trace
-from ..sites import _node_kind as node_kind
+from ..sites import KINDS
 from .base import Context, SiteMethod, Step, register_method
+from .fxgraph import activation_input, keep_unreferenced_state, node_kind, site_nodes, trace
 from .warmup import Warmup, warm_up
 
 __all__ = [

@@ -13,7 +13,8 @@ import torch
 from torch import fx, nn
 
 from ..errors import SiteError
-from ..sites import KINDS, activation_input, site_nodes, trace
+from ..sites import KINDS
+from .fxgraph import activation_input, site_nodes, trace
 
 __all__ = ["LayerLink", "site_layers"]
 

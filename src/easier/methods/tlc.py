@@ -52,9 +52,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..capture import eval_mode
 from ..errors import ConfigError, SiteError, StateError, TraceError
-from ..sites import KINDS, activation_input, eval_mode, site_nodes, sites_of_graph, trace
+from ..sites import KINDS
 from .base import Context, Method, Step, register_method
+from .fxgraph import activation_input, site_nodes, sites_of_graph, trace
 
 __all__ = ["TLC", "Collapse", "apply_masks", "collapse_plans", "select_joint"]
 

@@ -27,18 +27,13 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .errors import ConfigError
-from .folding import (
-    PADDING_REASON,
-    Chain,
-    _prepare,
-    _shape,
-    build_folded,
-    chain_is_exact,
-    find_chains,
-    merge_chain,
-)
-from .measurement import time_side_by_side
+from ..capture import call_model
+from ..errors import ConfigError
+from ..timing import time_side_by_side
+from .build import build_folded
+from .chains import PADDING_REASON, Chain, chain_is_exact, find_chains
+from .graph import node_shape, prepare
+from .merge import merge_chain
 
 __all__ = [
     "MODES",
@@ -186,7 +181,7 @@ def layer_flops(module: nn.Module, out_shape: tuple[int, ...]) -> int:
 def chain_flops(gm: fx.GraphModule, chain: Chain) -> int:
     """FLOPs of a chain as it runs unmerged (shapes from the prepared graph)."""
     nodes = chain.nodes + ([chain.shortcut] if chain.shortcut is not None else [])
-    return sum(layer_flops(gm.get_submodule(str(n.target)), _shape(n)) for n in nodes)
+    return sum(layer_flops(gm.get_submodule(str(n.target)), node_shape(n)) for n in nodes)
 
 
 class _ChainRunner(nn.Module):
@@ -311,7 +306,7 @@ def _decision(
         residual=chain.residual,
         decision="keep",
         reason="",
-        input_shape=list(_shape(chain.input) or []) or None,
+        input_shape=list(node_shape(chain.input) or []) or None,
         flops_before=chain_flops(gm, chain),
     )
     if not chain_is_exact(gm, chain):
@@ -321,7 +316,7 @@ def _decision(
         if chain.kind == "conv":
             d.kernel, d.stride = list(merged.kernel_size), list(merged.stride)
             d.padding, d.groups = list(merged.padding), merged.groups
-        d.flops_after = layer_flops(merged, _shape(chain.end))
+        d.flops_after = layer_flops(merged, node_shape(chain.end))
         shortcut = gm.get_submodule(str(chain.shortcut.target)) if chain.shortcut else None
         cand = Candidate(
             chain=chain,
@@ -331,7 +326,7 @@ def _decision(
                 [gm.get_submodule(m) for m in chain.modules], chain.residual, shortcut
             ),
             merged=merged,
-            input_shape=_shape(chain.input),
+            input_shape=node_shape(chain.input),
             dtype=merged.weight.dtype,
             min_run_time=min_run_time,
             margin=margin,
@@ -361,7 +356,7 @@ def plan_fold(
     if mode not in MODES:
         raise ConfigError(f"unknown fold plan mode {mode!r}; choose one of {sorted(MODES)}")
     how = MODES[mode]
-    gm, bn_folded = _prepare(model, example_input)
+    gm, bn_folded = prepare(model, example_input)
     plan = FoldPlan(mode=mode, bn_folded=bn_folded, num_threads=torch.get_num_threads())
     plan.chains = [
         _decision(gm, c, how, min_run_time=min_run_time, margin=margin) for c in find_chains(gm)
@@ -380,9 +375,9 @@ def _check_whole_model(
 ) -> None:
     """Drop every merge when the folded model is slower than the BN-folded one."""
     folded = build_folded(model, example_input, plan)
-    args = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
     (base, _), (new, _) = time_side_by_side(
-        [lambda: bn_only(*args), lambda: folded(*args)], min_run_time=max(2 * min_run_time, 0.05)
+        [lambda: call_model(bn_only, example_input),
+         lambda: call_model(folded, example_input)], min_run_time=max(2 * min_run_time, 0.05)
     )
     plan.whole_model_ms = {"bn_folded": base, "folded": new}
     if new > base:
