@@ -9,10 +9,14 @@ from hypothesis import strategies as st
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+import easier
 from _harness import InvertedResidual, rand_bn
-from easier.errors import ConfigError, FoldError
-from easier.folding import fold, fold_ready, relocate_padding
-from easier.plan import plan_fold
+from easier.capture import capture
+from easier.errors import FoldError, TraceError
+from easier.fold import fold, plan_fold
+from easier.linearize import edits_of
+from easier.padding import conv_paddings, fold_ready, relocate
+from easier.sites import graph_sites
 
 D = torch.float64
 
@@ -22,6 +26,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def count(model: nn.Module, cls: type | tuple[type, ...]) -> int:
     return sum(isinstance(m, cls) for m in model.modules())
+
+
+def ops(gm: fx.GraphModule) -> list[str]:
+    """The aten ops (by name) a folded graph still calls as functions, in order."""
+    return [str(n.target).split(".")[1] for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def layers(gm: fx.GraphModule) -> list[str]:
+    """The layer calls of a folded graph: eager module paths, in order."""
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
 
 
 def max_err(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
@@ -155,7 +169,7 @@ def test_relocation_changes_only_the_border_ring():
     assert diff.max() > 1e-3  # the ring really changed: that is the documented trade-off
 
 
-def test_relocate_padding_from_junctions_is_idempotent_and_checks_nodes():
+def test_relocate_padding_from_removed_sites_is_idempotent():
     m = nn.Sequential(
         nn.Conv2d(2, 4, 1),
         rand_bn(4),
@@ -163,22 +177,31 @@ def test_relocate_padding_from_junctions_is_idempotent_and_checks_nodes():
         nn.Conv2d(4, 4, 3, padding=1, groups=4),
         rand_bn(4),
         nn.ReLU(),
-        nn.Conv2d(4, 2, 1),
+        nn.Conv2d(4, 2, 3, padding=1),
         nn.ReLU(),
-    )
-    gm = fx.symbolic_trace(m)
-    junctions = []
-    for node in list(gm.graph.nodes):  # what linearize does: drop the first two ReLUs
-        if node.op == "call_module" and node.target in ("2", "5"):
-            junctions.append(node.args[0])
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
-    gm.recompile()
-    assert relocate_padding(gm, junctions) == ["0", "3"]
-    assert gm.get_submodule("0").padding == (1, 1) and gm.get_submodule("3").padding == (0, 0)
-    assert relocate_padding(gm, [j.name for j in junctions]) == []
-    with pytest.raises(ConfigError, match="not a node"):
-        relocate_padding(gm, ["nope"])
+        nn.Conv2d(2, 2, 3, padding=1),
+    ).eval()
+    x = torch.randn(2, 2, 6, 6)
+    cap = capture(m, x)
+    located = {g.site.name: g for g in graph_sites(m, cap)}
+    assert list(located) == ["2", "5", "7"]
+    # what linearize(["2", "5"]) does: the chain 0 -> 3 -> 6 ends at the remaining ReLU "7"
+    padding = relocate(m, cap, [located["2"], located["5"]])
+    assert padding == {"0": [2, 2], "3": [0, 0], "6": [0, 0]}
+    assert m[0].padding == (0, 0) and m[6].padding == (1, 1)  # relocate only reads the model
+    moved = copy.deepcopy(m)
+    conv_paddings(moved, padding)
+    assert [moved[i].padding for i in (0, 3, 6, 8)] == [(2, 2), (0, 0), (0, 0), (1, 1)]
+    with torch.no_grad():
+        assert moved(x).shape == m(x).shape
+    cap2 = capture(moved, x)
+    again = {g.site.name: g for g in graph_sites(moved, cap2)}
+    assert relocate(moved, cap2, [again["2"], again["5"]]) == {}  # already relocated
+    assert relocate(m, cap, []) == {}
+    lin = easier.linearize(m, ["2", "5"], example_input=x, fold_ready=True)
+    assert edits_of(lin)[-1]["padding"] == padding
+    # the ReLUs still break every chain of the original model: nothing to relocate
+    assert fold_ready(m, x).relocated_convs == []
 
 
 def test_linearize_fold_ready_then_fold_is_exact():
@@ -197,10 +220,46 @@ def test_linearize_fold_ready_then_fold_is_exact():
         .eval()
     )
     x = torch.randn(2, 3, 7, 7, dtype=D)
-    lin = easier.linearize(m, [easier.find_sites(m)[0].name], fold_ready=True)
+    site = easier.find_sites(m, x)[0].name
+    assert site == "2"
+    lin = easier.linearize(m, [site], example_input=x, fold_ready=True)
+    assert edits_of(lin)[-1]["padding"] == {"0": [2, 2], "3": [0, 0]}
     folded = fold(lin, x, "all", rtol=0, atol=1e-10)
-    assert count(folded, nn.Conv2d) == 1 and count(folded, nn.ReLU) == 1
+    assert count(folded, nn.Conv2d) == 1 and ops(folded) == ["relu"]
+    assert layers(folded) == ["0"]
     assert max_err(lin, folded, x) < 1e-10
+    assert not isinstance(lin, fx.GraphModule) and isinstance(folded, fx.GraphModule)
+
+
+class FunctionalAndShared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn = nn.Conv2d(2, 3, 3, padding=1), rand_bn(3)
+        self.b = nn.Conv2d(3, 2, 3, padding=1)
+        self.shared = nn.ReLU()
+
+    def forward(self, x):
+        y = self.shared(F.relu(self.bn(self.a(x))))
+        return self.shared(self.b(y))
+
+
+def test_fold_sees_functional_and_per_call_switches_of_a_linearized_model():
+    m = FunctionalAndShared().to(D).eval()
+    x = torch.randn(2, 2, 6, 6, dtype=D)
+    assert [s.name for s in easier.find_sites(m, x)] == [":relu", "shared", "shared@1"]
+    lin = easier.linearize(m, [":relu", "shared"], example_input=x, fold_ready=True)
+    folded = fold(lin, x, "all", rtol=0, atol=1e-10)
+    assert layers(folded) == ["a"] and ops(folded) == ["relu"]  # shared@1 is still there
+    (conv,) = [c for c in folded.modules() if isinstance(c, nn.Conv2d)]
+    assert conv.kernel_size == (5, 5) and conv.padding == (2, 2)
+    # independent reference: the eager model, by hand, with the relocated paddings
+    with torch.no_grad():
+        y = F.conv2d(x, m.a.weight, m.a.bias, padding=2)
+        y = F.batch_norm(y, m.bn.running_mean, m.bn.running_var, m.bn.weight, m.bn.bias,
+                         eps=m.bn.eps)
+        want = torch.relu(F.conv2d(y, m.b.weight, m.b.bias))
+        torch.testing.assert_close(folded(x), want, rtol=0, atol=1e-10)
+        torch.testing.assert_close(lin(x), want, rtol=0, atol=1e-10)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +353,8 @@ def test_basic_block_becomes_one_conv_plus_relu(cin, stride, kernel):
     x = torch.randn(2, cin, 8, 8, dtype=D)
     ready = fold_ready(m, x)
     folded = fold(ready, x, "all", rtol=0, atol=1e-10)
-    assert count(folded, nn.Conv2d) == 1 and count(folded, nn.ReLU) == 1
+    assert count(folded, nn.Conv2d) == 1 and ops(folded) == ["relu"]
+    assert layers(folded) == ["conv1"]  # the merged conv is named after the chain's first
     conv = next(c for c in folded.modules() if isinstance(c, nn.Conv2d))
     assert conv.kernel_size == (kernel, kernel) and conv.stride == (stride, stride)
     assert conv.padding == (kernel // 2, kernel // 2)
@@ -389,7 +449,8 @@ def test_folding_stops_at_pooling_relu_layernorm():
     folded = fold(m, x, "all", rtol=0, atol=1e-10)
     assert count(folded, nn.Conv2d) == 3
     assert count(folded, nn.Linear) == 2
-    assert count(folded, (nn.MaxPool2d, nn.ReLU, nn.LayerNorm)) == 3
+    assert layers(folded) == ["c1", "c3", "c5", "fc1", "fc2"]
+    assert ops(folded) == ["max_pool2d", "relu", "adaptive_avg_pool2d", "flatten", "layer_norm"]
     chains = [c.modules for c in folded.fold_plan.chains]
     assert chains == [["c1", "c2"], ["c3", "c4"], ["c5", "c6"]]
     assert max_err(m, folded, x) < 1e-10
@@ -399,20 +460,45 @@ def test_shared_conv_and_reflect_padding_are_not_merged():
     class M(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.b = (
-                nn.Conv2d(2, 2, 1),
-                nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"),
-            )
+            self.a = nn.Conv2d(2, 2, 1)
+            self.b = nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")
             self.c = nn.Conv2d(2, 2, 1)
 
         def forward(self, x):
-            return self.c(self.b(self.a(self.a(x))))
+            return self.b(self.c(self.a(self.a(x))))
 
     m = M().to(D).eval()
     x = torch.randn(1, 2, 5, 5, dtype=D)
-    folded = fold(m, x, "all")
+    folded = fold(m, x, "all", rtol=0, atol=1e-10)
+    # a is called twice (shared: not merged); the reflect pad sits between c and b
     assert folded.fold_plan.chains == []
-    assert count(folded, nn.Conv2d) == 3
+    assert count(folded, nn.Conv2d) == 3 and layers(folded) == ["a", "a", "c", "b"]
+    assert max_err(m, folded, x) < 1e-10
+
+
+def test_reflect_padded_conv_merges_with_what_follows_it():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b = nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect")
+            self.c = nn.Conv2d(3, 2, 1)
+
+        def forward(self, x):
+            return self.c(self.b(x))
+
+    # the reflect pad is applied to the input before b: b -> c has no padding between them,
+    # so merging is exact (the merged conv keeps the explicit reflect pad in front)
+    m = M().to(D).eval()
+    x = torch.randn(2, 2, 5, 5, dtype=D)
+    folded = fold(m, x, "all", rtol=0, atol=1e-10)
+    assert [c.modules for c in folded.fold_plan.chains] == [["b", "c"]]
+    assert count(folded, nn.Conv2d) == 1
+    with torch.no_grad():
+        w = torch.einsum("oc,cikl->oikl", m.c.weight[:, :, 0, 0], m.b.weight)
+        bias = m.c.weight[:, :, 0, 0] @ m.b.bias + m.c.bias
+        want = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), w, bias)
+        torch.testing.assert_close(folded(x), want, rtol=0, atol=1e-10)
+        torch.testing.assert_close(m(x), want, rtol=0, atol=1e-10)
 
 
 def test_unrelocated_chain_is_refused_and_a_forced_merge_fails_verification():
@@ -448,9 +534,9 @@ def test_untraceable_model_raises_fold_error():
         def forward(self, x):
             return self.c(x) if x.sum() > 0 else x
 
-    with pytest.raises(FoldError, match="fx-traceable"):
+    with pytest.raises(FoldError, match=r"torch\.export cannot capture Branchy"):
         fold(Branchy(), torch.randn(1, 2, 3, 3))
-    with pytest.raises(FoldError, match="fx-traceable"):
+    with pytest.raises(TraceError, match=r"torch\.export cannot capture Branchy"):
         fold_ready(Branchy(), torch.randn(1, 2, 3, 3))
 
 
@@ -470,4 +556,5 @@ def test_chain_is_cut_at_a_residual_add_that_feeds_more_layers():
     folded = fold(ready, x, "all", rtol=0, atol=1e-10)
     assert [c.residual for c in folded.fold_plan.chains] == ["identity", "identity"]
     assert count(folded, nn.Conv2d) == 2  # one per block: the skip path is not duplicated
+    assert layers(folded) == ["b1.conv1", "b2.conv1"]
     assert max_err(ready, folded, x) < 1e-10
