@@ -252,7 +252,7 @@ def cmd_entropy(args: argparse.Namespace) -> int:
 
 
 def cmd_fold(args: argparse.Namespace) -> int:
-    from .run_outputs import fold_run
+    from .folding import fold_run
     from .state import RunDir, lock_run_dir
 
     run = RunDir(args.run_dir)
@@ -432,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _failure(exc: BaseException) -> tuple[str, int]:
+def describe_failure(exc: BaseException) -> tuple[str, int]:
     """(one-line message, exit code) of an error: 2 for a bad option, 1 for a runtime failure."""
     from .distributed import get_info, timed_out
 
@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         print("easier: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
     except Exception as exc:  # one line, the traceback only under --debug
-        message, code = _failure(exc)
+        message, code = describe_failure(exc)
         if args.debug:
             traceback.print_exc()
         print(f"easier: error: {message}", file=sys.stderr)
