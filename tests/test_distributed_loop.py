@@ -6,11 +6,12 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
 SCRIPT = textwrap.dedent('''
-    import json, os, sys
+    import json, os, sys, time
     import torch
     from torch import nn
     from torch.utils.data import TensorDataset
@@ -22,13 +23,21 @@ SCRIPT = textwrap.dedent('''
     out, epochs = sys.argv[1], int(sys.argv[2])
     resume = len(sys.argv) > 3 and sys.argv[3] == "resume"
     fail_at = int(os.environ.get("EASIER_TEST_FAIL_AT", "0"))
-    info = D.init_from_env("cpu")
+    freeze_at = int(os.environ.get("EASIER_TEST_FREEZE_AT", "0"))
+    timeout = float(os.environ.get("EASIER_TEST_TIMEOUT", "0")) or None
+    info = D.init_from_env("cpu", timeout_s=timeout)
     torch.set_num_threads(1)
 
     class Crashy(Easier):
         def step(self, ctx):
-            if fail_at and ctx.iteration == fail_at and info.rank == 1:
-                os._exit(3)  # a rank dies without warning
+            if ctx.iteration in (fail_at, freeze_at):
+                # every rank gets here only after rank 0 saved the previous iteration: the
+                # fault below cannot race that write (no timing involved)
+                D.barrier()
+                if info.rank == 1 and ctx.iteration == fail_at:
+                    os._exit(3)  # a rank dies without warning
+                if info.rank == 1 and ctx.iteration == freeze_at:
+                    time.sleep(3600)  # a rank freezes (torchrun's SIGTERM ends it)
             return super().step(ctx)
 
     torch.manual_seed(0)
@@ -38,9 +47,16 @@ SCRIPT = textwrap.dedent('''
     x = torch.randn(203, 6, generator=g)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0.3).long()
     train, val = TensorDataset(x[:160], y[:160]), TensorDataset(x[160:], y[160:])
-    res = reduce(model, train, val, method=Crashy(), delta=100.0, max_removals=3, seed=0,
-                 finetune=FineTune(epochs=epochs, lr=0.05, batch_size=16), out=out,
-                 resume=resume, log=print)
+    try:
+        res = reduce(model, train, val, method=Crashy(), delta=100.0, max_removals=3, seed=0,
+                     finetune=FineTune(epochs=epochs, lr=0.05, batch_size=16), out=out,
+                     resume=resume, log=print)
+    except Exception as exc:
+        from easier.cli import describe_failure
+
+        print("FAILED", *describe_failure(exc), flush=True)
+        D.cleanup()
+        sys.exit(1)
     if info.is_main:
         print("RESULT", json.dumps({"sites": res.linearized,
                                     "val": [h["val_acc"] for h in res.history]}))
@@ -54,11 +70,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(tmp_path, out, epochs, *extra, ranks=2, fail_at=0):
+def launch(tmp_path, out, epochs, *extra, ranks=2, fail_at=0, freeze_at=0, timeout=0):
     script = tmp_path / "dist_reduce.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-           "EASIER_TEST_FAIL_AT": str(fail_at)}
+           "EASIER_TEST_FAIL_AT": str(fail_at), "EASIER_TEST_FREEZE_AT": str(freeze_at),
+           "EASIER_TEST_TIMEOUT": str(timeout)}
     if ranks == 1:
         cmd = [sys.executable, str(script), str(out), str(epochs), *extra]
     else:
@@ -97,3 +114,18 @@ def test_rank_dying_mid_run_leaves_a_resumable_state(tmp_path):
     assert len(hist) == 2  # baseline and iteration 1 were saved before rank 1 died
     resumed = result(launch(tmp_path, tmp_path / "crash", 1, "resume"))
     assert resumed == full
+
+
+@pytest.mark.slow
+def test_frozen_rank_times_out_on_every_rank_and_the_run_resumes(tmp_path):
+    t0 = time.monotonic()
+    frozen = launch(tmp_path, tmp_path / "run", 0, freeze_at=2, timeout=3)
+    took = time.monotonic() - t0
+    assert frozen.returncode != 0
+    failed = next(x for x in frozen.stdout.splitlines() if x.startswith("FAILED"))
+    assert "rank 0" in failed and "--dist-timeout" in failed and "--resume" in failed
+    assert took < 120  # without a timeout this waited forever (the issue saw > 180 s)
+    hist = (tmp_path / "run" / "history.jsonl").read_text().splitlines()
+    assert len(hist) == 2  # baseline and iteration 1 were saved before the freeze
+    resumed = result(launch(tmp_path, tmp_path / "run", 0, "resume", ranks=1))
+    assert len(resumed["sites"]) == 3 and len(resumed["val"]) == 4
