@@ -446,8 +446,8 @@ def describe_failure(exc: BaseException) -> tuple[str, int]:
         return (f"cannot write{where}: {os.strerror(exc.errno or 0)}. Nothing already saved was "
                 "damaged (files are replaced atomically): fix that, then rerun the same command "
                 "with --resume to continue from the last saved iteration"), 1
-    if timed_out(exc):
-        info = get_info()
+    info = get_info()
+    if info.enabled and timed_out(exc):
         return (f"rank {info.rank}: no answer from the other ranks within the process-group "
                 "timeout (--dist-timeout): a rank froze or died. The run directory holds the "
                 "last completed iteration: rerun with --resume", 1)
