@@ -252,7 +252,7 @@ def cmd_entropy(args: argparse.Namespace) -> int:
 
 
 def cmd_fold(args: argparse.Namespace) -> int:
-    from .folding import fold_run
+    from .run_outputs import fold_run
     from .state import RunDir, lock_run_dir
 
     run = RunDir(args.run_dir)
