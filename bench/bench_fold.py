@@ -19,8 +19,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from easier.folding import fold, fold_ready
+from easier.fold import fold
 from easier.measurement import time_side_by_side
+from easier.padding import fold_ready
 
 
 def _bn(c: int) -> nn.BatchNorm2d:

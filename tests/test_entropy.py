@@ -164,8 +164,18 @@ def test_batch_formats_and_bad_input():
     assert easier.measure_entropy(Act(), [(z, torch.zeros(8))])["act"] == ref
     assert easier.measure_entropy(Act(), [[z, 0]])["act"] == ref
     assert easier.measure_entropy(Act(), [{"img": z}], input_key="img")["act"] == ref
+    # a dict batch without input_key is a Hugging Face-style batch: its keys are keyword args
+    class KwAct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = nn.ReLU()
+
+        def forward(self, img):
+            return self.act(img)
+
+    assert easier.measure_entropy(KwAct(), [{"img": z, "labels": torch.zeros(8)}])["act"] == ref
     with pytest.raises(DataError, match="input_key"):
-        easier.measure_entropy(Act(), [{"img": z}])
+        easier.measure_entropy(Act(), [{"img": z}], input_key=["pixels"])
     with pytest.raises(DataError, match="empty"):
         easier.measure_entropy(Act(), [])
     with pytest.raises(SiteError, match="valid sites"):

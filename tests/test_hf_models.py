@@ -175,3 +175,60 @@ def test_fused_bn_act_block_sites_and_fold() -> None:
     assert len(folded.fold_plan.bn_folded) == 3  # functional and module BNs alike
     with torch.no_grad():
         assert torch.allclose(folded(x), lin(x), rtol=1e-4, atol=1e-5)
+
+
+class _Pairs(torch.utils.data.Dataset):
+    """Token batches as dicts with labels, as a Hugging Face pipeline yields them."""
+
+    def __init__(self, n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(5, 100, (n, 8), generator=g)
+        self.y = (self.ids[:, 0] > 50).long()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.y[i]}
+
+
+def test_reduce_runs_on_a_hf_model_with_dict_batches(tmp_path) -> None:
+    torch.manual_seed(0)
+    model, _, _ = _hf("bert")
+    res = easier.reduce(model, _Pairs(64, 0), _Pairs(32, 1), finetune=easier.FineTune(epochs=1),
+                        max_removals=1, delta=100.0, out=tmp_path / "bert")
+    assert len(res.linearized) == 1 and res.linearized[0].endswith("intermediate_act_fn")
+    x = {"input_ids": _Pairs(2, 2).ids}
+    assert len(easier.find_sites(res.model, x)) == 1
+    back = easier.load_model(tmp_path / "bert" / "model.pt", model=_hf("bert")[0])
+    with torch.no_grad():
+        assert torch.equal(back.eval()(**x).logits, res.model.eval()(**x).logits)
+
+
+class _DataDependent(nn.Module):
+    """Python control flow on tensor values: torch.export cannot capture it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act1 = nn.Linear(4, 16), nn.ReLU()
+        self.fc2, self.act2 = nn.Linear(16, 16), nn.ReLU()
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act1(self.fc1(x))
+        if h.mean() > 0:  # data-dependent branch
+            h = self.act2(self.fc2(h))
+        return self.head(h)
+
+
+def test_reduce_runs_on_a_model_with_data_dependent_control_flow() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    data = torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long())
+    with pytest.warns(easier.EasierWarning, match="torch.export could not capture"):
+        res = easier.reduce(_DataDependent(), data, data, finetune=easier.FineTune(epochs=1),
+                            max_removals=1, delta=100.0)
+    assert len(res.linearized) == 1 and res.linearized[0] in {"act1", "act2"}
+    from easier.linearize import Linearized
+
+    assert isinstance(res.model.get_submodule(res.linearized[0]), Linearized)

@@ -78,7 +78,7 @@ def convnet():
 
 
 def context(model, data, iteration=1, removed=()):
-    sites = [s.name for s in easier.find_sites(model)]
+    sites = [s.name for s in easier.find_sites(model, data[:2][0])]
     return Context(
         model=model,
         remaining=[s for s in sites if s not in removed],
@@ -89,6 +89,7 @@ def context(model, data, iteration=1, removed=()):
         train_eval=data,
         val=data,
         batch_size=32,
+        example=data[:2][0],
     )
 
 
@@ -285,7 +286,7 @@ def test_zero_entropy_site_is_linearized_and_off_channels_zeroed(dead):
     assert step.chosen == ["relu1"] and step.scores["relu1"] == 0.0
     new = step.model.eval()
     assert easier.linearized_sites(new) == ["relu1"]
-    assert [s.name for s in easier.find_sites(new)] == ["relu2"]
+    assert [s.name for s in easier.find_sites(new, x)] == ["relu2"]
     assert set(step.info["pruned_per_layer"]) == {"fc2"}  # fc1 left the prunable set
     with torch.no_grad():
         was = model.relu1(model.bn1(model.fc1(x)))

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from easier import ConfigError, DataError, EasierWarning, find_sites, models
-from easier.folding import fold
+from easier.fold import fold
 from easier.linearize import edits_of, replace_with_identity
 from easier.loop import reduce
 from easier.methods import create_method

@@ -11,7 +11,7 @@ from torch.utils.data import TensorDataset
 
 import easier
 from _harness import crash_at, history_rows, tiny_run
-from easier.folding import fold
+from easier.fold import fold
 from easier.loop import reduce
 from easier.methods import Context, create_method
 from easier.methods.tlc import TLC, collapse_plans, select_joint
@@ -65,6 +65,7 @@ def context(model, val, remaining, k=1, fold_ready=True):
         val=val,
         batch_size=16,
         fold_ready=fold_ready,
+        example=val.tensors[0][:2],
     )
 
 
@@ -310,7 +311,7 @@ def test_candidates_are_scored_without_padding_relocation_and_the_chosen_one_rel
     step = TLC(select="lowest").step(context(model, val, ["relu1"], fold_ready=True))
     plain = independent_gap(model, "relu1", "bn1", "conv1", val)
     relocated = easier.linearize(masked_by_hand(model, "bn1", "conv1"), ["relu1"],
-                                 fold_ready=True).eval()
+                                 example_input=x, fold_ready=True).eval()
     with torch.no_grad():
         moved = float(F.cross_entropy(relocated(x), y) - F.cross_entropy(model.eval()(x), y))
     assert abs(moved - plain) > 1e-3  # the border change is large enough to matter here

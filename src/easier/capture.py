@@ -23,8 +23,8 @@ from torch.utils import _pytree as pytree
 
 from .errors import TraceError
 
-__all__ = ["Capture", "as_call", "call_model", "capture", "eval_mode", "flat_inputs", "node_scope",
-           "to_device"]
+__all__ = ["Capture", "as_call", "call_model", "capture", "default_example", "eval_mode",
+           "flat_inputs", "node_scope", "to_device"]
 
 
 class eval_mode:
@@ -59,6 +59,17 @@ def to_device(x: Any, device: torch.device | str | None) -> Any:
         return x
     return pytree.tree_map(
         lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t, x)
+
+
+def default_example(model: nn.Module, batch: int = 2) -> torch.Tensor | None:
+    """A random input shaped from the spec a model of ``easier.models`` records, else None."""
+    spec = getattr(model, "easier_spec", None)
+    if not isinstance(spec, dict) or not spec.get("image_size") or not spec.get("in_channels"):
+        return None
+    size, c = int(spec["image_size"]), int(spec["in_channels"])
+    p = next(model.parameters(), None)
+    return torch.randn(batch, c, size, size, generator=torch.Generator().manual_seed(0)).to(
+        p.device if p is not None else "cpu")
 
 
 def call_model(model: nn.Module, example_input: Any) -> Any:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .capture import capture
+from .capture import capture, default_example
 from .errors import ConfigError, SiteError, StateError, TraceError
 from .padding import conv_paddings, relocate
 from .sites import KINDS, SWITCH_ATTR, graph_sites, module_kind
@@ -99,6 +99,7 @@ class Linearized(nn.Module):
     def __init__(self, original: nn.Module, kind: str):
         super().__init__()
         self.easier_kind = kind
+        self.easier_linearized = True
         self.original_type = type(original).__name__
         for name, p in original.named_parameters(recurse=False):
             self.register_parameter(name, p)
@@ -285,6 +286,8 @@ def linearize(
     for name in names:
         if name in done:
             raise SiteError(f"site {name!r} is already linearized")
+    if example_input is None:
+        example_input = default_example(model)
     if fold_ready and example_input is None:
         raise ConfigError("linearize(fold_ready=True) needs example_input= to find conv chains")
     padding: dict[str, list[int]] = {}

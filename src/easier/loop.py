@@ -61,7 +61,7 @@ class ReduceResult:
 
 
 def _example(data: Dataset | DataLoader, input_key: Any) -> Any:
-    batch = next(iter(make_loader(data, 1, shuffle=False)))
+    batch = next(iter(make_loader(data, 2, shuffle=False)))  # 2: a batch of 1 pins the batch size
     return batch_input(batch, input_key)
 
 

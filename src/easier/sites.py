@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .capture import Capture, call_model, capture, eval_mode, node_scope
+from .capture import Capture, call_model, capture, default_example, eval_mode, node_scope
 from .errors import ConfigError, NoSitesError, SiteError, TraceError
 
 __all__ = ["KINDS", "SWITCH_ATTR", "EasierWarning", "GraphSite", "Site", "find_sites",
@@ -198,7 +198,8 @@ def module_kind(module: nn.Module) -> str | None:
 def module_sites(model: nn.Module, kinds: Sequence[str] = KINDS) -> dict[str, nn.Module]:
     """Activation modules of the given kinds, by qualified name."""
     return {name: m for name, m in model.named_modules()
-            if (k := module_kind(m)) is not None and k in kinds}
+            if (k := module_kind(m)) is not None and k in kinds
+            and not getattr(m, "easier_linearized", False)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,14 +299,28 @@ def graph_sites(model: nn.Module, cap: Capture, kinds: Sequence[str] = KINDS) ->
             continue  # not a one-tensor-in, one-tensor-out call: not a rectifier site
         src, dst = inputs[0], outputs[0]
         axis, producer = _infer_axis(src)
-        val = src.meta.get("val")
-        shape = tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) and all(
-            isinstance(s, int) for s in val.shape) else None
+        shape = _concrete_shape(src.meta.get("val"))
         site = Site(name=name, kind=kind, form="module" if form == "module" else "function",
                     target=target, index=len(out), inplace=any(_inplace(n) for n in nodes),
                     channel_axis=axis, producer=producer, shape=shape, node=dst.name)
         out.append(GraphSite(site, src, dst, nodes))
     return out
+
+
+def _concrete_shape(val: Any) -> tuple[int, ...] | None:
+    """A fake tensor's shape on the example input (symbolic sizes resolved to their hint)."""
+    if not isinstance(val, torch.Tensor):
+        return None
+    out = []
+    for s in val.shape:
+        if isinstance(s, int):
+            out.append(s)
+        else:
+            hint = getattr(getattr(s, "node", None), "hint", None)
+            if hint is None:
+                return None
+            out.append(int(hint))
+    return tuple(out)
 
 
 def _op_name(node: fx.Node) -> str:
@@ -369,6 +384,8 @@ def find_sites(
     Raises :class:`NoSitesError` when there is no site of the requested kinds.
     """
     kinds = check_kinds(kinds)
+    if example_input is None:
+        example_input = default_example(model)
     if example_input is None:
         raise ConfigError(
             "find_sites needs an example input to capture the model: pass find_sites(model, x) "

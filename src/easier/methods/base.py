@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..capture import call_model, to_device
+from ..capture import call_model, default_example, to_device
 from ..entropy import EntropyReport, batch_input, measure_entropy, model_device
 from ..errors import ConfigError
 from ..linearize import linearize
@@ -161,6 +161,8 @@ class Method:
 
         try:
             example = to_device(self.example, model_device(model))
+            if example is None:  # called outside the loop: capture from the model's spec
+                example = default_example(model)
             return [s.name for s in find_sites(model, example, kinds=kinds)]
         except NoSitesError:
             return []
