@@ -274,8 +274,6 @@ def test_untraceable_model_swaps_modules():
         easier.linearize(m, ["c"], example_input=x)
 
 
-@pytest.mark.xfail(strict=True, reason="sites.py sites_by_hooks/module_sites: the hook fallback "
-                   "lists a Linearized module (module_kind reads its easier_kind) as a live site")
 def test_untraceable_linearized_site_is_gone_from_the_sites():
     m = U()
     x = torch.randn(5, 3)

@@ -88,9 +88,6 @@ def test_shared_module_is_two_sites_with_readable_names():
     assert sites[0].node != sites[1].node
 
 
-@pytest.mark.xfail(strict=True, reason="sites.py graph_sites: Site.shape is None whenever the "
-                   "capture's batch dim is dynamic (any batch > 1), though documented as the "
-                   "pre-activation shape on the example input")
 def test_site_shape_is_the_pre_activation_shape_on_the_example_input():
     x = torch.randn(2, 3, 5, 5)
     sites = easier.find_sites(SharedRelu(), x)
