@@ -169,3 +169,26 @@ def test_from_a_checkpoint_the_first_measurement_is_a_train_mode_pass():
     res = easier.reduce(BNNet(), data, data, method=Easier(entropy_during="train-epoch"),
                         max_removals=1, finetune=FineTune(epochs=1, batch_size=32, lr=0.01))
     assert res.history[1]["chosen"] and res.history[1]["entropy"]
+
+
+def test_reestimate_bn_matches_hand_statistics_and_keeps_weights():
+    from easier.recalibrate import reestimate_bn
+
+    torch.manual_seed(5)
+    m = BNNet()
+    m.drop = nn.Dropout(0.5)  # stays off during re-estimation
+    x = torch.randn(48, 5) * 2 + 1
+    data = TensorDataset(x, torch.zeros(48, dtype=torch.long))
+    w = {k: v.detach().clone() for k, v in m.named_parameters()}
+    m.bn.momentum = 0.3
+    assert reestimate_bn(m, data, batches=3, batch_size=16) == 1
+    with torch.no_grad():
+        a = m.fc1(x).double()
+    parts = a.split(16)
+    mean = sum(p.mean(0) for p in parts) / 3  # cumulative average of the batch means
+    var = sum(p.var(0, unbiased=True) for p in parts) / 3
+    assert torch.allclose(m.bn.running_mean.double(), mean, atol=1e-5)
+    assert torch.allclose(m.bn.running_var.double(), var, atol=1e-5)
+    assert m.bn.momentum == 0.3 and m.training
+    assert all(torch.equal(w[k], v) for k, v in m.named_parameters())
+    assert reestimate_bn(nn.Sequential(nn.Linear(2, 2)), data) == 0
