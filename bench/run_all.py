@@ -78,8 +78,19 @@ SCRIPTS = (
         "seeds. Target: the paper's claim that the entropy order keeps accuracy longest "
         "(reported either way), and the retraining budget next to the paper's recipe.",
     ),
+    Script(
+        "entropy_order",
+        "bench_entropy_order.py",
+        "Does the entropy order matter where non-linearity matters?",
+        "Settings where linearizing every site costs many points (a 6-hidden-layer MLP and a "
+        "5-conv CNN without pooling on mnist5k): easier, easier with the reference's entropy "
+        "timing, random and max-entropy orders (and the sibling methods), paired by seed, "
+        "test top-1 before fine-tuning (BN re-estimated) and after, with bootstrap intervals "
+        "of the paired differences. Target: an answer, whichever it is.",
+    ),
 )
-RUN_ORDER = ("entropy", "fold", "reproduction", "fold_models")  # fold_models uses the run
+RUN_ORDER = ("entropy", "fold", "reproduction", "fold_models", "entropy_order")
+# fold_models uses the reproduction's run
 
 
 def run_script(script: Script, args: list[str], out: Path | None) -> tuple[int, str, float]:

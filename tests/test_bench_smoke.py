@@ -267,3 +267,48 @@ def test_run_all_quick_never_defaults_to_the_real_document():
         quick.unlink(missing_ok=True)
     assert ra.doc_path(False, None) == real
     assert ra.doc_path(True, "x.md") == Path("x.md")
+
+
+# ---------------------------------------------------------------------------------------------
+# bench_entropy_order
+
+
+def test_entropy_order_quick_run_tables_and_pairing(tmp_path):
+    eo = _bench("bench_entropy_order")
+    js = tmp_path / "r.json"
+    tables = eo.main(["--quick", "--seeds", "0", "--orders", "easier,easier-train,random",
+                      "--json", str(js), *ONE])
+    pre = next(t for t in tables if "pre-FT" in t.title)
+    post = next(t for t in tables if "post-FT" in t.title and "minus" not in t.title)
+    res = json.loads(js.read_text())["mlp6"]
+    hist = res["runs"]["0/random"]
+    # every k of the post-FT table is the history's test top-1 after k removals (1 seed: ± 0.0)
+    for row in post.rows:
+        k = row[0]
+        h = next(h for h in hist if len(h["removed"]) == k)
+        assert _pm(row[3]) == (pytest.approx(h["test_acc"], abs=0.051), 0.0)  # random
+    for row in pre.rows:
+        for cell in row[1:]:
+            assert 0.0 <= _pm(cell)[0] <= 100.0
+    paired = next(t for t in tables if "minus" in t.title)
+    assert {r[0] for r in paired.rows} == {"easier-train", "random"}
+    assert "all-linear cost" in paired.note
+    timing = next(t for t in tables if "eval mode" in t.title)
+    assert timing.rows[0][0] == len(res["runs"]["0/easier-train"]) - 1  # one check per step
+    # --load re-renders the same tables from the JSON without running anything
+    again = eo.main(["--load", str(js), *ONE])
+    assert [t.rows for t in again] == [t.rows for t in tables]
+
+
+def test_entropy_order_statistics_against_hand_values():
+    eo = _bench("bench_entropy_order")
+    lo, hi = eo.bootstrap_ci([2.0, 2.0, 2.0])
+    assert lo == hi == 2.0
+    lo, hi = eo.bootstrap_ci([-1.0, 0.0, 1.0, 2.0, 3.0])
+    assert -1.0 <= lo < 1.0 < hi <= 3.0  # the mean (1.0) lies inside, within the data range
+    hist = [{"removed": [], "test_acc": 90.0, "accepted": True, "pre_ft_test_acc": None},
+            {"removed": ["a"], "test_acc": 89.5, "accepted": True, "pre_ft_test_acc": 70.0},
+            {"removed": ["a", "b"], "test_acc": 80.0, "accepted": False,
+             "pre_ft_test_acc": 40.0}]
+    assert eo.by_k(hist, "pre_ft_test_acc") == {0: 90.0, 1: 70.0, 2: 40.0}
+    assert eo.kept(hist) == 1

@@ -192,3 +192,10 @@ def test_reestimate_bn_matches_hand_statistics_and_keeps_weights():
     assert m.bn.momentum == 0.3 and m.training
     assert all(torch.equal(w[k], v) for k, v in m.named_parameters())
     assert reestimate_bn(nn.Sequential(nn.Linear(2, 2)), data) == 0
+
+
+def test_a_model_with_every_site_linearized_counts_nothing():
+    m = easier.linearize(BNNet(), ["act1", "act2"])
+    counts = TrainCounts(torch.randn(2, 5))
+    counts.attach(m).remove()
+    assert counts.sites == [] and counts.batches == 0
