@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..entropy import EntropyReport
-from ..errors import ConfigError
+from ..errors import ConfigError, NoSitesError
 from ..sites import KINDS, Site, find_sites
 
 __all__ = ["TrainCounts"]
@@ -54,7 +54,11 @@ class TrainCounts:
         from ..capture import to_device
         from ..entropy import model_device
 
-        sites = find_sites(model, to_device(self.example, model_device(model)), kinds=self.kinds)
+        try:
+            sites = find_sites(model, to_device(self.example, model_device(model)),
+                               kinds=self.kinds)
+        except NoSitesError:  # every site linearized: nothing left to count
+            sites = []
         functional = [s.name for s in sites if s.form == "function"]
         if functional:
             raise ConfigError(
