@@ -9,7 +9,7 @@ from typing import Any
 from .state import RunDir, atomic_write_bytes, atomic_write_text
 
 __all__ = ["history_csv", "history_figure", "history_table", "plot_history", "png_bytes",
-           "write_reports"]
+           "pyplot", "write_reports"]
 
 PHASES = ("step", "finetune", "eval")  # the loop's per-iteration wall-time phases
 
@@ -89,7 +89,7 @@ def report_markdown(history: list[dict[str, Any]], baseline: dict[str, Any],
     return "\n".join(lines)
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     """matplotlib's pyplot on the Agg backend, or None when the plot extra is not installed."""
     try:
         import matplotlib
@@ -116,7 +116,7 @@ def history_figure(history: list[dict[str, Any]], baseline: dict[str, Any], delt
     """A matplotlib Figure (None without matplotlib): accuracy vs removed units with the δ
     line, the rejected iterations and the kept model marked; and a site × iteration entropy
     heat map with a labelled colour bar."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     import numpy as np
