@@ -93,7 +93,7 @@ def test_model_from_an_importable_module(user_file, monkeypatch):
     monkeypatch.syspath_prepend(str(user_file.parent))
     m = build_model("mynets:build", num_classes=4, in_channels=1, image_size=4, width=1.0)
     assert m[-1].out_features == 4
-    with pytest.raises(ConfigError, match="has no callable 'nope'.*build"):
+    with pytest.raises(ConfigError, match=r"has no callable 'nope'.*build"):
         build_model("mynets:nope", num_classes=4, in_channels=1, image_size=4, width=1.0)
     with pytest.raises(ConfigError, match="cannot import"):
         build_model("no_such_module_xyz:build", num_classes=4, in_channels=1, image_size=4,
@@ -124,7 +124,7 @@ def test_plain_state_dicts_load_into_the_given_architecture(tmp_path, wrap):
 
 def test_plain_state_dict_without_architecture_says_pass_model(tmp_path):
     torch.save(_net().state_dict(), tmp_path / "w.pt")
-    with pytest.raises(ConfigError, match="plain state_dict.*--model"):
+    with pytest.raises(ConfigError, match=r"plain state_dict.*--model"):
         load_checkpoint(tmp_path / "w.pt", None)
 
 

@@ -27,13 +27,14 @@ def progress(iterable: Iterable[T], *, desc: str, unit: str = "batch",
 
         return tqdm(iterable, desc=desc, unit=unit, leave=False, file=stream)
     interval = float(os.environ.get("EASIER_PROGRESS_SECONDS", "30"))
-    return plain_progress(iterable, desc=desc, unit=unit, stream=stream, interval=interval)
+    return plain_progress(iterable, desc=desc, units=f"{unit}es" if unit.endswith("ch") else
+                          f"{unit}s", stream=stream, interval=interval)
 
 
-def plain_progress(iterable: Iterable[T], *, desc: str, unit: str = "batch",
+def plain_progress(iterable: Iterable[T], *, desc: str, units: str = "batches",
                    stream: TextIO | None = None, interval: float = 30.0,
                    clock: Callable[[], float] = time.monotonic) -> Iterator[T]:
-    """Yield from ``iterable``, printing ``desc: i/n units, s`` at most every ``interval`` s."""
+    """Yield from ``iterable``, printing ``desc: i/n units, t s`` at most every ``interval`` s."""
     out: Any = sys.stderr if stream is None else stream
     total = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
     of = f"/{total}" if total is not None else ""
@@ -44,7 +45,7 @@ def plain_progress(iterable: Iterable[T], *, desc: str, unit: str = "batch",
         yield item
         now = clock()
         if now - last >= interval:
-            print(f"{desc}: {i}{of} {unit}s, {now - start:.0f} s", file=out, flush=True)
+            print(f"{desc}: {i}{of} {units}, {now - start:.0f} s", file=out, flush=True)
             last, printed = now, True
     if printed:
-        print(f"{desc}: done, {i} {unit}s in {clock() - start:.0f} s", file=out, flush=True)
+        print(f"{desc}: done, {i} {units} in {clock() - start:.0f} s", file=out, flush=True)
