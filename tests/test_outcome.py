@@ -52,7 +52,7 @@ def test_table_compares_dense_with_returned():
     assert rows["non-zero params"] == ["1k", "450", "×0.45"]
     assert rows["FLOPs per sample"] == ["2k", "1.2k", "×0.6"]
     text = outcome_table(o)
-    assert "batch 64" in text and "40 ms unfolded → 50 ms folded (0.80× slower)" in text
+    assert "batch 64" in text and "40 ms unfolded → 50 ms folded (1.25× slower)" in text
 
 
 def test_nonzero_params_counts_by_hand():

@@ -13,7 +13,8 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["Outcome", "Side", "nonzero_params", "outcome", "outcome_table", "summary_line"]
+__all__ = ["Outcome", "Side", "nonzero_params", "outcome", "outcome_table", "speed",
+           "summary_line"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,13 @@ def _change(a: float | None, b: float | None, kind: str) -> str:
     return f"×{b / a:.3g}" if a else "–"
 
 
+def speed(unfolded: float, folded: float) -> str:
+    """``1.25× faster`` or ``1.25× slower`` (never a factor below 1)."""
+    if folded <= unfolded:
+        return f"{unfolded / folded:.2f}× faster"
+    return f"{folded / unfolded:.2f}× slower"
+
+
 def outcome_table(o: Outcome) -> str:
     """Markdown: the dense model given vs the model returned, then the fold's latencies."""
     d, r = o.dense, o.returned
@@ -125,7 +133,7 @@ def outcome_table(o: Outcome) -> str:
     for bs, (unfolded, folded) in o.latency.items():
         lines.append(f"\nlatency at batch {bs} (kept model, measured by the fold): "
                      f"{unfolded:.3g} ms unfolded → {folded:.3g} ms folded "
-                     f"({unfolded / folded:.2f}× {'faster' if folded < unfolded else 'slower'})")
+                     f"({speed(unfolded, folded)})")
     return "\n".join(lines)
 
 
@@ -140,8 +148,7 @@ def summary_line(o: Outcome) -> str:
         parts.append(f"depth {d.depth} → {r.depth}")
     if 1 in o.latency:
         unfolded, folded = o.latency[1]
-        parts.append(f"{unfolded / folded:.2f}× {'faster' if folded <= unfolded else 'slower'} "
-                     "at batch 1 after folding")
+        parts.append(f"{speed(unfolded, folded)} at batch 1 after folding")
     if d.val_acc is not None and r.val_acc is not None:
         parts.append(_minus(f"val {r.val_acc - d.val_acc:+.1f} pts"))
     return ", ".join(parts)
