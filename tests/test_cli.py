@@ -184,3 +184,56 @@ def test_image_over_the_bomb_limit_is_one_line_exit_1(tmp_path, capsys, monkeypa
                  "8", "--out", str(tmp_path / "run")]) == 1
     line = one_line_error(capsys)
     assert ".png" in line and "MAX_IMAGE_PIXELS" in line
+
+
+# --- what a new user sees -----------------------------------------------------------------
+
+
+def test_compare_checks_every_method_name_before_running_any(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", *TINY, "--methods", "easier,foo", "--out", str(out)]) == 2
+    line = one_line_error(capsys)
+    assert "'foo'" in line and "valid methods" in line
+    assert not out.exists()  # nothing ran, not even easier
+    assert main(["compare", *TINY, "--methods", "easier,egp", "--method-option", "egp:bogus=1",
+                 "--out", str(out)]) == 2
+    assert "bogus" in one_line_error(capsys) and not out.exists()
+
+
+def test_device_defaults_to_auto():
+    from easier.cli import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["reduce"]).device == "auto"
+    assert p.parse_args(["compare"]).device == "auto"
+    assert p.parse_args(["entropy", "model.pt"]).device == "auto"
+
+
+def test_model_too_small_for_the_images_suggests_image_size(tmp_path, capsys):
+    assert main(["reduce", *TINY, "--model", "lenet", "--out", str(tmp_path / "r")]) == 2
+    line = one_line_error(capsys)
+    assert "lenet needs image_size >= 16" in line and "--image-size 16" in line
+
+
+def test_datasets_lists_the_forms_to_type(capsys):
+    from easier.data import list_datasets
+
+    assert main(["datasets"]) == 0
+    firsts = [ln.split()[0] for ln in capsys.readouterr().out.splitlines()]
+    assert {"mnist5k", "digits", "cifar10:PATH", "tiny-imagenet:PATH",
+            "imagefolder:PATH", "module.path:callable"} <= set(firsts)
+    assert len(firsts) == len(list_datasets()) + 1
+
+
+def test_reduce_ends_with_dense_vs_returned_and_a_summary(tmp_path, capsys):
+    out = tmp_path / "again"
+    assert main(["reduce", *TINY, "--max-removals", "1", "--delta", "100", "--out",
+                 str(out)]) == 0
+    text = capsys.readouterr().out
+    hist = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+    after = json.loads((out / "fold_measure.json").read_text())["after"]
+    last = text.strip().splitlines()[-1]
+    assert last.startswith(f"{hist[0]['activations'] - after['activations']}/"
+                           f"{hist[0]['activations']} activations removed, depth "
+                           f"{hist[0]['depth']} → {after['depth']}")
+    assert "| dense (given) | returned (folded) | change |" in text

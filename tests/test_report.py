@@ -56,3 +56,65 @@ def test_plot_is_a_png_of_the_expected_size():
     width = int.from_bytes(png[16:20], "big")
     height = int.from_bytes(png[20:24], "big")
     assert (width, height) == (12 * 110, int(4.5 * 110))  # figsize x dpi
+
+
+def test_csv_has_every_site_entropy_and_phase_times():
+    rows = list(csv.DictReader(io.StringIO(history_csv(HISTORY))))
+    # sites in order of first measurement; blank where not measured that iteration
+    assert [c for c in rows[0] if c.startswith("H:")] == ["H:relu1", "H:relu2", "H:relu3"]
+    assert [rows[1][f"H:{s}"] for s in ("relu1", "relu2", "relu3")] == ["0.9", "0.125", "0.5"]
+    assert [rows[2][f"H:{s}"] for s in ("relu1", "relu2", "relu3")] == ["0.8", "", "0.4375"]
+    assert rows[0]["H:relu1"] == ""
+    assert (rows[1]["seconds_step"], rows[1]["seconds_finetune"]) == ("1.0", "")
+    assert rows[0]["seconds_step"] == "" and rows[2]["seconds_step"] == ""  # no phases recorded
+
+
+def _offsets(ax, label):
+    found = [c for c in ax.collections if c.get_label() == label]
+    assert len(found) == 1, [c.get_label() for c in ax.collections]
+    return found[0].get_offsets().tolist()
+
+
+def test_plot_marks_the_rejected_iteration_and_the_kept_model():
+    import matplotlib.pyplot as plt
+
+    from easier.report import history_figure
+
+    fig = history_figure(HISTORY, BASE, 1.0, CFG["sites"])
+    try:
+        acc, heat, bar = fig.axes
+        assert _offsets(acc, "rejected") == [[2.0, 80.0]]  # iteration 2: 2 removed, val 80
+        assert _offsets(acc, "kept model (iteration 1)") == [[1.0, 89.25]]
+        floor = [ln for ln in acc.lines if ln.get_label().startswith("baseline val")]
+        assert floor[0].get_ydata()[0] == 90.0 - 1.0
+        assert bar.get_ylabel() == "layer entropy (bits)"
+        assert [t.get_text() for t in heat.get_yticklabels()] == CFG["sites"]
+    finally:
+        plt.close(fig)
+
+
+def _row(method, latency, acc):
+    return {"method": method, "latency_ms_b1": latency, "test_acc": acc, "val_acc": acc,
+            "curve": [(0, 90.0, None), (1, acc, None)]}
+
+
+def test_comparison_plot_names_methods_in_a_legend_and_clips_an_outlier():
+    import matplotlib.pyplot as plt
+
+    from easier.compare import comparison_figure, latency_axis_limit
+
+    rows = [_row("easier", 1.0, 88.0), _row("egp", 1.2, 87.0), _row("tlc", 0.9, 86.0),
+            _row("random", 30.0, 85.0)]
+    fig = comparison_figure(rows)
+    try:
+        _, lat = fig.axes
+        assert [t.get_text() for t in lat.get_legend().get_texts()] == [r["method"] for r in rows]
+        assert not any(t.get_text() in {r["method"] for r in rows} for t in lat.texts)
+        right = lat.get_xlim()[1]
+        assert 1.2 < right < 30.0  # the 30 ms point does not stretch the axis
+        assert _offsets(lat, "random")[0][0] <= right
+        assert [t.get_text() for t in lat.texts] == ["30 ms"]
+    finally:
+        plt.close(fig)
+    assert latency_axis_limit([1.0, 1.2, 0.9]) is None  # no outlier: matplotlib's own limits
+    assert latency_axis_limit([1.0, 30.0]) is None  # too few points to call one an outlier

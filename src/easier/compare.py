@@ -18,13 +18,15 @@ from typing import Any
 from torch import nn
 
 from .methods import create_method
+from .outcome import nonzero_params
+from .report import png_bytes
 from .state import RunDir, atomic_write_bytes, atomic_write_text
 
-__all__ = ["compare", "comparison_table"]
+__all__ = ["compare", "comparison_figure", "comparison_table", "latency_axis_limit"]
 
 COLUMNS = ("method", "removed", "unit", "baseline_val_acc", "val_acc", "test_acc", "params",
-           "flops", "depth", "activations", "latency_ms_b1", "latency_ms_b64", "fold_error",
-           "seconds")
+           "nonzero_params", "flops", "depth", "activations", "latency_ms_b1", "latency_ms_b64",
+           "fold_error", "seconds")
 
 
 def compare(
@@ -64,7 +66,8 @@ def compare(
         rows.append({
             "method": name, "removed": len(final["removed"]), "unit": strategy.unit,
             "val_acc": final["val_acc"], "test_acc": final.get("test_acc"),
-            "params": after["params"], "flops": after["flops_per_sample"],
+            "params": after["params"], "nonzero_params": nonzero_params(result.model),
+            "flops": after["flops_per_sample"],
             "depth": after["depth"], "activations": after["activations"],
             "latency_ms_b1": lat.get(1), "latency_ms_b64": lat.get(64),
             "fold_error": result.extras["fold"]["plan"]["max_abs_error"],
@@ -108,42 +111,67 @@ def write_comparison(out: Path, rows: list[dict[str, Any]]) -> None:
             "and budget; `baseline_val_acc` is its own dense model after pretraining (methods "
             "with a training-time regularizer, such as lacoot, pretrain with it). Params, FLOPs "
             "(per sample), depth (weight layers on the longest path) and latency (ms per batch) "
-            "are measured on each method's kept model after folding.\n\n"
+            "are measured on each method's kept model after folding; `nonzero_params` counts the "
+            "kept model's weights that are not exactly zero (before folding: pruning methods "
+            "such as egp leave the dense count in `params`).\n\n"
             + comparison_table(rows) + "\n")
     atomic_write_text(out / "comparison.md", text)
-    png = _plot(rows)
-    if png is not None:
-        atomic_write_bytes(out / "comparison.png", png)
+    fig = comparison_figure(rows)
+    if fig is not None:
+        atomic_write_bytes(out / "comparison.png", png_bytes(fig))
 
 
-def _plot(rows: list[dict[str, Any]]) -> bytes | None:
-    try:
-        import matplotlib
+def latency_axis_limit(latencies: Sequence[float], factor: float = 3.0) -> float | None:
+    """Right edge of the latency axis, or None to let matplotlib choose: points beyond
+    ``factor`` × the median (one noisy measurement) are clipped so they do not squash the rest."""
+    if len(latencies) < 3:
+        return None
+    ordered = sorted(latencies)
+    median = ordered[len(ordered) // 2]
+    inside = [v for v in ordered if v <= factor * median]
+    if len(inside) == len(ordered):
+        return None
+    return max(inside) * 1.25
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+
+def comparison_figure(rows: list[dict[str, Any]]) -> Any:
+    """A matplotlib Figure (None without matplotlib): accuracy vs removed depth per method, and
+    accuracy vs batch-1 latency with one colour per method named in a legend (labels never
+    overlap); latencies beyond the clipped axis sit at its edge, annotated with their value."""
+    from .report import pyplot
+
+    plt = pyplot()
+    if plt is None:
         return None
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    timed = [r for r in rows if r.get("latency_ms_b1") is not None]
+    limit = latency_axis_limit([r["latency_ms_b1"] for r in timed])
     for r in rows:
         pts = [(n, t if t is not None else v) for n, v, t in r["curve"]]
-        a.plot(*zip(*pts, strict=True), marker="o", label=r["method"])
-        if r.get("latency_ms_b1") is not None:
-            acc = r["test_acc"] if r["test_acc"] is not None else r["val_acc"]
-            b.scatter(r["latency_ms_b1"], acc, s=40)
-            b.annotate(r["method"], (r["latency_ms_b1"], acc), fontsize=8,
-                       xytext=(4, 4), textcoords="offset points")
+        (line,) = a.plot(*zip(*pts, strict=True), marker="o", label=r["method"])
+        if r.get("latency_ms_b1") is None:
+            continue
+        acc = r["test_acc"] if r["test_acc"] is not None else r["val_acc"]
+        lat = r["latency_ms_b1"]
+        if limit is not None and lat > limit:
+            b.scatter(limit, acc, s=60, marker=">", color=line.get_color(), label=r["method"])
+            b.annotate(f"{lat:.3g} ms", (limit, acc), fontsize=8, ha="right",
+                       xytext=(-8, 6), textcoords="offset points")
+        else:
+            b.scatter(lat, acc, s=50, color=line.get_color(), label=r["method"])
+    if limit is not None:
+        b.set_xlim(right=limit * 1.05)
     a.set_xlabel("removed units (sites or blocks)")
     a.set_ylabel("top-1 accuracy (%) (test if available)")
     a.set_title("accuracy vs removed depth")
     a.grid(alpha=0.3)
-    a.legend()
-    b.set_xlabel("latency after folding (ms, batch 1)")
+    a.legend(fontsize=8)
+    b.set_xlabel("latency after folding (ms, batch 1)"
+                 + ("; ▶ = beyond the axis, value shown" if limit is not None else ""))
     b.set_ylabel("top-1 accuracy of the kept model (%)")
     b.set_title("accuracy vs latency")
     b.grid(alpha=0.3)
+    if timed:
+        b.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return fig

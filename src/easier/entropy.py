@@ -469,9 +469,9 @@ class EntropyPass:
         """Count every batch (eval mode, no grad; the model's modes are restored)."""
         stream = batches
         if progress:
-            from tqdm.auto import tqdm
+            from .progress import progress as show_progress
 
-            stream = tqdm(stream, desc="entropy", unit="batch", leave=False)
+            stream = show_progress(stream, desc="entropy")
         with eval_mode(self.model):
             for batch in stream:
                 x = _to_device(batch_input(batch, input_key), self.device)

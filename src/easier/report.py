@@ -8,7 +8,10 @@ from typing import Any
 
 from .state import RunDir, atomic_write_bytes, atomic_write_text
 
-__all__ = ["history_table", "plot_history", "write_reports"]
+__all__ = ["history_csv", "history_figure", "history_table", "plot_history", "png_bytes",
+           "pyplot", "write_reports"]
+
+PHASES = ("step", "finetune", "eval")  # the loop's per-iteration wall-time phases
 
 
 def _fmt(v: Any, spec: str = ".2f") -> str:
@@ -37,9 +40,15 @@ def history_table(history: list[dict[str, Any]], baseline: dict[str, Any]) -> st
 
 
 def history_csv(history: list[dict[str, Any]]) -> str:
+    """CSV, one row per iteration: accuracies, costs, wall time per phase (``seconds_PHASE``;
+    ``seconds`` is the total) and every measured site entropy (``H:SITE``, bits; empty where
+    the site was not measured that iteration)."""
+    sites: list[str] = []
+    for h in history:
+        sites += [s for s in (h.get("entropy") or {}) if s not in sites]
     cols = ["iteration", "removed", "chosen", "train_loss", "train_acc", "val_loss", "val_acc",
             "test_loss", "test_acc", "accepted", "params", "flops", "depth", "activations",
-            "seconds", "failed"]
+            "seconds", *(f"seconds_{p}" for p in PHASES), "failed", *(f"H:{s}" for s in sites)]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(cols)
@@ -48,7 +57,10 @@ def history_csv(history: list[dict[str, Any]]) -> str:
         row["removed"] = len(h["removed"])
         row["chosen"] = " ".join(h["chosen"])
         secs = h.get("seconds")
-        row["seconds"] = secs.get("total", sum(secs.values())) if isinstance(secs, dict) else secs
+        if isinstance(secs, dict):
+            row["seconds"] = secs.get("total", sum(secs.values()))
+            row.update({f"seconds_{p}": secs.get(p) for p in PHASES})
+        row.update({f"H:{s}": v for s, v in (h.get("entropy") or {}).items()})
         w.writerow(["" if row.get(c) is None else row.get(c) for c in cols])
     return buf.getvalue()
 
@@ -77,17 +89,38 @@ def report_markdown(history: list[dict[str, Any]], baseline: dict[str, Any],
     return "\n".join(lines)
 
 
-def plot_history(history: list[dict[str, Any]], baseline: dict[str, Any], delta: float,
-                 sites: list[str]) -> bytes | None:
-    """PNG bytes: accuracy vs removed sites with the delta line, and an entropy heat map."""
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend, or None when the plot extra is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        import numpy as np
     except ImportError:
         return None
+    return plt
+
+
+def png_bytes(fig: Any) -> bytes:
+    """The figure as PNG bytes (110 dpi); the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def history_figure(history: list[dict[str, Any]], baseline: dict[str, Any], delta: float,
+                   sites: list[str]) -> Any:
+    """A matplotlib Figure (None without matplotlib): accuracy vs removed units with the δ
+    line, the rejected iterations and the kept model marked; and a site × iteration entropy
+    heat map with a labelled colour bar."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    import numpy as np
+
     fig, (ax, hm) = plt.subplots(1, 2, figsize=(12, 4.5),
                                  gridspec_kw={"width_ratios": [1, 1.3]})
     x = [len(h["removed"]) for h in history]
@@ -97,12 +130,20 @@ def plot_history(history: list[dict[str, Any]], baseline: dict[str, Any], delta:
             ax.plot(*zip(*pts, strict=True), marker="o", label=label)
     floor = baseline["val_acc"] - delta
     ax.axhline(floor, color="red", linestyle="--", label=f"baseline val − δ ({floor:.2f})")
+    rejected = [(xi, h["val_acc"]) for xi, h in zip(x, history, strict=True)
+                if not h["accepted"] and h.get("val_acc") is not None]
+    if rejected:
+        ax.scatter(*zip(*rejected, strict=True), marker="X", s=110, color="red", zorder=5,
+                   label="rejected")
+    kept = next(h for h in reversed(history) if h["accepted"])
+    ax.scatter([len(kept["removed"])], [kept["val_acc"]], marker="*", s=260, color="gold",
+               edgecolor="black", zorder=6, label=f"kept model (iteration {kept['iteration']})")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("removed units")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title("accuracy vs removed activations")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     measured = [h for h in history if h.get("entropy")]
     if measured:
         grid = np.full((len(sites), len(measured)), np.nan)
@@ -124,15 +165,19 @@ def plot_history(history: list[dict[str, Any]], baseline: dict[str, Any], delta:
         hm.set_xticks(range(len(measured)))
         hm.set_xticklabels([str(h["iteration"]) for h in measured])
         hm.set_xlabel("iteration (x = chosen)")
-        hm.set_title("layer entropy (bits) before each removal")
-        fig.colorbar(im, ax=hm)
+        hm.set_title("layer entropy before each removal")
+        fig.colorbar(im, ax=hm, label="layer entropy (bits)")
     else:
         hm.axis("off")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return fig
+
+
+def plot_history(history: list[dict[str, Any]], baseline: dict[str, Any], delta: float,
+                 sites: list[str]) -> bytes | None:
+    """PNG bytes of :func:`history_figure` (None without matplotlib)."""
+    fig = history_figure(history, baseline, delta, sites)
+    return None if fig is None else png_bytes(fig)
 
 
 def write_reports(run: RunDir, history: list[dict[str, Any]], baseline: dict[str, Any],

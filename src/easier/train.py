@@ -221,10 +221,9 @@ def _epochs(net: nn.Module, model: nn.Module, loader_for: Callable[[int], Any], 
     for epoch in range(cfg.epochs):
         loader = first if epoch == 0 else loader_for(epoch)
         if progress:
-            from tqdm.auto import tqdm
+            from .progress import progress as show_progress
 
-            loader = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", unit="batch",
-                          leave=False)
+            loader = show_progress(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}")
         total_loss, correct, seen = 0.0, 0, 0
         for batch in loader:
             x = to_device(batch_input(batch, input_key), device)

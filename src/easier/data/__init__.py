@@ -9,7 +9,15 @@ from __future__ import annotations
 from easier.data import builtin, cifar, folders  # noqa: F401  (registers the sources)
 from easier.data.common import TEST_SPLIT_SEED, ArrayDataset
 from easier.data.folders import ImageFileDataset
-from easier.data.spec import DataSplits, LoadOptions, list_datasets, load, parse_spec, register
+from easier.data.spec import (
+    DataSplits,
+    LoadOptions,
+    dataset_forms,
+    list_datasets,
+    load,
+    parse_spec,
+    register,
+)
 from easier.data.transforms import (
     Compose,
     Normalize,
@@ -33,6 +41,7 @@ __all__ = [
     "RandomResizedCrop",
     "RandomVerticalFlip",
     "Resize",
+    "dataset_forms",
     "list_datasets",
     "load",
     "parse_spec",

@@ -102,6 +102,12 @@ def list_datasets() -> list[str]:
     return list(_REGISTRY)
 
 
+def dataset_forms() -> list[tuple[str, str]]:
+    """Return ``(form, help)`` per registered source, the form as typed: ``NAME`` or
+    ``NAME:PATH`` for sources read from a directory."""
+    return [(f"{n}:PATH" if s.needs_path else n, s.help) for n, s in _REGISTRY.items()]
+
+
 def _syntax() -> str:
     forms = [f"{n}:PATH" if s.needs_path else n for n, s in _REGISTRY.items()]
     return f"valid datasets: {', '.join(forms)} (spec syntax: NAME or NAME:PATH)"

@@ -1,0 +1,188 @@
+"""The commands: each parses nothing, calls the library, and prints what a person reads."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, StateError
+from .session import (
+    build_base,
+    device,
+    join,
+    locked,
+    near_chance,
+    out_dir,
+    parse_options,
+    say,
+    setup,
+)
+
+__all__ = ["cmd_compare", "cmd_entropy", "cmd_fold", "cmd_list", "cmd_reduce", "end_of_run"]
+
+
+def returned_nonzero(result: Any) -> int:
+    """Non-zero params of the model handed back: the folded program when one was written."""
+    import torch
+
+    from ..outcome import nonzero_params
+
+    folded = result.out / "folded.pt2" if result.out is not None else None
+    if "fold" in result.extras and folded is not None and folded.is_file():
+        try:
+            return nonzero_params(torch.export.load(str(folded)).module())
+        except Exception:  # an unreadable program: count the kept model instead
+            pass
+    return nonzero_params(result.model)
+
+
+def end_of_run(result: Any, *, num_classes: int, dense_nonzero: int | None,
+               unit: str) -> list[str]:
+    """The lines printed after a run: dense vs returned table, warnings, one summary line."""
+    from ..outcome import outcome, outcome_table, summary_line
+
+    o = outcome(result.history, result.extras.get("fold"), unit=unit,
+                dense_nonzero=dense_nonzero, returned_nonzero=returned_nonzero(result))
+    lines = ["", outcome_table(o), ""]
+    warning = near_chance(result.baseline["val_acc"], num_classes)
+    if warning:
+        lines.append(warning)
+    lines.append(summary_line(o))
+    return lines
+
+
+def cmd_reduce(args: argparse.Namespace) -> int:
+    from ..distributed import is_main
+    from ..loop import reduce
+    from ..methods import create_method
+    from ..outcome import nonzero_params
+
+    method = create_method(args.method, **parse_options(args.method_option))
+    out = out_dir(args, args.model, args.data, args.method, f"s{args.seed}")
+    info = join(args)
+    with locked(out, info):
+        env = setup(args, info)
+        say(f"method {args.method} {method.options() or ''} -> {out}")
+        t0 = time.perf_counter()
+        model = env["make_model"]()
+        # the weights the user gave are the dense model only when nothing is pretrained
+        dense_nonzero = nonzero_params(model) if env["kwargs"]["pretrain"] is None else None
+        result = reduce(model, env["splits"].train, env["splits"].val,
+                        method=method, out=out, resume=args.resume,
+                        fold=None if args.no_fold else args.plan, **env["kwargs"])
+    if is_main():
+        print()
+        print(result.table())
+        print(f"\nkept {len(result.linearized)} removed unit(s): "
+              f"{', '.join(result.linearized) or 'none'}")
+        print(f"stopped: {result.stop_reason}; wall time {time.perf_counter() - t0:.1f}s; "
+              f"run directory: {out}")
+        print("\n".join(end_of_run(result, num_classes=env["splits"].num_classes,
+                                   dense_nonzero=dense_nonzero, unit=method.unit)))
+    return 0
+
+
+def compare_methods(args: argparse.Namespace) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """Method names and options, every one checked before anything runs."""
+    from ..methods import create_method
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise ConfigError("--methods: give at least one method name (easier methods)")
+    opts: dict[str, dict[str, Any]] = {}
+    for item in args.method_option:
+        name, sep, rest = item.partition(":")
+        if not sep or name not in methods:
+            raise ConfigError(f"--method-option {item!r}: expected METHOD:KEY=VALUE with METHOD "
+                              f"one of {methods}")
+        opts.setdefault(name, {}).update(parse_options([rest]))
+    for name in methods:  # an unknown name or option fails now, not after the first run
+        create_method(name, **opts.get(name, {}))
+    return methods, opts
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from ..compare import compare, comparison_table
+
+    methods, opts = compare_methods(args)
+    out = out_dir(args, "compare", args.model, args.data, f"s{args.seed}")
+    info = join(args)
+    with locked(out, info):
+        env = setup(args, info)
+        t0 = time.perf_counter()
+        rows = compare(env["make_model"], env["splits"].train, env["splits"].val,
+                       methods=methods, out=out, method_options=opts, plan=args.plan,
+                       resume=args.resume, **env["kwargs"])
+    print()
+    print(comparison_table(rows))
+    print(f"\nwall time {time.perf_counter() - t0:.1f}s; wrote {out}/comparison.md, "
+          "comparison.csv, comparison.png")
+    return 0
+
+
+def cmd_entropy(args: argparse.Namespace) -> int:
+    from ..entropy import measure_entropy
+    from ..train import make_loader
+    from ..user import load_checkpoint, load_data
+
+    splits = load_data(args.data, seed=args.seed, image_size=args.image_size)
+    base = None
+    if args.model is not None:
+        base = build_base(args.model, num_classes=splits.num_classes,
+                          in_channels=splits.in_channels, image_size=splits.image_size,
+                          width=args.width)
+    model = load_checkpoint(args.checkpoint, base, allow_pickle=args.allow_pickle)
+    report = measure_entropy(model, make_loader(splits.train_eval, args.batch_size,
+                                                shuffle=False),
+                             estimator=args.estimator, neuron=args.neuron,
+                             max_batches=args.max_batches, device=device(args.device),
+                             progress=not args.quiet)
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        print(report)
+    return 0
+
+
+def cmd_fold(args: argparse.Namespace) -> int:
+    from ..run_outputs import fold_run
+    from ..state import RunDir, lock_run_dir
+
+    run = RunDir(args.run_dir)
+    if not run.config_path.is_file():
+        raise StateError(f"{run.path} is not a run directory (no config.json); pass the --out "
+                         "directory of an `easier reduce` run")
+    cfg = run.read_config()
+    base = None
+    if cfg.get("model_kwargs"):  # a run of the user's module:callable model
+        base = build_base(cfg["model"], width=cfg.get("width", 1.0), **cfg["model_kwargs"])
+    with lock_run_dir(run.path):
+        out = fold_run(args.run_dir, plan=args.plan, onnx=args.onnx, model=base)
+    print(f"fold (plan={args.plan}): max |error| {out['plan']['max_abs_error']:.2g}")
+    print(out["table"])
+    print(f"wrote {Path(args.run_dir) / 'folded.pt'} (TorchScript), fold_plan.json, fold.md")
+    return 0
+
+
+def cmd_list(what: str) -> int:
+    if what == "models":
+        from ..models import list_models
+
+        lines = [*list_models(), "torchvision:NAME, timm:NAME (when installed)",
+                 "module.path:callable or path/to/file.py:callable (your own)"]
+    elif what == "datasets":
+        from ..data import dataset_forms
+
+        forms = [*dataset_forms(), ("module.path:callable", "your own: returns (train, val) "
+                                    "or (train, val, test); also path/to/file.py:callable")]
+        width = max(len(f) for f, _ in forms)
+        lines = [f"{f:<{width}}  {h}" for f, h in forms]
+    else:
+        from ..methods import list_methods
+
+        lines = list_methods()
+    print("\n".join(lines))
+    return 0

@@ -1,0 +1,154 @@
+"""What a run gives back: the dense model the user gave vs the model they get, side by side.
+
+Everything is read from a run's history (iteration 0 is the dense model, the last accepted
+record is the kept one) and, when the run folded, from the fold's before/after measurements
+(the returned model is then the folded one). Latency is only what the fold already measured:
+the kept model unfolded vs folded; the dense model is never timed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+__all__ = ["Outcome", "Side", "nonzero_params", "outcome", "outcome_table", "speed",
+           "summary_line"]
+
+
+@dataclass(frozen=True)
+class Side:
+    """Accuracy and cost of one model (None: not known)."""
+
+    val_acc: float | None
+    test_acc: float | None
+    depth: int | None
+    activations: int | None
+    params: int | None
+    nonzero_params: int | None
+    flops_per_sample: float | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Dense vs returned, the number of removed units, and the fold's latencies.
+
+    ``latency`` maps a batch size to (ms unfolded, ms folded) medians of the kept model.
+    """
+
+    dense: Side
+    returned: Side
+    removed_units: int
+    unit: str
+    folded: bool
+    latency: dict[int, tuple[float, float]]
+
+
+def nonzero_params(model: nn.Module) -> int:
+    """Parameter entries that are not exactly zero (pruned weights do not count)."""
+    return sum(int((p.detach() != 0).sum()) for p in model.parameters())
+
+
+def outcome(history: list[dict[str, Any]], fold: dict[str, Any] | None = None, *,
+            unit: str = "site", dense_nonzero: int | None = None,
+            returned_nonzero: int | None = None) -> Outcome:
+    """The :class:`Outcome` of a run from its history and (optionally) ``fold_run``'s result."""
+    h0 = history[0]
+    kept = next(h for h in reversed(history) if h["accepted"])
+    dense_fps = kept_fps = None
+    latency: dict[int, tuple[float, float]] = {}
+    if fold is not None:
+        before, after = fold["before"], fold["after"]
+        # the history counts FLOPs at the loop's example batch; the fold measured the kept
+        # model per sample, which fixes the scale for the dense count too
+        if kept.get("flops") and h0.get("flops") is not None:
+            dense_fps = h0["flops"] * before["flops_per_sample"] / kept["flops"]
+        kept_fps = after["flops_per_sample"]
+        b = {lt["batch_size"]: lt["median_ms"] for lt in before.get("latency", ())}
+        a = {lt["batch_size"]: lt["median_ms"] for lt in after.get("latency", ())}
+        latency = {k: (b[k], a[k]) for k in sorted(b) if k in a}
+        cost = after
+    else:
+        cost = kept
+    dense = Side(h0.get("val_acc"), h0.get("test_acc"), h0.get("depth"), h0.get("activations"),
+                 h0.get("params"), dense_nonzero, dense_fps)
+    returned = Side(kept.get("val_acc"), kept.get("test_acc"), cost.get("depth"),
+                    cost.get("activations"), cost.get("params"), returned_nonzero, kept_fps)
+    return Outcome(dense, returned, len(kept["removed"]), unit, fold is not None, latency)
+
+
+def _human(x: float | None) -> str:
+    if x is None:
+        return "–"
+    for suffix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{suffix}"
+    return f"{x:.4g}"
+
+
+def _minus(text: str) -> str:
+    return text.replace("-", "−")
+
+
+def _change(a: float | None, b: float | None, kind: str) -> str:
+    if a is None or b is None:
+        return "–"
+    if kind == "pts":
+        return _minus(f"{b - a:+.2f} pts")
+    if kind == "count":
+        return _minus(f"{b - a:+d}")
+    return f"×{b / a:.3g}" if a else "–"
+
+
+def speed(unfolded: float, folded: float) -> str:
+    """``1.25× faster`` or ``1.25× slower`` (never a factor below 1)."""
+    if folded <= unfolded:
+        return f"{unfolded / folded:.2f}× faster"
+    return f"{folded / unfolded:.2f}× slower"
+
+
+def outcome_table(o: Outcome) -> str:
+    """Markdown: the dense model given vs the model returned, then the fold's latencies."""
+    d, r = o.dense, o.returned
+    pct = (lambda v: "–" if v is None else f"{v:.2f}")  # noqa: E731
+    num = (lambda v: "–" if v is None else str(v))  # noqa: E731
+    rows = [
+        ("val top-1 (%)", pct(d.val_acc), pct(r.val_acc), _change(d.val_acc, r.val_acc, "pts")),
+        ("test top-1 (%)", pct(d.test_acc), pct(r.test_acc),
+         _change(d.test_acc, r.test_acc, "pts")),
+        ("depth (weight layers on the longest path)", num(d.depth), num(r.depth),
+         _change(d.depth, r.depth, "count")),
+        ("activations", num(d.activations), num(r.activations),
+         _change(d.activations, r.activations, "count")),
+        ("params", _human(d.params), _human(r.params), _change(d.params, r.params, "ratio")),
+        ("non-zero params", _human(d.nonzero_params), _human(r.nonzero_params),
+         _change(d.nonzero_params, r.nonzero_params, "ratio")),
+        ("FLOPs per sample", _human(d.flops_per_sample), _human(r.flops_per_sample),
+         _change(d.flops_per_sample, r.flops_per_sample, "ratio")),
+    ]
+    head = "returned (folded)" if o.folded else "returned"
+    lines = [f"| | dense (given) | {head} | change |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {a} | {b} | {c} |" for name, a, b, c in rows]
+    for bs, (unfolded, folded) in o.latency.items():
+        lines.append(f"\nlatency at batch {bs} (kept model, measured by the fold): "
+                     f"{unfolded:.3g} ms unfolded → {folded:.3g} ms folded "
+                     f"({speed(unfolded, folded)})")
+    return "\n".join(lines)
+
+
+def summary_line(o: Outcome) -> str:
+    """One line, e.g. ``11/17 activations removed, depth 18 → 15, val −0.6 pts``."""
+    d, r = o.dense, o.returned
+    if d.activations is not None and r.activations is not None:
+        parts = [f"{d.activations - r.activations}/{d.activations} activations removed"]
+    else:
+        parts = [f"{o.removed_units} {o.unit}(s) removed"]
+    if d.depth is not None and r.depth is not None:
+        parts.append(f"depth {d.depth} → {r.depth}")
+    if 1 in o.latency:
+        unfolded, folded = o.latency[1]
+        parts.append(f"{speed(unfolded, folded)} at batch 1 after folding")
+    if d.val_acc is not None and r.val_acc is not None:
+        parts.append(_minus(f"val {r.val_acc - d.val_acc:+.1f} pts"))
+    return ", ".join(parts)
