@@ -296,7 +296,8 @@ def test_entropy_order_quick_run_tables_and_pairing(tmp_path):
     timing = next(t for t in tables if "eval mode" in t.title)
     assert timing.rows[0][0] == len(res["runs"]["0/easier-train"]) - 1  # one check per step
     # --load re-renders the same tables from the JSON without running anything
-    again = eo.main(["--load", str(js), *ONE])
+    again = eo.main(["--load", str(js), "--plot", str(tmp_path / "p.png"), *ONE])
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     assert [t.rows for t in again] == [t.rows for t in tables]
 
 
