@@ -7,8 +7,9 @@ parameter and buffer name, so it trains exactly as before (BN statistics, dropou
 
 * an activation module called once is replaced by :class:`Linearized` (returns its input, keeps
   the module's parameters, e.g. a PReLU's weight);
-* the k-th call of a shared activation module: the module is wrapped in a :class:`CallSwitch`
-  that skips the linearized calls (counted per forward pass);
+* the k-th call of a shared activation module (or any module site when no example input says
+  how often it is called): the module is wrapped in a :class:`CallSwitch` that skips the
+  linearized calls (counted per forward pass) and keeps the module's state_dict keys;
 * a functional site ``scope:op@k``: the ``scope`` module gets forward hooks that run its
   forward under a ``TorchFunctionMode`` returning the input of its k-th ``op`` call.
 
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .capture import capture, default_example
+from .capture import call_model, capture, default_example, eval_mode
 from .errors import ConfigError, SiteError, StateError, TraceError
 from .padding import conv_paddings, relocate
 from .sites import KINDS, SWITCH_ATTR, graph_sites, module_kind
@@ -113,22 +114,65 @@ class Linearized(nn.Module):
         return f"was {self.original_type}"
 
 
-class CallSwitch(nn.Module):
-    """A shared activation module whose listed calls (0-based, per forward) are the identity."""
+Rule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``rule(pre_activation, activation_output) -> output``: what an overridden site call returns."""
 
-    def __init__(self, inner: nn.Module, kind: str, calls: Iterable[int]):
+
+class CallSwitch(nn.Module):
+    """An activation module whose calls (0-based, per forward) are overridden one by one.
+
+    A call in ``calls`` is the identity; a call with a rule in ``rules`` returns
+    ``rule(x, act(x))`` (e.g. Layer Folding's slope mix); any other call is the module's own. The
+    wrapped module is not a child: its parameters and buffers are registered on the switch under
+    their own names, so the state_dict keys stay those of the dense model (``act.weight``, not
+    ``act.inner.weight``), and its attributes read through (``switch.inplace``).
+    """
+
+    def __init__(self, inner: nn.Module, kind: str, calls: Iterable[int] = ()):
         super().__init__()
-        self.inner = inner
+        for name, p in inner.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in inner.named_buffers(recurse=False):
+            self.register_buffer(name, b)
+        self.__dict__["inner"] = inner  # after the registrations: attributes read through it
         self.easier_kind = kind
         self.calls = set(calls)
+        self.rules: dict[int, Rule] = {}
         self.count = 0
+        self.seen = 0  # most calls seen in one forward pass (0 = never run)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("inner")
+            if inner is None or name.startswith("__"):
+                raise
+            return getattr(inner, name)
+
+    @property
+    def easier_linearized(self) -> bool:
+        """Every call seen in a forward pass is the identity (the hook fallback skips it)."""
+        return self.seen > 0 and set(range(self.seen)) <= self.calls
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         i, self.count = self.count, self.count + 1
-        return x if i in self.calls else self.inner(x, *args, **kwargs)
+        self.seen = max(self.seen, self.count)
+        if i in self.calls:
+            return x
+        inner = self.inner
+        inner._parameters.update(self._parameters)  # .to() / load may have replaced tensors
+        inner._buffers.update(self._buffers)
+        inner.training = self.training
+        rule = self.rules.get(i)
+        if rule is None:
+            return inner(x, *args, **kwargs)
+        return rule(x, inner(x.clone() if getattr(inner, "inplace", False) else x,
+                             *args, **kwargs))
 
     def extra_repr(self) -> str:
-        return f"identity at calls {sorted(self.calls)}"
+        return (f"{type(self.inner).__name__}, identity at calls {sorted(self.calls)}"
+                + (f", rules at calls {sorted(self.rules)}" if self.rules else ""))
 
 
 # torch-level callables -> op name of the sites they create (same names as in sites.py)
@@ -152,6 +196,7 @@ class _Switch:
 
     def __init__(self) -> None:
         self.skip: dict[str, set[int]] = {}
+        self.rules: dict[tuple[str, int], Rule] = {}  # (op, call) -> rule(x, op(x))
         self.count: dict[str, int] = {}
         self.depth = 0
         self.modes: list[TorchFunctionMode] = []
@@ -179,6 +224,13 @@ class _Override(TorchFunctionMode):
                 sw.count[op] = i + 1
                 if i in sw.skip.get(op, ()):
                     return args[0] if args else kwargs.get("input")
+                rule = sw.rules.get((op, i))
+                if rule is not None and args:
+                    x = args[0]
+                    inplace = (getattr(func, "__name__", "").endswith("_")
+                               or kwargs.get("inplace") is True
+                               or any(a is True for a in args[1:]))
+                    return rule(x, func(x.clone() if inplace else x, *args[1:], **kwargs))
         return func(*args, **kwargs)
 
 
@@ -273,7 +325,10 @@ def linearize(
     list and a ``state_dict``.
 
     With ``example_input`` (one model input) the names are checked against the sites of a
-    capture, so a wrong name fails with the list of valid ones. ``fold_ready=True`` (needs
+    capture, so a wrong name fails with the list of valid ones, and a module called once is
+    swapped for :class:`Linearized`; without one, module sites get a :class:`CallSwitch` that
+    switches off only the named call (correct whether or not the module is shared).
+    ``fold_ready=True`` (needs
     ``example_input``) also moves the zero padding of each conv chain that a removed activation
     joins to the chain's first conv: that changes the function at the image borders (fine-tuning
     adapts to it) and makes the later :func:`easier.fold` of the chain exact.
@@ -291,25 +346,56 @@ def linearize(
     if fold_ready and example_input is None:
         raise ConfigError("linearize(fold_ready=True) needs example_input= to find conv chains")
     padding: dict[str, list[int]] = {}
-    shared = {_parse(n)[0] for n in [*names, *done] if _parse(n)[2] > 0}
-    if example_input is not None:
+    modules = {_parse(n)[0] for n in names if _parse(n)[1] is None}
+    # module sites that get a CallSwitch: called more than once, or not known to be called once
+    shared = {_parse(n)[0] for n in [*names, *done] if _parse(n)[2] > 0 and _parse(n)[1] is None}
+    if example_input is None:
+        shared |= modules  # without a run, a module's other calls cannot be ruled out
+    else:
         try:
             cap = capture(model, example_input)
         except TraceError:
-            cap = None  # hook fallback: module sites only, checked structurally below
+            cap = None  # the hook fallback: count each module's calls in one run
         if cap is not None:
             located = {g.site.name: g for g in graph_sites(model, cap, kinds)}
             unknown = [n for n in names if n not in located]
             if unknown:
                 raise SiteError(f"unknown site(s) {unknown}; valid sites: {list(located)}")
-            shared |= {_parse(n)[0] for n in located if _parse(n)[2] > 0}
+            shared |= {_parse(n)[0] for n in located if _parse(n)[2] > 0 and _parse(n)[1] is None}
             if fold_ready:
                 padding = relocate(model, cap, [located[n] for n in names])
-    shared = {p for p in shared if _parse(p)[1] is None and p in {_parse(n)[0] for n in names}}
+        else:
+            shared |= {p for p, n in _module_calls(model, example_input, modules).items() if n > 1}
+    shared &= modules
     new = _apply_linearize(copy.deepcopy(model), names, padding, shared)
     edit = {"op": "linearize", "sites": names, "fold_ready": bool(fold_ready),
             "padding": padding, "shared": sorted(shared)}
     return record_edit(new, model, edit)
+
+
+@torch.no_grad()
+def _module_calls(model: nn.Module, example_input: Any, paths: Iterable[str]) -> dict[str, int]:
+    """How many times each named module is called in one eval-mode forward pass."""
+    counts: dict[str, int] = {}
+    handles = []
+    for path in paths:
+        try:
+            mod = model.get_submodule(path)
+        except AttributeError:
+            continue  # a bad name fails with its own message in _apply_linearize
+        counts[path] = 0
+
+        def count(_m: nn.Module, _a: Any, path: str = path) -> None:
+            counts[path] += 1
+
+        handles.append(mod.register_forward_pre_hook(count))
+    try:
+        with eval_mode(model):
+            call_model(model, example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
 
 
 def _apply_linearize(new: nn.Module, names: list[str], padding: dict[str, list[int]],
