@@ -109,9 +109,9 @@ def test_site_layers_walk_back_through_bn_to_the_residual_branch():
         assert (link.layer, link.norm, link.direct) == (f"{block}.conv2", f"{block}.bn2", False)
     assert not any(link.layer.startswith(("fc", "layer2.0.downsample")) for link in links.values())
     assert site_layers(convnet())["relu3"].layer == "conv3"
-    mlp = site_layers(Mlp())
+    mlp = site_layers(Mlp(), example_input=torch.randn(2, 6))
     assert mlp["relu2"].layer == "fc2" and mlp["relu2"].norm is None and mlp["relu2"].direct
-    assert site_layers(Tokens()) == {"act": None}
+    assert site_layers(Tokens(), example_input=torch.randn(2, 4)) == {"act": None}
 
 
 # ---------------------------------------------------------------------------------------------
