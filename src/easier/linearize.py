@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import call_model, capture, default_example, eval_mode
+from .capture import call_model, default_example, eval_mode
+from .capture import capture as capture_model
 from .errors import ConfigError, SiteError, StateError, TraceError
 from .padding import conv_paddings, relocate
 from .sites import KINDS, graph_sites, module_kind
@@ -110,6 +111,7 @@ def linearize(
     example_input: Any = None,
     fold_ready: bool = False,
     kinds: Sequence[str] = KINDS,
+    capture: bool = True,
 ) -> nn.Module:
     """Return a copy of ``model`` in which the named activation sites compute the identity.
 
@@ -122,6 +124,8 @@ def linearize(
     capture, so a wrong name fails with the list of valid ones, and a module called once is
     swapped for :class:`Linearized`; without one, module sites get a :class:`CallSwitch` that
     switches off only the named call (correct whether or not the module is shared).
+    ``capture=False`` skips the capture even when an example input is known (fast, e.g. to score
+    many candidates; the function is the same, names are checked structurally).
     ``fold_ready=True`` (needs
     ``example_input``) also moves the zero padding of each conv chain that a removed activation
     joins to the chain's first conv: that changes the function at the image borders (fine-tuning
@@ -135,7 +139,9 @@ def linearize(
     for name in names:
         if name in done:
             raise SiteError(f"site {name!r} is already linearized")
-    if example_input is None:
+    if not capture:
+        example_input = None
+    elif example_input is None:
         example_input = default_example(model)
     if fold_ready and example_input is None:
         raise ConfigError("linearize(fold_ready=True) needs example_input= to find conv chains")
@@ -147,7 +153,7 @@ def linearize(
         shared |= modules  # without a run, a module's other calls cannot be ruled out
     else:
         try:
-            cap = capture(model, example_input)
+            cap = capture_model(model, example_input)
         except TraceError:
             cap = None  # the hook fallback: count each module's calls in one run
         if cap is not None:

@@ -54,6 +54,7 @@ from torch import fx, nn
 
 from ..capture import Capture, default_example, flat_inputs
 from ..errors import ConfigError, SiteError, StateError, TraceError
+from ..linearize import linearize
 from ..sites import KINDS, GraphSite, graph_sites
 from .base import Context, Method, Step, register_method
 from .graph_walk import capture_for, layer_calls, module_of, norm_input, pass_input
@@ -173,7 +174,8 @@ def collapse_plans(
     try:
         cap = capture_for(model, example_input, "TLC")
     except TraceError as exc:
-        raise TraceError(f"TLC finds each site's BN on the torch.export graph, but {exc}") from exc
+        raise TraceError(f"TLC finds each site's BN on the torch.export graph, but {exc}; use a "
+                         "method that needs no graph (e.g. easier, layer-folding)") from exc
     located = {g.site.name: g for g in graph_sites(model, cap, kinds)}
     unknown = [s for s in sites if s not in located]
     if unknown:
@@ -305,7 +307,10 @@ class TLC(Method):
     def _collapsed(
         self, ctx: Context, plans: dict[str, Collapse], sites: list[str], fold_ready: bool | None
     ) -> nn.Module:
-        model = ctx.linearize(sites, fold_ready=fold_ready)
+        if fold_ready is False:  # a candidate, scored only: switched by name, no capture (fast)
+            model = linearize(ctx.model, sites, kinds=ctx.kinds, capture=False)
+        else:
+            model = ctx.linearize(sites, fold_ready=fold_ready)
         for s in sites:
             apply_masks(model, plans[s].masks)
         return model
