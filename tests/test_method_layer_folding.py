@@ -368,3 +368,69 @@ def test_penalty_sums_over_active_slopes_like_the_reference():
             mixer.alpha[key].fill_(v)
     hand = 0.25 * sum(abs(1 - v * v) for v in values)
     assert float(LayerFolding().regularizer()(s).detach()) == pytest.approx(hand, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# models torch.fx cannot trace: a Hugging Face ResNet, data-dependent control flow
+
+
+class DataDependent(nn.Module):
+    """Python control flow on tensor values: torch.export cannot capture it (hook fallback)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act1 = nn.Linear(6, 8), nn.ReLU()
+        self.fc2, self.act2 = nn.Linear(8, 8), nn.ReLU()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.act1(self.fc1(x))
+        if h.sum() > -1e9:  # data-dependent branch (always taken)
+            h = self.act2(self.fc2(h))
+        return self.head(h)
+
+
+def test_slopes_on_a_model_export_cannot_capture_match_hand_computation():
+    torch.manual_seed(0)
+    m = DataDependent().eval()
+    with pytest.warns(easier.EasierWarning, match="could not capture"):
+        s = add_slopes(m, example_input=X6)
+    assert list(slope_values(s)) == ["act1", "act2"]
+    set_alpha(s, act1=0.25, act2=0.5)
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        h = m.fc1(x)
+        h = 0.25 * h + 0.75 * h.relu()
+        h = m.fc2(h)
+        h = 0.5 * h + 0.5 * h.relu()
+        torch.testing.assert_close(s(x), m.head(h))
+    assert list(s.state_dict()) == [*m.state_dict(), f"{SLOPES}.alpha.act1", f"{SLOPES}.alpha.act2"]
+
+
+def test_layer_folding_reduces_a_hf_resnet_end_to_end(tmp_path):
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = T.ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1], layer_type="basic",
+                         num_labels=2)
+    model = T.ResNetForImageClassification(cfg)
+    with pytest.raises(Exception):  # noqa: B017  (the point: fx fails on this model)
+        torch.fx.symbolic_trace(model)
+    g = torch.Generator().manual_seed(0)
+    pix = torch.randn(32, 3, 16, 16, generator=g)
+    data = [{"pixel_values": p, "labels": (p[0].mean() > 0).long()} for p in pix]
+    res = reduce(model, data[:24], data[24:], method="layer-folding", delta=100.0,
+                 max_removals=1, out=tmp_path / "run",
+                 pretrain=FineTune(batch_size=8, max_steps=2),
+                 finetune=FineTune(batch_size=8, max_steps=2))
+    sites = [n for n, mod in model.named_modules() if isinstance(mod, nn.ReLU)]
+    alpha = res.history[1]["alpha"]
+    assert list(alpha) == sites and len(sites) == 3 and any(a > 0 for a in alpha.values())
+    assert res.linearized == [min(sites, key=lambda n: (1 - alpha[n], sites.index(n)))]
+    assert list(slope_values(res.model)) == [n for n in sites if n not in res.linearized]
+    assert isinstance(res.model.get_submodule(res.linearized[0]), Linearized)
+    # the run directory's checkpoint rebuilds the edited model (slopes + linearize) exactly
+    back = load_model(tmp_path / "run" / "model.pt",
+                      model=T.ResNetForImageClassification(cfg))
+    x = {"pixel_values": pix[:3]}
+    with torch.no_grad():
+        assert torch.equal(back.eval()(**x).logits, res.model.eval()(**x).logits)
