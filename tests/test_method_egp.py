@@ -109,9 +109,9 @@ def test_site_layers_walk_back_through_bn_to_the_residual_branch():
         assert (link.layer, link.norm, link.direct) == (f"{block}.conv2", f"{block}.bn2", False)
     assert not any(link.layer.startswith(("fc", "layer2.0.downsample")) for link in links.values())
     assert site_layers(convnet())["relu3"].layer == "conv3"
-    mlp = site_layers(Mlp())
+    mlp = site_layers(Mlp(), example_input=torch.randn(2, 6))
     assert mlp["relu2"].layer == "fc2" and mlp["relu2"].norm is None and mlp["relu2"].direct
-    assert site_layers(Tokens()) == {"act": None}
+    assert site_layers(Tokens(), example_input=torch.randn(2, 4)) == {"act": None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,3 +432,84 @@ def test_nepenthe_runs_in_the_loop_and_options_are_checked():
         create_method("nepenthe", tau=0)
     with pytest.raises(ConfigError, match="nothing to prune"):
         Egp().step(context(Tokens(), TensorDataset(torch.randn(8, 4))))
+
+
+# ---------------------------------------------------------------------------------------------
+# models torch.fx cannot trace: a Hugging Face ResNet, data-dependent control flow
+
+
+def _hf_resnet():
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                         layer_type="basic", num_labels=2)
+    return T.ResNetForImageClassification(cfg)
+
+
+class _Pixels(torch.utils.data.Dataset):
+    """Hugging Face style dict samples: pixel_values and labels."""
+
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 3, 32, 32, generator=g)
+        self.y = (self.x[:, 0].mean((1, 2)) > 0).long()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+def test_site_layers_on_a_hf_resnet_that_fx_cannot_trace():
+    from transformers.models.resnet import modeling_resnet as R
+
+    m = _hf_resnet()
+    with pytest.raises(Exception):  # noqa: B017  (the point: fx fails on this model)
+        torch.fx.symbolic_trace(m)
+    links = site_layers(m, example_input={"pixel_values": torch.randn(2, 3, 32, 32)})
+    # expected from the module tree: a conv layer's ReLU reads its own BN(conv(x)); a basic
+    # layer's ReLU reads the residual add, whose branch ends with the last conv layer
+    expected = {}
+    for name, mod in m.named_modules():
+        if isinstance(mod, R.ResNetConvLayer) and isinstance(mod.activation, nn.ReLU):
+            expected[f"{name}.activation"] = (f"{name}.convolution", f"{name}.normalization", True)
+        if isinstance(mod, R.ResNetBasicLayer):
+            last = f"{name}.layer.{len(mod.layer) - 1}"
+            expected[f"{name}.activation"] = (f"{last}.convolution", f"{last}.normalization", False)
+    assert len(expected) == 5
+    assert {k: (v.layer, v.norm, v.direct) for k, v in links.items()} == expected
+
+
+def test_egp_prunes_a_hf_resnet_end_to_end():
+    m = _hf_resnet()
+    res = reduce(m, _Pixels(32, 0), _Pixels(16, 1), method="egp", delta=100.0,
+                 max_iterations=1, finetune=FineTune(batch_size=16, max_steps=2))
+    info = res.history[1]
+    # every mapped conv weight is pruned by exactly what the round reported, to exact zeros
+    convs = {n: mod for n, mod in res.model.named_modules() if isinstance(mod, nn.Conv2d)}
+    left = {layer: int((convs[layer].weight != 0).sum()) for layer in info["weights_left"]}
+    assert left == info["weights_left"]
+    total = sum(convs[layer].weight.numel() for layer in left)
+    assert info["sparsity"] == pytest.approx(1 - sum(left.values()) / total)
+    assert info["budget"] > 0 and sum(info["pruned_per_layer"].values()) == info["budget"]
+
+
+class _DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act1, self.head = nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.act1(self.fc1(x))
+        if h.mean() > 0:  # data-dependent: torch.export cannot capture it
+            h = h * 2
+        return self.head(h)
+
+
+def test_egp_on_a_model_export_cannot_capture_says_why():
+    data = vectors(32)
+    with pytest.warns(easier.EasierWarning), pytest.raises(easier.TraceError,
+                                                           match="EGP maps each site"):
+        reduce(_DataDependent(), data, data, method="egp", delta=100.0, max_iterations=1,
+               finetune=FineTune(batch_size=16, max_steps=1))

@@ -319,3 +319,113 @@ def test_candidates_are_scored_without_padding_relocation_and_the_chosen_one_rel
     # the chosen site is relocated for folding, as the run asked (fold_ready=True)
     with torch.no_grad():
         torch.testing.assert_close(step.model.eval()(x), relocated(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# models torch.fx cannot trace: a Hugging Face BERT, data-dependent control flow
+
+
+def _hf_bert():
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = T.BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=24, vocab_size=60, num_labels=2)
+    return T.BertForSequenceClassification(cfg).eval()
+
+
+class _Tokens(torch.utils.data.Dataset):
+    """Hugging Face style dict samples: input_ids and labels."""
+
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(5, 60, (n, 6), generator=g)
+        self.y = (self.ids[:, 0] > 30).long()
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.y[i]}
+
+
+def test_collapse_plans_on_a_hf_bert_match_hooked_statistics():
+    m = _hf_bert()
+    with pytest.raises(Exception):  # noqa: B017  (the point: fx fails on this model)
+        torch.fx.symbolic_trace(m)
+    data = _Tokens(8, 0)
+    x = {"input_ids": data.ids}
+    sites = [f"bert.encoder.layer.{i}.intermediate.intermediate_act_fn" for i in (0, 1)]
+    plans = collapse_plans(m, sites, [(x, data.y)])
+    # independent: the producing Linear's output, seen by a forward hook on the eager model
+    seen = {}
+    hooks = [m.get_submodule(f"bert.encoder.layer.{i}.intermediate.dense").register_forward_hook(
+        lambda _m, _a, out, i=i: seen.__setitem__(i, out.detach())) for i in (0, 1)]
+    with torch.no_grad():
+        m(**x)
+    for h in hooks:
+        h.remove()
+    for i, site in enumerate(sites):
+        plan, z = plans[site], seen[i].reshape(-1, seen[i].shape[-1]).double()
+        dense = f"bert.encoder.layer.{i}.intermediate.dense"
+        assert plan.source == "stats" and plan.bn is None and plan.producer == dense
+        torch.testing.assert_close(plan.beta.double(), z.mean(0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(plan.gamma.double(), z.std(0), rtol=1e-4, atol=1e-6)
+        assert set(plan.masks) == {f"{dense}.weight", f"{dense}.bias"}
+        assert torch.equal(plan.masks[f"{dense}.weight"], z.mean(0) <= 0)
+
+
+class _Pixels(torch.utils.data.Dataset):
+    """Hugging Face style dict samples: pixel_values and labels."""
+
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 3, 16, 16, generator=g)
+        self.y = (self.x[:, 0].mean((1, 2)) > 0).long()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+def test_tlc_reduces_a_hf_resnet_end_to_end():
+    T = pytest.importorskip("transformers")
+    from transformers.models.resnet.modeling_resnet import ResNetConvLayer
+
+    torch.manual_seed(0)
+    cfg = T.ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1], layer_type="basic",
+                         num_labels=2)
+    m = T.ResNetForImageClassification(cfg)
+    res = reduce(m, _Pixels(32, 0), _Pixels(16, 1), method=TLC(select="lowest"), delta=100.0,
+                 max_removals=1, finetune=FineTune(batch_size=16, max_steps=2))
+    assert len(res.linearized) == 1
+    plans = res.history[1]["tlc"]["sites"]
+    # from the module tree: a conv layer's ReLU has its own BN in front, a post-add one has none
+    bns = {f"{n}.activation": f"{n}.normalization" for n, mod in m.named_modules()
+           if isinstance(mod, ResNetConvLayer) and isinstance(mod.activation, nn.ReLU)}
+    assert len(plans) == 3 and {s: p["bn"] for s, p in plans.items() if p["bn"]} == bns
+    plan = plans[res.linearized[0]]
+    for name in plan["masked"]:  # OFF channels stay exactly zero through fine-tuning
+        p = res.model.get_parameter(name).detach()
+        assert int((p.reshape(len(p), -1) == 0).all(1).sum()) == plan["off"], name
+
+
+class _DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.relu1, self.fc2 = nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.relu1(self.fc1(x))
+        if h.mean() > 0:  # data-dependent: torch.export cannot capture it
+            h = h * 2
+        return self.fc2(h)
+
+
+def test_tlc_on_a_model_export_cannot_capture_says_why():
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g))
+    with pytest.warns(easier.EasierWarning), pytest.raises(easier.TraceError, match="TLC finds"):
+        reduce(_DataDependent(), data, data, method="tlc", delta=100.0, max_removals=1,
+               finetune=FineTune(batch_size=16, max_steps=1))

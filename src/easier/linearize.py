@@ -7,8 +7,9 @@ parameter and buffer name, so it trains exactly as before (BN statistics, dropou
 
 * an activation module called once is replaced by :class:`Linearized` (returns its input, keeps
   the module's parameters, e.g. a PReLU's weight);
-* the k-th call of a shared activation module: the module is wrapped in a :class:`CallSwitch`
-  that skips the linearized calls (counted per forward pass);
+* the k-th call of a shared activation module (or any module site when no example input says
+  how often it is called): the module is wrapped in a :class:`CallSwitch` that skips the
+  linearized calls (counted per forward pass) and keeps the module's state_dict keys;
 * a functional site ``scope:op@k``: the ``scope`` module gets forward hooks that run its
   forward under a ``TorchFunctionMode`` returning the input of its k-th ``op`` call.
 
@@ -21,22 +22,32 @@ rebuilt under ``weights_only=True``. Methods may register their own edits with
 from __future__ import annotations
 
 import copy
-import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
-from .capture import capture, default_example
+from .capture import call_model, default_example, eval_mode
+from .capture import capture as capture_model
 from .errors import ConfigError, SiteError, StateError, TraceError
 from .padding import conv_paddings, relocate
-from .sites import KINDS, SWITCH_ATTR, graph_sites, module_kind
+from .sites import KINDS, graph_sites, module_kind
+from .switches import (
+    EAGER_OPS,
+    CallSwitch,
+    Linearized,
+    Rule,
+    ensure_reset_hook,
+    parse_site,
+    set_module,
+    set_site_rule,
+    site_module,
+    switch_of,
+)
 
-__all__ = ["CallSwitch", "Linearized", "apply_edits", "edits_of", "linearize",
-           "linearized_sites", "register_edit", "replace_with_identity"]
+__all__ = ["CallSwitch", "Linearized", "Rule", "apply_edits", "edits_of", "linearize",
+           "linearized_sites", "register_edit", "replace_with_identity", "set_site_rule"]
 
 _EDITS = "easier_edits"  # list of edit records, kept on every edited module
 _CARRIED = ("easier_spec",)  # attributes a copy keeps
@@ -90,171 +101,7 @@ def fold_ready_model(model: nn.Module) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# the eager switches
-
-
-class Linearized(nn.Module):
-    """An activation module switched to the identity; keeps the original's parameters."""
-
-    def __init__(self, original: nn.Module, kind: str):
-        super().__init__()
-        self.easier_kind = kind
-        self.easier_linearized = True
-        self.original_type = type(original).__name__
-        for name, p in original.named_parameters(recurse=False):
-            self.register_parameter(name, p)
-        for name, b in original.named_buffers(recurse=False):
-            self.register_buffer(name, b)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return x
-
-    def extra_repr(self) -> str:
-        return f"was {self.original_type}"
-
-
-class CallSwitch(nn.Module):
-    """A shared activation module whose listed calls (0-based, per forward) are the identity."""
-
-    def __init__(self, inner: nn.Module, kind: str, calls: Iterable[int]):
-        super().__init__()
-        self.inner = inner
-        self.easier_kind = kind
-        self.calls = set(calls)
-        self.count = 0
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        i, self.count = self.count, self.count + 1
-        return x if i in self.calls else self.inner(x, *args, **kwargs)
-
-    def extra_repr(self) -> str:
-        return f"identity at calls {sorted(self.calls)}"
-
-
-# torch-level callables -> op name of the sites they create (same names as in sites.py)
-_EAGER_OPS: dict[Any, str] = {}
-for _fns, _op in (
-    ((F.relu, torch.relu, torch.Tensor.relu, getattr(F, "relu_", None), torch.relu_,
-      torch.Tensor.relu_), "relu"),
-    ((F.relu6, F.hardtanh, getattr(F, "hardtanh_", None)), "relu6"),
-    ((F.leaky_relu, getattr(F, "leaky_relu_", None)), "leaky_relu"),
-    ((F.prelu, torch.prelu), "prelu"),
-    ((F.gelu,), "gelu"),
-    ((F.silu,), "silu"),
-):
-    for _fn in _fns:
-        if _fn is not None:
-            _EAGER_OPS[_fn] = _op
-
-
-class _Switch:
-    """State of one scope module's functional-site switch (kept as ``SWITCH_ATTR``)."""
-
-    def __init__(self) -> None:
-        self.skip: dict[str, set[int]] = {}
-        self.count: dict[str, int] = {}
-        self.depth = 0
-        self.modes: list[TorchFunctionMode] = []
-
-    def skipped(self, op: str) -> set[int]:
-        return self.skip.get(op, set())
-
-
-class _Override(TorchFunctionMode):
-    """Returns the input of the switched calls made by the scope's own forward (depth 0)."""
-
-    def __init__(self, switch: _Switch):
-        super().__init__()
-        self.switch = switch
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
-        sw, op = self.switch, _EAGER_OPS.get(func)
-        if op is not None and sw.depth == 0:
-            if func is F.hardtanh or func is getattr(F, "hardtanh_", None):
-                lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
-                op = op if lo == 0 else None
-            if op is not None:
-                i = sw.count.get(op, 0)
-                sw.count[op] = i + 1
-                if i in sw.skip.get(op, ()):
-                    return args[0] if args else kwargs.get("input")
-        return func(*args, **kwargs)
-
-
-def _scope_enter(module: nn.Module, args: Any) -> None:
-    sw: _Switch = getattr(module, SWITCH_ATTR)
-    sw.depth = 0
-    mode = _Override(sw)
-    mode.__enter__()
-    sw.modes.append(mode)
-
-
-def _scope_exit(module: nn.Module, args: Any, out: Any) -> None:
-    sw: _Switch = getattr(module, SWITCH_ATTR)
-    if sw.modes:
-        sw.modes.pop().__exit__(None, None, None)
-
-
-def _child_enter(sw: _Switch, module: nn.Module, args: Any) -> None:
-    sw.depth += 1
-
-
-def _child_exit(sw: _Switch, module: nn.Module, args: Any, out: Any) -> None:
-    sw.depth -= 1
-
-
-def _reset_counts(root: nn.Module, args: Any) -> None:
-    """Root forward pre-hook: call counters restart at every forward pass."""
-    for m in root.modules():
-        sw = getattr(m, SWITCH_ATTR, None)
-        if sw is not None:
-            sw.count.clear()
-        if isinstance(m, CallSwitch):
-            m.count = 0
-
-
-def _ensure_reset_hook(root: nn.Module) -> None:
-    if _reset_counts not in root._forward_pre_hooks.values():
-        root.register_forward_pre_hook(_reset_counts)
-
-
-def _switch_of(scope: nn.Module) -> _Switch:
-    sw = getattr(scope, SWITCH_ATTR, None)
-    if sw is None:
-        sw = _Switch()
-        setattr(scope, SWITCH_ATTR, sw)
-        scope.register_forward_pre_hook(_scope_enter)
-        scope.register_forward_hook(_scope_exit, always_call=True)
-        for child in scope.children():
-            child.register_forward_pre_hook(functools.partial(_child_enter, sw))
-            child.register_forward_hook(functools.partial(_child_exit, sw), always_call=True)
-    return sw
-
-
-# ---------------------------------------------------------------------------------------------
 # linearize
-
-
-def _parse(name: str) -> tuple[str, str | None, int]:
-    """(module path, op or None for a module site, call index)."""
-    base, sep, tail = name.rpartition("@")
-    if not (sep and tail.isdigit()):
-        base, tail = name, "0"
-    path, colon, op = base.partition(":")
-    return path, (op if colon else None), int(tail)
-
-
-def _submodule(model: nn.Module, path: str, name: str) -> nn.Module:
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        raise SiteError(f"site {name!r}: the model has no module {path!r}") from None
-
-
-def _set(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
 def linearize(
@@ -264,6 +111,7 @@ def linearize(
     example_input: Any = None,
     fold_ready: bool = False,
     kinds: Sequence[str] = KINDS,
+    capture: bool = True,
 ) -> nn.Module:
     """Return a copy of ``model`` in which the named activation sites compute the identity.
 
@@ -273,7 +121,12 @@ def linearize(
     list and a ``state_dict``.
 
     With ``example_input`` (one model input) the names are checked against the sites of a
-    capture, so a wrong name fails with the list of valid ones. ``fold_ready=True`` (needs
+    capture, so a wrong name fails with the list of valid ones, and a module called once is
+    swapped for :class:`Linearized`; without one, module sites get a :class:`CallSwitch` that
+    switches off only the named call (correct whether or not the module is shared).
+    ``capture=False`` skips the capture even when an example input is known (fast, e.g. to score
+    many candidates; the function is the same, names are checked structurally).
+    ``fold_ready=True`` (needs
     ``example_input``) also moves the zero padding of each conv chain that a removed activation
     joins to the chain's first conv: that changes the function at the image borders (fine-tuning
     adapts to it) and makes the later :func:`easier.fold` of the chain exact.
@@ -286,30 +139,68 @@ def linearize(
     for name in names:
         if name in done:
             raise SiteError(f"site {name!r} is already linearized")
-    if example_input is None:
+    if not capture:
+        example_input = None
+    elif example_input is None:
         example_input = default_example(model)
     if fold_ready and example_input is None:
         raise ConfigError("linearize(fold_ready=True) needs example_input= to find conv chains")
     padding: dict[str, list[int]] = {}
-    shared = {_parse(n)[0] for n in [*names, *done] if _parse(n)[2] > 0}
-    if example_input is not None:
+    modules = {parse_site(n)[0] for n in names if parse_site(n)[1] is None}
+    # module sites that get a CallSwitch: called more than once, or not known to be called once
+    shared = _later_calls([*names, *done])
+    if example_input is None:
+        shared |= modules  # without a run, a module's other calls cannot be ruled out
+    else:
         try:
-            cap = capture(model, example_input)
+            cap = capture_model(model, example_input)
         except TraceError:
-            cap = None  # hook fallback: module sites only, checked structurally below
+            cap = None  # the hook fallback: count each module's calls in one run
         if cap is not None:
             located = {g.site.name: g for g in graph_sites(model, cap, kinds)}
             unknown = [n for n in names if n not in located]
             if unknown:
                 raise SiteError(f"unknown site(s) {unknown}; valid sites: {list(located)}")
-            shared |= {_parse(n)[0] for n in located if _parse(n)[2] > 0}
+            shared |= _later_calls(located)
             if fold_ready:
                 padding = relocate(model, cap, [located[n] for n in names])
-    shared = {p for p in shared if _parse(p)[1] is None and p in {_parse(n)[0] for n in names}}
+        else:
+            shared |= {p for p, n in _module_calls(model, example_input, modules).items() if n > 1}
+    shared &= modules
     new = _apply_linearize(copy.deepcopy(model), names, padding, shared)
     edit = {"op": "linearize", "sites": names, "fold_ready": bool(fold_ready),
             "padding": padding, "shared": sorted(shared)}
     return record_edit(new, model, edit)
+
+
+def _later_calls(names: Iterable[str]) -> set[str]:
+    """Module paths of the module sites named by a call index > 0 (so called more than once)."""
+    return {p for p, op, call in map(parse_site, names) if op is None and call > 0}
+
+
+@torch.no_grad()
+def _module_calls(model: nn.Module, example_input: Any, paths: Iterable[str]) -> dict[str, int]:
+    """How many times each named module is called in one eval-mode forward pass."""
+    counts: dict[str, int] = {}
+    handles = []
+    for path in paths:
+        try:
+            mod = model.get_submodule(path)
+        except AttributeError:
+            continue  # a bad name fails with its own message in _apply_linearize
+        counts[path] = 0
+
+        def count(_m: nn.Module, _a: Any, path: str = path) -> None:
+            counts[path] += 1
+
+        handles.append(mod.register_forward_pre_hook(count))
+    try:
+        with eval_mode(model):
+            call_model(model, example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
 
 
 def _apply_linearize(new: nn.Module, names: list[str], padding: dict[str, list[int]],
@@ -320,13 +211,13 @@ def _apply_linearize(new: nn.Module, names: list[str], padding: dict[str, list[i
     :class:`CallSwitch`, every other module site a :class:`Linearized`.
     """
     for name in names:
-        path, op, call = _parse(name)
-        scope = _submodule(new, path, name)
+        path, op, call = parse_site(name)
+        scope = site_module(new, path, name)
         if op is not None:
-            if op not in set(_EAGER_OPS.values()):
+            if op not in set(EAGER_OPS.values()):
                 raise SiteError(f"site {name!r}: unknown op {op!r}")
-            _switch_of(scope).skip.setdefault(op, set()).add(call)
-            _ensure_reset_hook(new)
+            switch_of(scope).skip.setdefault(op, set()).add(call)
+            ensure_reset_hook(new)
             continue
         kind = module_kind(scope)
         if kind is None:
@@ -337,13 +228,12 @@ def _apply_linearize(new: nn.Module, names: list[str], padding: dict[str, list[i
         elif isinstance(scope, Linearized):
             raise SiteError(f"site {name!r} is already linearized")
         elif path not in shared:
-            _set(new, path, Linearized(scope, kind))
+            set_module(new, path, Linearized(scope, kind))
         else:
-            _set(new, path, CallSwitch(scope, kind, [call]))
-            _ensure_reset_hook(new)
+            set_module(new, path, CallSwitch(scope, kind, [call]))
+            ensure_reset_hook(new)
     conv_paddings(new, padding)
     return new
-
 
 @register_edit("linearize")
 def _replay_linearize(model: nn.Module, sites: list[str], fold_ready: bool = False,
@@ -370,5 +260,5 @@ def replace_with_identity(model: nn.Module, modules: Iterable[str]) -> nn.Module
         raise SiteError(f"unknown module(s) {unknown}; e.g. {sorted(valid)[:10]}")
     new = copy.deepcopy(model)
     for name in names:
-        _set(new, name, nn.Identity())
+        set_module(new, name, nn.Identity())
     return record_edit(new, model, {"op": "identity", "modules": names})

@@ -196,7 +196,7 @@ class Egp(Method):
 
     def step(self, ctx: Context) -> Step:
         report = ctx.entropy()
-        links = site_layers(ctx.model, ctx.remaining, ctx.kinds)
+        links = site_layers(ctx.model, ctx.remaining, ctx.kinds, example_input=ctx.example)
         zero = [s for s in ctx.remaining if report[s] == 0.0]
         chosen = zero if ctx.max_k is None else zero[: max(ctx.max_k, 0)]
         model = ctx.linearize(chosen) if chosen else copy.deepcopy(ctx.model)

@@ -3,7 +3,9 @@
 Every activation site ``y = act(x)`` becomes ``alpha * x + (1 - alpha) * act(x)`` with a
 trainable ``alpha`` (init 0: the original function). A penalty pulls the slopes towards 1
 during training; each iteration linearizes the ``k`` sites with the largest ``alpha`` and
-fine-tunes. The slopes are a recorded graph edit (op ``"slopes"``), so saved models rebuild under
+fine-tunes. The slopes are a recorded eager edit (op ``"slopes"``: the site's call is overridden
+in place, see :func:`easier.switches.set_site_rule`, and the alphas live in one new submodule),
+so any model ``find_sites`` handles gets slopes, and saved models rebuild under
 ``torch.load(weights_only=True)``.
 
 Provenance (``LayerFolding/Layer-Folding``, ``ResNet_Cifar10_prefold.py`` / ``_postfold.py``):
@@ -30,7 +32,8 @@ Provenance (``LayerFolding/Layer-Folding``, ``ResNet_Cifar10_prefold.py`` / ``_p
 
 When a site is linearized by this method, its mix is first dropped (the site computes its
 plain activation again) and then the activation is removed, so the conv/BN layers on both
-sides become one foldable chain. Mixes that remain are opaque nodes where fold chains stop.
+sides become one foldable chain. Mixes that remain are activation sites in the capture (the mix
+ops sit inside the site's call), so fold chains stop there.
 
 Every slope starts at 0, so ranking before any training would be a tie that model order breaks.
 The method counts the optimizer steps the loop ran (pretraining counts); at the first ranking,
@@ -43,19 +46,21 @@ refuses instead.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
+from torch.utils import _pytree as pytree
 
-from ..errors import ConfigError, SiteError, TraceError
-from ..linearize import record_edit, register_edit
-from ..sites import KINDS
+from ..capture import call_model, default_example, eval_mode
+from ..errors import ConfigError, SiteError
+from ..linearize import linearized_sites, record_edit, register_edit
+from ..sites import KINDS, find_sites
+from ..switches import set_site_rule
 from .base import Context, SiteMethod, Step, register_method
-from .fxgraph import activation_input, keep_unreferenced_state, node_kind, site_nodes, trace
 from .warmup import Warmup, warm_up
 
 __all__ = [
@@ -72,16 +77,6 @@ SLOPES = "easier_slopes"
 """Name of the submodule that holds the slopes of an edited model."""
 
 PENALTIES = ("abs", "square")
-
-# out-of-place twins of in-place activation functions
-_OUT_OF_PLACE = {
-    getattr(F, "relu_", None): F.relu,
-    getattr(torch, "relu_", None): torch.relu,
-    getattr(F, "leaky_relu_", None): F.leaky_relu,
-}
-_OUT_OF_PLACE.pop(None, None)
-_INPLACE_ARG = {"relu": 1, "relu6": 1, "leaky_relu": 2}  # position of a positional inplace flag
-
 
 class Slopes(nn.Module):
     """The slopes of all mixed sites: ``forward(x, y, key) = alpha[key]*x + (1-alpha[key])*y``.
@@ -118,30 +113,20 @@ def _mixer(model: nn.Module) -> Slopes | None:
     return mod if isinstance(mod, Slopes) else None
 
 
-def _mix_nodes(model: nn.Module) -> dict[str, fx.Node]:
-    """Key -> mix node in the model's graph (empty when the model has no slopes)."""
-    graph = getattr(_unwrap(model), "graph", None)
-    if graph is None or _mixer(model) is None:
+def _active(model: nn.Module) -> dict[str, str]:
+    """Site -> alpha key for the sites whose mix still acts (a linearized site's does not)."""
+    mixer = _mixer(model)
+    if mixer is None:
         return {}
-    return {str(n.args[2]): n for n in graph.nodes if n.op == "call_module" and n.target == SLOPES}
-
-
-def _active(node: fx.Node) -> bool:
-    """A mix whose site was linearized under it gets (x, x) and no longer mixes anything."""
-    return node.args[0] is not node.args[1]
+    gone = set(linearized_sites(_unwrap(model)))
+    return {site: key for site, key in mixer.sites.items() if site not in gone}
 
 
 def slope_values(model: nn.Module) -> dict[str, float]:
     """Site name -> current alpha, for the sites whose mix is still active (model order)."""
     mixer = _mixer(model)
-    if mixer is None:
-        return {}
-    nodes = _mix_nodes(model)
-    return {
-        site: float(mixer.alpha[key].detach())
-        for site, key in mixer.sites.items()
-        if key in nodes and _active(nodes[key])
-    }
+    return {site: float(mixer.alpha[key].detach())  # type: ignore[union-attr]
+            for site, key in _active(model).items()}
 
 
 def _key(name: str, params: nn.ParameterDict) -> str:
@@ -152,102 +137,98 @@ def _key(name: str, params: nn.ParameterDict) -> str:
     return key
 
 
-def _make_out_of_place(gm: fx.GraphModule, node: fx.Node) -> None:
-    """Turn an in-place activation into its out-of-place form, when that changes nothing.
-
-    The mix reads the pre-activation after the activation ran; an in-place activation would
-    have overwritten it. Out of place is equivalent only if nothing else reads the
-    pre-activation, which is checked (for every call of a shared activation module).
-    """
-    info = node_kind(gm, node)
-    if info is None or not info[3]:
-        return
-    _, form, what, _ = info
-    calls = [node]
-    if form == "module":
-        calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target]
-    for call in calls:
-        if len(activation_input(call).users) > 1:
-            raise SiteError(
-                f"site {node.meta.get('easier_site', node.name)!r} is an in-place activation "
-                "whose input is also read elsewhere, so a slope cannot be added without changing "
-                "the function; make the activation out of place (inplace=False) first"
-            )
-    if form == "module":
-        gm.get_submodule(str(node.target)).inplace = False
-    elif form == "method":
-        node.target = "relu"
-    else:
-        if node.target in _OUT_OF_PLACE:
-            node.target = _OUT_OF_PLACE[node.target]
-        if "inplace" in node.kwargs:
-            node.kwargs = {**node.kwargs, "inplace": False}
-        pos = _INPLACE_ARG.get(what)
-        if pos is not None and len(node.args) > pos:
-            node.args = (*node.args[:pos], False, *node.args[pos + 1 :])
+def _mix(mixer: Slopes, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return mixer(x, y, key)
 
 
-def _traced_copy(model: nn.Module, what: str) -> tuple[nn.Module, fx.GraphModule]:
-    try:
-        trace(model)
-    except TraceError as exc:
-        raise TraceError(f"{what} rewrites the fx graph, but {exc}") from exc
+def _install(model: nn.Module, names: list[str]) -> nn.Module:
+    """A copy of ``model`` whose named sites mix with a new slope at 0 (no checks but names)."""
     new = copy.deepcopy(model)
-    return new, trace(new)
-
-
-def _finish(gm: fx.GraphModule, new: nn.Module, model: nn.Module) -> None:
-    gm.graph.lint()
-    gm.recompile()
-    if gm is not new:
-        keep_unreferenced_state(gm, new)
-    gm.train(model.training)
-
-
-def add_slopes(
-    model: nn.Module, sites: Iterable[str] | None = None, *, kinds: Sequence[str] = KINDS
-) -> nn.Module:
-    """A copy of ``model`` whose sites compute ``alpha*x + (1-alpha)*act(x)``, alpha = 0.
-
-    The activation nodes stay in the graph under their names (``find_sites`` and
-    :func:`easier.linearize` still see them); ``sites=None`` means every site of ``kinds``.
-    Recorded as the edit ``{"op": "slopes", "action": "add", "sites": [...]}``.
-    """
-    new, gm = _traced_copy(model, "add_slopes")
-    nodes = site_nodes(gm, kinds)
-    names = list(nodes) if sites is None else list(sites)
-    mixer = _mixer(gm) or Slopes()
-    if len(set(names)) != len(names):
-        raise SiteError(f"site(s) {sorted({n for n in names if names.count(n) > 1})} given twice")
+    mixer = _mixer(new)
+    if mixer is None:
+        if hasattr(new, SLOPES):
+            raise ConfigError(f"the model already has an attribute {SLOPES!r}; rename it")
+        mixer = Slopes()
+        new.add_module(SLOPES, mixer)
     for name in names:
         if name in mixer.sites:
             raise SiteError(f"site {name!r} already has a slope")
-        if name not in nodes:
-            raise SiteError(f"unknown site {name!r}; valid sites: {list(nodes)}")
-    if _mixer(gm) is None:
-        if hasattr(gm, SLOPES):
-            raise ConfigError(f"the model already has an attribute {SLOPES!r}; rename it")
-        gm.add_submodule(SLOPES, mixer)
-    ref = next(gm.parameters(), None)
+    ref = next((p for n, p in new.named_parameters() if not n.startswith(SLOPES)), None)
     dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
     device = ref.device if ref is not None else torch.device("cpu")
     for name in names:
-        node = nodes[name]
-        _make_out_of_place(gm, node)
         key = _key(name, mixer.alpha)
         mixer.alpha[key] = nn.Parameter(torch.zeros((), dtype=dtype, device=device))
         mixer.sites[name] = key
-        with gm.graph.inserting_after(node):
-            mix = gm.graph.call_module(SLOPES, (activation_input(node), node, key))
-        node.replace_all_uses_with(mix, delete_user_cb=lambda user, mix=mix: user is not mix)
-    _finish(gm, new, model)
-    return record_edit(gm, model, {"op": "slopes", "action": "add", "sites": names})
+        set_site_rule(new, name, functools.partial(_mix, mixer, key))
+        if ":" not in name:  # a module site, now a CallSwitch
+            switch = new.get_submodule(name.partition("@")[0])
+            if getattr(switch, "inplace", False):
+                switch.inner.inplace = False  # the mix reads the pre-activation after the call
+    return new
+
+
+@torch.no_grad()
+def _same_function(a: nn.Module, b: nn.Module, example_input: Any) -> bool:
+    def run(m: nn.Module) -> list[Any]:  # on a copy of the input: a model may write into it
+        x = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
+                            example_input)
+        with eval_mode(m):
+            return pytree.tree_leaves(call_model(m, x))
+
+    ya, yb = run(a), run(b)
+    return len(ya) == len(yb) and all(
+        not isinstance(u, torch.Tensor) or (isinstance(v, torch.Tensor) and u.shape == v.shape
+                                            and torch.allclose(u, v, rtol=1e-4, atol=1e-5))
+        for u, v in zip(ya, yb, strict=True))
+
+
+def add_slopes(
+    model: nn.Module,
+    sites: Iterable[str] | None = None,
+    *,
+    kinds: Sequence[str] = KINDS,
+    example_input: Any = None,
+) -> nn.Module:
+    """A copy of ``model`` whose sites compute ``alpha*x + (1-alpha)*act(x)``, alpha = 0.
+
+    The edit is eager (see :func:`easier.switches.set_site_rule`): the activation keeps its
+    name and stays a site for ``find_sites`` and :func:`easier.linearize`. ``sites=None`` means
+    every site of ``kinds``, found on a capture made on ``example_input`` (default: the input the
+    model's spec describes). With an example input the copy is checked to compute the model's
+    function at alpha = 0: an in-place activation whose input is read again elsewhere cannot take
+    a slope. Recorded as the edit ``{"op": "slopes", "action": "add", "sites": [...]}``.
+    """
+    example = example_input if example_input is not None else default_example(model)
+    if sites is None or example is not None:
+        if example is None:
+            raise ConfigError(
+                "add_slopes needs example_input= (one model input) to find the model's sites; "
+                "or name them with sites="
+            )
+        found = [s.name for s in find_sites(model, example,
+                                            kinds=kinds if sites is None else KINDS)]
+    names = found if sites is None else list(sites)
+    if len(set(names)) != len(names):
+        raise SiteError(f"site(s) {sorted({n for n in names if names.count(n) > 1})} given twice")
+    if sites is not None and example is not None:
+        unknown = [n for n in names if n not in found]
+        if unknown:
+            raise SiteError(f"unknown site(s) {unknown}; valid sites: {found}")
+    new = _install(model, names)
+    if example is not None and not _same_function(model, new, example):
+        raise SiteError(
+            "a slope changes the function at alpha = 0: an in-place activation's input is also "
+            "read elsewhere, so the mix (which needs the pre-activation) cannot replace it; make "
+            "the activation out of place (inplace=False) first"
+        )
+    return record_edit(new, model, {"op": "slopes", "action": "add", "sites": names})
 
 
 def drop_slopes(model: nn.Module, sites: Iterable[str]) -> nn.Module:
     """A copy of ``model`` in which the named sites compute their plain activation again.
 
-    The mix node and its alpha are removed. :class:`LayerFolding` calls this right before
+    The mix and its alpha are removed. :class:`LayerFolding` calls this right before
     linearizing a site, so the layers around it become adjacent and fold into one.
     Recorded as ``{"op": "slopes", "action": "drop", "sites": [...]}``.
     """
@@ -257,24 +238,20 @@ def drop_slopes(model: nn.Module, sites: Iterable[str]) -> nn.Module:
     if unknown:
         have = list(mixer.sites) if mixer is not None else []
         raise SiteError(f"site(s) {unknown} have no slope; sites with slopes: {have}")
-    new, gm = _traced_copy(model, "drop_slopes")
-    mixer = _mixer(gm)
+    new = copy.deepcopy(model)
+    mixer = _mixer(new)
     assert mixer is not None  # copied with the model
-    nodes = _mix_nodes(gm)
     for name in names:
-        key = mixer.sites.pop(name)
-        mix = nodes[key]
-        mix.replace_all_uses_with(mix.args[1])
-        gm.graph.erase_node(mix)
-        del mixer.alpha[key]
-    _finish(gm, new, model)
-    return record_edit(gm, model, {"op": "slopes", "action": "drop", "sites": names})
+        del mixer.alpha[mixer.sites.pop(name)]
+        set_site_rule(new, name, None)
+    return record_edit(new, model, {"op": "slopes", "action": "drop", "sites": names})
 
 
 @register_edit("slopes")
 def _replay(model: nn.Module, sites: list[str], action: str = "add") -> nn.Module:
     if action == "add":
-        return add_slopes(model, sites)
+        edit = {"op": "slopes", "action": "add", "sites": list(sites)}
+        return record_edit(_install(model, list(sites)), model, edit)
     if action == "drop":
         return drop_slopes(model, sites)
     raise ConfigError(f"unknown slopes action {action!r} in a checkpoint; valid: add, drop")
@@ -291,8 +268,7 @@ class SlopePenalty:
 
     def __call__(self, model: nn.Module) -> torch.Tensor:
         mixer = _mixer(model)
-        nodes = _mix_nodes(model)
-        alphas = [mixer.alpha[k] for k, n in nodes.items() if _active(n)] if mixer else []
+        alphas = [mixer.alpha[k] for k in _active(model).values()] if mixer else []
         if not alphas or self.lam == 0:
             return torch.zeros(())
         a = torch.stack(alphas)
@@ -342,7 +318,7 @@ class LayerFolding(SiteMethod):
 
     def prepare(self, model: nn.Module) -> nn.Module:
         self.trained_steps = 0  # a fresh run
-        return add_slopes(model, kinds=self.kinds or KINDS)
+        return add_slopes(model, kinds=self.kinds or KINDS, example_input=self.example)
 
     def units(self, model: nn.Module, kinds: Sequence[str] = KINDS) -> list[str]:
         """Sites that still carry an active slope (a model without slopes has none)."""

@@ -1,27 +1,26 @@
 """EGP's site -> layer map: the weight layer that computes a site's pre-activation.
 
 See :func:`site_layers` for the rule; provenance in the docstring of :mod:`easier.methods.egp`.
+The walk runs on the model's ``torch.export`` capture (:mod:`easier.capture`), so it works on
+any model export captures (Hugging Face models included), with site names from
+:mod:`easier.sites`.
 """
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-import torch
 from torch import fx, nn
 
-from ..errors import SiteError
-from ..sites import KINDS
-from .fxgraph import activation_input, site_nodes, trace
+from ..errors import SiteError, TraceError
+from ..sites import KINDS, graph_sites
+from .graph_walk import LAYERS, capture_for, module_of, norm_input, pass_input
 
 __all__ = ["LayerLink", "site_layers"]
 
-_ADD_FNS = {operator.add, operator.iadd, torch.add}
-_PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
-_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
-
+_ADD_OPS = {"add", "add_"}
 
 
 @dataclass(frozen=True)
@@ -47,7 +46,7 @@ def _depths(gm: fx.GraphModule) -> dict[fx.Node, int]:
 
 
 def _walk(
-    gm: fx.GraphModule,
+    model: nn.Module,
     node: fx.Node,
     depth: dict[fx.Node, int],
     norm: str | None,
@@ -55,51 +54,58 @@ def _walk(
     budget: int = 32,
 ) -> tuple[LayerLink, int] | None:
     """(link, depth of the layer node) for the layer computing ``node``, or None."""
-    if budget <= 0:
+    if budget <= 0 or node.op != "call_function":
         return None
-    if node.op == "call_module":
-        mod = gm.get_submodule(str(node.target))
-        if isinstance(mod, _LAYERS):
-            return LayerLink(str(node.target), norm, direct), depth[node]
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and node.args:
-            return _walk(gm, node.args[0], depth, norm or str(node.target), direct, budget - 1)
-        if isinstance(mod, _PASS_MODULES) and node.args:
-            return _walk(gm, node.args[0], depth, norm, direct, budget - 1)
-        return None
-    is_add = (node.op == "call_function" and node.target in _ADD_FNS) or (
-        node.op == "call_method" and node.target in ("add", "add_")
-    )
-    if is_add:
+    layer = module_of(model, node, LAYERS)
+    if layer is not None:
+        return LayerLink(layer, norm, direct), depth[node]
+    bn = norm_input(model, node)
+    if bn is not None:
+        return _walk(model, bn[1], depth, norm or bn[0], direct, budget - 1)
+    src = pass_input(node)
+    if src is not None:
+        return _walk(model, src, depth, norm, direct, budget - 1)
+    op = getattr(node.target, "__name__", "").split(".")[0]
+    if op in _ADD_OPS and len(node.args) >= 2 and node.kwargs.get("alpha", 1) == 1:
         found = [
             r
             for a in node.args[:2]
             if isinstance(a, fx.Node)
-            if (r := _walk(gm, a, depth, norm, False, budget - 1)) is not None
+            if (r := _walk(model, a, depth, norm, False, budget - 1)) is not None
         ]
         # the residual branch is the deeper operand; ties keep the first operand
         return max(found, key=lambda r: r[1]) if found else None
-    if node.op == "call_function" and node.target is nn.functional.dropout and node.args:
-        return _walk(gm, node.args[0], depth, norm, direct, budget - 1)
     return None
 
 
 def site_layers(
-    model: nn.Module, sites: Sequence[str] | None = None, kinds: Sequence[str] = KINDS
+    model: nn.Module,
+    sites: Sequence[str] | None = None,
+    kinds: Sequence[str] = KINDS,
+    *,
+    example_input: Any = None,
 ) -> dict[str, LayerLink | None]:
     """Map each site (all, or the named ones) to the layer producing its pre-activation, or None.
 
-    See the module docstring for the rule; raises :class:`~easier.errors.TraceError` for models
-    torch.fx cannot trace (the map needs the graph).
+    Rule: walk back from the pre-activation through BatchNorm modules and dropout to the
+    nn.Conv*/nn.Linear that computes it; at an addition take the operand whose layer is deepest
+    (the residual branch). ``example_input`` is one model input to capture the model on (default:
+    the input its ``easier_spec`` describes); raises :class:`~easier.errors.TraceError` when
+    torch.export cannot capture the model (the map needs the graph).
     """
-    gm = trace(model)
-    nodes = site_nodes(gm, kinds)
-    names = list(nodes) if sites is None else list(sites)
-    unknown = [n for n in names if n not in nodes]
+    try:
+        cap = capture_for(model, example_input, "EGP's site -> layer map")
+    except TraceError as exc:
+        raise TraceError(f"EGP maps each site to its layer on the torch.export graph, but {exc}; "
+                         "use a method that needs no graph (e.g. easier, layer-folding)") from exc
+    located = {g.site.name: g for g in graph_sites(model, cap, kinds)}
+    names = list(located) if sites is None else list(sites)
+    unknown = [n for n in names if n not in located]
     if unknown:
-        raise SiteError(f"unknown site(s) {unknown}; valid sites: {list(nodes)}")
-    depth = _depths(gm)
+        raise SiteError(f"unknown site(s) {unknown}; valid sites: {list(located)}")
+    depth = _depths(cap.gm)
     out: dict[str, LayerLink | None] = {}
     for name in names:
-        found = _walk(gm, activation_input(nodes[name]), depth, None, True)
+        found = _walk(model, located[name].input, depth, None, True)
         out[name] = found[0] if found is not None else None
     return out

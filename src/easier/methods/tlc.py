@@ -19,8 +19,8 @@ Provenance (``ZhuLIAO001/TLC``, ``TLC_ResNet18.py``, ``TLC_VGG16bn.py``, ``TLC_S
   error likelihood ``Phi(-|beta| / |gamma|)`` is computed but not used to rank (recorded here).
 * **Reconstructed from the paper text:** the reading of ``beta > 0`` as "mostly ON, linearize"
   and ``beta <= 0`` as "mostly OFF, remove", with the removed channels' layer then foldable.
-* **Our choices:** a site's BN is found on the fx graph (the BN whose output, through identity
-  or dropout modules only, is the site's pre-activation), not by module names, so a post-add
+* **Our choices:** a site's BN is found on the model's ``torch.export`` capture (the BN whose
+  output, through dropout only, is the site's pre-activation), not by module names, so a post-add
   ReLU (ResNet ``relu2``) has no BN and uses the statistics path with nothing to mask (the
   reference pairs ``bn2`` with ``relu2`` and zeroes residual-branch channels); BN gamma *and*
   beta are zeroed for ``beta <= 0`` (the reference zeroes them for ``beta < 0`` only) and are
@@ -52,17 +52,17 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..capture import eval_mode
+from ..capture import Capture, default_example, flat_inputs
 from ..errors import ConfigError, SiteError, StateError, TraceError
-from ..sites import KINDS
+from ..linearize import linearize
+from ..sites import KINDS, GraphSite, graph_sites
 from .base import Context, Method, Step, register_method
-from .fxgraph import activation_input, site_nodes, sites_of_graph, trace
+from .graph_walk import capture_for, layer_calls, module_of, norm_input, pass_input
 
 __all__ = ["TLC", "Collapse", "apply_masks", "collapse_plans", "select_joint"]
 
 SELECT = ("joint", "lowest")
 _PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_PASS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
 @dataclass
@@ -106,43 +106,30 @@ class Collapse:
         }
 
 
-def _counts(gm: fx.GraphModule) -> Counter[str]:
-    return Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
-
-
-def _module(
-    gm: fx.GraphModule, node: Any, types: tuple[type, ...], counts: Counter[str]
-) -> nn.Module | None:
-    """The module called by ``node`` if it is one of ``types`` and called only there."""
-    if not isinstance(node, fx.Node) or node.op != "call_module":
-        return None
-    mod = gm.get_submodule(str(node.target))
-    return mod if isinstance(mod, types) and counts[str(node.target)] == 1 else None
-
-
-def _source(gm: fx.GraphModule, site: fx.Node, counts: Counter[str]) -> tuple[fx.Node, bool]:
-    """The node behind identity/dropout modules that feeds ``site``, and whether every link
-    on the way has a single user (only then may its channels be zeroed without side effects).
+def _source(site: GraphSite) -> tuple[fx.Node, bool]:
+    """The node behind dropout/clone ops that feeds ``site``, and whether every link on the way
+    has no other user (only then may its channels be zeroed without side effects).
     """
-    node, alone = activation_input(site), True
-    user = site
+    node, users = site.input, set(site.nodes)
+    alone = True
     while True:
-        alone = alone and set(node.users) == {user}
-        if _module(gm, node, _PASS, counts) is None or not isinstance(node.args[0], fx.Node):
+        alone = alone and set(node.users) <= users
+        src = pass_input(node)
+        if src is None:
             return node, alone
-        user, node = node, node.args[0]
+        users, node = {node}, src
 
 
 def _producer_masks(
-    gm: fx.GraphModule, node: Any, counts: Counter[str], channels: int, off: torch.Tensor
+    model: nn.Module, node: Any, calls: Counter[str], channels: int, off: torch.Tensor
 ) -> tuple[str | None, dict[str, torch.Tensor]]:
-    mod = _module(gm, node, _PRODUCERS, counts)
-    if mod is None:
+    name = module_of(model, node, _PRODUCERS)
+    if name is None or calls[name] != 1:
         return None, {}
+    mod = model.get_submodule(name)
     out = mod.out_channels if isinstance(mod, nn.modules.conv._ConvNd) else mod.out_features
     if out != channels:
         return None, {}
-    name = str(node.target)
     masks = {f"{name}.weight": off.clone()}
     if mod.bias is not None:
         masks[f"{name}.bias"] = off.clone()
@@ -150,85 +137,91 @@ def _producer_masks(
 
 
 @torch.no_grad()
-def _capture(
-    gm: fx.GraphModule, wanted: set[str], batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
+def _values(
+    cap: Capture, wanted: set[str], batches: Sequence[tuple[Any, torch.Tensor]]
 ) -> dict[str, list[torch.Tensor]]:
-    """Values of the named nodes on each batch (eval mode)."""
+    """Values of the named nodes of the capture on each batch (eval mode)."""
     got: dict[str, list[torch.Tensor]] = {n: [] for n in wanted}
 
-    class _Capture(fx.Interpreter):
+    class _Values(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
             out = super().run_node(n)
             if n.name in got and isinstance(out, torch.Tensor):
                 got[n.name].append(out.detach())
             return out
 
-    with eval_mode(gm):
-        for x, _ in batches:
-            _Capture(gm).run(x)
+    for x, _ in batches:
+        _Values(cap.gm).run(*flat_inputs(cap.gm, x))
     return got
 
 
 def collapse_plans(
     model: nn.Module,
     sites: Sequence[str],
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    batches: Sequence[tuple[Any, torch.Tensor]] | None = None,
     *,
     kinds: Sequence[str] = KINDS,
+    example_input: Any = None,
 ) -> dict[str, Collapse]:
     """How to collapse each site of ``model``: from its BN, else from validation statistics.
 
-    ``batches`` (input, target) pairs are needed only for sites without a BN in front.
+    The BN and producer of each site are found on the model's ``torch.export`` capture, made on
+    ``example_input`` (default: the first batch's input, else the model's spec). ``batches``
+    (input, target) pairs are needed only for sites without a BN in front.
     """
+    if example_input is None and batches and default_example(model) is None:
+        example_input = batches[0][0]
     try:
-        gm = trace(model)
+        cap = capture_for(model, example_input, "TLC")
     except TraceError as exc:
-        raise TraceError(f"TLC finds each site's BN on the fx graph, but {exc}") from exc
-    nodes = site_nodes(gm, kinds)
-    unknown = [s for s in sites if s not in nodes]
+        raise TraceError(f"TLC finds each site's BN on the torch.export graph, but {exc}; use a "
+                         "method that needs no graph (e.g. easier, layer-folding)") from exc
+    located = {g.site.name: g for g in graph_sites(model, cap, kinds)}
+    unknown = [s for s in sites if s not in located]
     if unknown:
-        raise SiteError(f"unknown site(s) {unknown}; valid sites: {list(nodes)}")
-    axes = {s.name: s.channel_axis for s in sites_of_graph(gm, kinds)}
-    counts = _counts(gm)
+        raise SiteError(f"unknown site(s) {unknown}; valid sites: {list(located)}")
+    calls = layer_calls(model, cap.gm)
     plans: dict[str, Collapse] = {}
     pending: list[tuple[str, fx.Node, bool]] = []
     for name in sites:
-        src, alone = _source(gm, nodes[name], counts)
-        bn = _module(gm, src, (nn.modules.batchnorm._BatchNorm,), counts)
-        if bn is None or not bn.affine:
+        src, alone = _source(located[name])
+        found = norm_input(model, src)
+        bn = model.get_submodule(found[0]) if found is not None else None
+        if found is None or calls[found[0]] != 1 or not bn.affine:
             pending.append((name, src, alone))
             continue
+        path, before, op = found
         beta, gamma = bn.bias.detach().cpu().clone(), bn.weight.detach().abs().cpu().clone()
         off = beta <= 0
         masks = {}
         if alone:
-            masks = {f"{src.target}.weight": off.clone(), f"{src.target}.bias": off.clone()}
+            masks = {f"{path}.weight": off.clone(), f"{path}.bias": off.clone()}
         producer, more = None, {}
-        if alone and isinstance(src.args[0], fx.Node) and set(src.args[0].users) == {src}:
-            producer, more = _producer_masks(gm, src.args[0], counts, bn.num_features, off)
-        plans[name] = Collapse(
-            name, "bn", beta, gamma, str(src.target), producer, {**more, **masks}
-        )
+        if alone and set(before.users) == {op}:
+            producer, more = _producer_masks(model, before, calls, bn.num_features, off)
+        plans[name] = Collapse(name, "bn", beta, gamma, path, producer, {**more, **masks})
     if pending:
         if not batches:
             raise ConfigError(
                 f"site(s) {[p[0] for p in pending]} have no BN in front, so TLC needs validation "
                 "batches for their statistics; pass validation data"
             )
-        values = _capture(gm, {activation_input(nodes[n]).name for n, _, _ in pending}, batches)
+        values = _values(cap, {located[n].input.name for n, _, _ in pending}, batches)
         for name, src, alone in pending:
-            parts = values[activation_input(nodes[name]).name]
+            parts = values[located[name].input.name]
             ndim = parts[0].dim()
-            axis = (axes.get(name) or 1) % ndim if ndim > 1 else 0
+            axis = (located[name].site.channel_axis or 1) % ndim if ndim > 1 else 0
             flat = torch.cat([p.movedim(axis, 0).reshape(p.shape[axis], -1) for p in parts], 1)
             flat = flat.float().cpu()
             beta = flat.mean(1)
             gamma = flat.std(1) if flat.shape[1] > 1 else torch.zeros_like(beta)
             producer, masks = None, {}
-            mod = _module(gm, src, _PRODUCERS, counts)
-            own_axis = 1 if isinstance(mod, nn.modules.conv._ConvNd) else ndim - 1
-            if mod is not None and alone and axis == own_axis:
-                producer, masks = _producer_masks(gm, src, counts, beta.numel(), beta <= 0)
+            own = module_of(model, src, _PRODUCERS)
+            is_conv = own is not None and isinstance(model.get_submodule(own),
+                                                     nn.modules.conv._ConvNd)
+            own_axis = 1 if is_conv else ndim - 1
+            if own is not None and alone and axis == own_axis:
+                producer, masks = _producer_masks(model, src, calls, beta.numel(), beta <= 0)
             plans[name] = Collapse(name, "stats", beta, gamma, None, producer, masks)
     return plans
 
@@ -314,7 +307,10 @@ class TLC(Method):
     def _collapsed(
         self, ctx: Context, plans: dict[str, Collapse], sites: list[str], fold_ready: bool | None
     ) -> nn.Module:
-        model = ctx.linearize(sites, fold_ready=fold_ready)
+        if fold_ready is False:  # a candidate, scored only: switched by name, no capture (fast)
+            model = linearize(ctx.model, sites, kinds=ctx.kinds, capture=False)
+        else:
+            model = ctx.linearize(sites, fold_ready=fold_ready)
         for s in sites:
             apply_masks(model, plans[s].masks)
         return model
@@ -323,7 +319,8 @@ class TLC(Method):
         if ctx.val is None:
             raise ConfigError("TLC ranks sites by validation loss: pass validation data")
         batches = ctx.val_batches(self.batches)
-        plans = collapse_plans(ctx.model, ctx.remaining, batches, kinds=ctx.kinds)
+        plans = collapse_plans(ctx.model, ctx.remaining, batches, kinds=ctx.kinds,
+                               example_input=ctx.example)
         base = ctx.loss(ctx.model, batches)
 
         def gap(sites: list[str]) -> float:
