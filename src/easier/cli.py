@@ -137,6 +137,7 @@ def _setup(args: argparse.Namespace, info: Any) -> dict[str, Any]:
     from . import data as datasets
     from . import models
     from .recipes import recipe
+    from .settings import EntropyConfig, RunConfig, StopRule
     from .state import load_model
     from .train import seed_everything
 
@@ -159,15 +160,17 @@ def _setup(args: argparse.Namespace, info: Any) -> dict[str, Any]:
         return load_model(args.checkpoint, model) if args.checkpoint else model
 
     kwargs = {
-        "test": splits.test, "train_eval": splits.train_eval, "delta": args.delta,
-        "max_removals": args.max_removals, "finetune": ft, "pretrain": pre,
-        "one_shot": args.one_shot, "run_all": args.all, "max_iterations": args.max_iterations,
-        "seed": args.seed, "device": device, "entropy_batches": args.entropy_batches,
-        "amp": args.amp,
-        "fold_ready": not args.no_fold_ready, "progress": not args.quiet, "log": _say,
-        "config": {"model": args.model, "width": args.width, "data": args.data,
-                   "recipe": args.recipe, "checkpoint": args.checkpoint,
-                   "image_size": args.image_size},
+        "test": splits.test, "train_eval": splits.train_eval, "finetune": ft, "pretrain": pre,
+        "stop": StopRule(delta=args.delta, max_removals=args.max_removals,
+                         max_iterations=args.max_iterations, run_all=args.all,
+                         one_shot=args.one_shot),
+        "entropy": EntropyConfig(batches=args.entropy_batches,
+                                 fold_ready=not args.no_fold_ready),
+        "run": RunConfig(seed=args.seed, device=device, amp=args.amp, progress=not args.quiet,
+                         log=_say,
+                         extra={"model": args.model, "width": args.width, "data": args.data,
+                                "recipe": args.recipe, "checkpoint": args.checkpoint,
+                                "image_size": args.image_size}),
     }
     ranks = (f", {info.world_size} ranks ({torch.distributed.get_backend()})" if info.enabled
              else "")
