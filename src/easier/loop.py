@@ -31,9 +31,10 @@ from .entropy import batch_input
 from .errors import ConfigError, EasierError, NonFiniteError, StateError
 from .linearize import linearized_sites
 from .methods import Context, Method, create_method
+from .rundir import RunDir, lock_run_dir
 from .settings import EntropyConfig, RunConfig, StopRule, from_legacy
 from .sites import find_sites
-from .state import RunDir, lock_run_dir, model_record, rebuild, save_model
+from .state import model_record, rebuild, save_model
 from .train import FineTune, TrainResult, evaluate, fine_tune, make_loader, seed_everything
 
 __all__ = ["EntropyConfig", "ReduceResult", "RunConfig", "StopRule", "reduce"]
