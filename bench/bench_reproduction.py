@@ -174,15 +174,17 @@ def run(
                 test=splits.test,
                 train_eval=splits.train_eval,
                 method=method,
-                delta=args.delta,
                 finetune=cfg["finetune"],
                 pretrain=None,
-                run_all=True,
-                max_removals=cfg["max_removals"],
-                seed=seed,
-                entropy_batches=cfg["entropy_batches"],
                 out=run_dir,
-                config={"model": cfg["model"], "data": cfg["data"], "bench": "reproduction"},
+                stop=easier.StopRule(
+                    delta=args.delta, run_all=True, max_removals=cfg["max_removals"]
+                ),
+                entropy=easier.EntropyConfig(batches=cfg["entropy_batches"]),
+                run=easier.RunConfig(
+                    seed=seed,
+                    extra={"model": cfg["model"], "data": cfg["data"], "bench": "reproduction"},
+                ),
             )
             out["run_s"][(seed, method)] = time.perf_counter() - t0
             out["histories"][(seed, method)] = res.history

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from easier import RunConfig, StopRule
 from easier.loop import reduce
 from easier.models import create
 from easier.train import FineTune
@@ -19,9 +20,10 @@ def tiny_run(out, method, resume=False, max_removals=2):
     x = torch.randn(80, 3, 8, 8, generator=g)
     y = (x[:, 0].mean((1, 2)) > 0).long() + (x[:, 1].mean((1, 2)) > 0).long()
     train, val = TensorDataset(x[:64], y[:64]), TensorDataset(x[64:], y[64:])
-    return reduce(model, train, val, method=method, delta=100.0, max_removals=max_removals,
-                  out=out, resume=resume, finetune=FineTune(epochs=1, lr=0.05, batch_size=16),
-                  pretrain=FineTune(epochs=2, lr=0.05, batch_size=16), seed=1)
+    return reduce(model, train, val, method=method, out=out, resume=resume,
+                  finetune=FineTune(epochs=1, lr=0.05, batch_size=16),
+                  pretrain=FineTune(epochs=2, lr=0.05, batch_size=16),
+                  stop=StopRule(delta=100.0, max_removals=max_removals), run=RunConfig(seed=1))
 
 
 def crash_at(method_cls, at, **options):

@@ -498,3 +498,54 @@ def _rank_main(out: Path) -> None:
 
 if __name__ == "__main__":
     _rank_main(Path(sys.argv[1]))
+
+
+class _DictSamples(Dataset):
+    """Hugging Face-style samples: a dict of model inputs and 'labels'."""
+
+    def __init__(self, n: int) -> None:
+        g = torch.Generator().manual_seed(3)
+        self.x = torch.randn(n, 5, generator=g)
+        self.mask = (torch.rand(n, 5, generator=g) > 0.2).float()
+        self.y = torch.randint(0, 3, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.x[i], "mask": self.mask[i], "labels": self.y[i]}
+
+
+class _KeywordNet(nn.Module):
+    """Keyword inputs and a ``ModelOutput`` result, as a Hugging Face classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)
+
+    def forward(self, pixel_values, mask):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        return SequenceClassifierOutput(logits=self.fc2(self.act(self.fc1(pixel_values * mask))))
+
+
+def test_single_process_passes_take_dict_batches_and_model_outputs():
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model, ds = _KeywordNet(), _DictSamples(23)
+    loss, acc = evaluate_distributed(model, ds, DistInfo(), batch_size=4)
+    # by hand, in float64 on the whole set at once
+    model.requires_grad_(False)
+    w1, b1 = model.fc1.weight.double(), model.fc1.bias.double()
+    w2, b2 = model.fc2.weight.double(), model.fc2.bias.double()
+    z = (ds.x * ds.mask).double() @ w1.T + b1
+    logits = z.clamp(min=0) @ w2.T + b2
+    assert acc == 100.0 * int((logits.argmax(-1) == ds.y).sum()) / 23
+    assert loss == pytest.approx(float(F.cross_entropy(logits, ds.y)), rel=1e-5)
+    rep = measure_entropy_distributed(model, ds, 4, DistInfo())
+    z32 = model.fc1(ds.x * ds.mask)  # signs as the float32 model computes them
+    on, off = (z32 > 0).sum(0), (z32 < 0).sum(0)
+    assert torch.equal(rep.neurons("act").on, on) and torch.equal(rep.neurons("act").off, off)
+    p = on.double() / (on + off).double()
+    h = -(torch.xlogy(p, p) + torch.xlogy(1 - p, 1 - p)) / torch.log(torch.tensor(2.0)).double()
+    assert list(rep.as_dict()) == ["act"] and rep["act"] == pytest.approx(float(h.mean()), rel=1e-6)

@@ -17,6 +17,7 @@ SCRIPT = textwrap.dedent('''
     from torch.utils.data import TensorDataset
     from easier import distributed as D
     from easier.methods.easier import Easier
+    from easier import RunConfig, StopRule
     from easier.loop import reduce
     from easier.train import FineTune
 
@@ -48,9 +49,9 @@ SCRIPT = textwrap.dedent('''
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0.3).long()
     train, val = TensorDataset(x[:160], y[:160]), TensorDataset(x[160:], y[160:])
     try:
-        res = reduce(model, train, val, method=Crashy(), delta=100.0, max_removals=3, seed=0,
-                     finetune=FineTune(epochs=epochs, lr=0.05, batch_size=16), out=out,
-                     resume=resume, log=print)
+        res = reduce(model, train, val, method=Crashy(), out=out, resume=resume,
+                     finetune=FineTune(epochs=epochs, lr=0.05, batch_size=16),
+                     stop=StopRule(delta=100.0, max_removals=3), run=RunConfig(seed=0, log=print))
     except Exception as exc:
         from easier.cli import describe_failure
 

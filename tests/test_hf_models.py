@@ -196,7 +196,7 @@ def test_reduce_runs_on_a_hf_model_with_dict_batches(tmp_path) -> None:
     torch.manual_seed(0)
     model, _, _ = _hf("bert")
     res = easier.reduce(model, _Pairs(64, 0), _Pairs(32, 1), finetune=easier.FineTune(epochs=1),
-                        max_removals=1, delta=100.0, out=tmp_path / "bert")
+                        out=tmp_path / "bert", stop=easier.StopRule(max_removals=1, delta=100.0))
     assert len(res.linearized) == 1 and res.linearized[0].endswith("intermediate_act_fn")
     x = {"input_ids": _Pairs(2, 2).ids}
     assert len(easier.find_sites(res.model, x)) == 1
@@ -227,7 +227,7 @@ def test_reduce_runs_on_a_model_with_data_dependent_control_flow() -> None:
     data = torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long())
     with pytest.warns(easier.EasierWarning, match="torch.export could not capture"):
         res = easier.reduce(_DataDependent(), data, data, finetune=easier.FineTune(epochs=1),
-                            max_removals=1, delta=100.0)
+                            stop=easier.StopRule(max_removals=1, delta=100.0))
     assert len(res.linearized) == 1 and res.linearized[0] in {"act1", "act2"}
     from easier.linearize import Linearized
 

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import easier
-from easier import ConfigError, measure_entropy
+from easier import ConfigError, RunConfig, StopRule, measure_entropy
 from easier.loop import reduce
 from easier.methods import Context, create_method
 from easier.methods.egp import Egp, site_layers, waterfill
@@ -315,7 +315,8 @@ def scripted(monkeypatch, accuracies):
 
 def test_loop_stops_at_first_drop_and_keeps_the_last_accepted_round(monkeypatch):
     scripted(monkeypatch, [90.0, 89.6, 89.2, 88.5, 95.0])  # floor 89.0
-    res = reduce(gated_mlp(), vectors(), vectors(32, seed=1), method="egp", delta=1.0)
+    res = reduce(gated_mlp(), vectors(), vectors(32, seed=1), method="egp",
+                 stop=StopRule(delta=1.0))
     assert [h["accepted"] for h in res.history] == [True, True, True, False]
     assert "88.50 < baseline 90.00" in res.stop_reason
     assert res.history[1]["chosen"] == ["relu1"] and res.linearized == ["relu1"]
@@ -334,9 +335,8 @@ def test_loop_stops_when_nothing_is_left_to_prune(monkeypatch):
     assert sorted(res.history[2]["chosen"]) == ["relu1", "relu2"]
     assert res.stop_reason == "no site left" and len(res.history) == 3
     # max_removals caps the zero-entropy sites taken in a round (earliest first)
-    capped = reduce(
-        pretrained_mlp(), vectors(), vectors(32, seed=1), method=Egp(rho=1.0), max_removals=1
-    )
+    capped = reduce(pretrained_mlp(), vectors(), vectors(32, seed=1), method=Egp(rho=1.0),
+                    stop=StopRule(max_removals=1))
     assert capped.history[2]["chosen"] == ["relu1"] and capped.linearized == ["relu1"]
     assert len(capped.history) == 3  # and nothing more happens after it
 
@@ -358,9 +358,8 @@ def dies_at(cls, at, **options):
 
 
 KW = {
-    "delta": 100.0,
-    "max_iterations": 4,
-    "seed": 2,
+    "stop": StopRule(delta=100.0, max_iterations=4),
+    "run": RunConfig(seed=2),
     "finetune": FineTune(epochs=1, batch_size=32, lr=0.05),
 }
 
@@ -421,7 +420,8 @@ def test_output_linearizes_and_folds(full_run):
 
 def test_nepenthe_runs_in_the_loop_and_options_are_checked():
     res = reduce(
-        convnet(), images(64, 0), images(32, 1), method="nepenthe", **{**KW, "max_iterations": 2}
+        convnet(), images(64, 0), images(32, 1), method="nepenthe",
+        **{**KW, "stop": StopRule(delta=100.0, max_iterations=2)},
     )
     assert [h["sparsity"] for h in res.history[1:]] == pytest.approx([0.5, 0.75], abs=2e-3)
     assert create_method("nepenthe", tau=2.0).options() == {"rho": 0.5, "tau": 2.0, "dead": "zero"}

@@ -9,7 +9,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from easier import ConfigError, DataError, EasierWarning, find_sites, models
+from easier import ConfigError, DataError, EasierWarning, RunConfig, StopRule, find_sites, models
 from easier.fold import fold
 from easier.linearize import edits_of, replace_with_identity
 from easier.loop import reduce
@@ -285,16 +285,9 @@ def run():
     torch.manual_seed(0)
     dense = tiny_resnet()
     trained = tiny_resnet()
-    res = reduce(
-        trained,
-        image_data(128, 0),
-        image_data(48, 1),
-        method="lacoot",
-        delta=100.0,
-        max_removals=2,
-        pretrain=FineTune(batch_size=32, max_steps=4),
-        finetune=FineTune(batch_size=32),
-    )
+    res = reduce(trained, image_data(128, 0), image_data(48, 1), method="lacoot",
+                 pretrain=FineTune(batch_size=32, max_steps=4), finetune=FineTune(batch_size=32),
+                 stop=StopRule(delta=100.0, max_removals=2))
     return dense, res
 
 
@@ -362,14 +355,8 @@ def scripted(monkeypatch, accuracies):
 
 def test_delta_rule_stops_at_first_drop_and_keeps_last_good(monkeypatch):
     calls = scripted(monkeypatch, [90.0, 89.5, 89.0, 88.5])  # floor 89.0
-    res = reduce(
-        tiny_resnet(),
-        image_data(64, 0),
-        image_data(32, 1),
-        method="lacoot",
-        delta=1.0,
-        finetune=FineTune(batch_size=32),
-    )
+    res = reduce(tiny_resnet(), image_data(64, 0), image_data(32, 1), method="lacoot",
+                 finetune=FineTune(batch_size=32), stop=StopRule(delta=1.0))
     assert [h["accepted"] for h in res.history] == [True, True, True, False]
     assert res.linearized == res.history[2]["removed"] and len(res.linearized) == 2
     assert "88.50 < baseline 90.00" in res.stop_reason
@@ -379,14 +366,9 @@ def test_delta_rule_stops_at_first_drop_and_keeps_last_good(monkeypatch):
 
 def test_finetune_after_fine_tunes_with_the_regularizer(monkeypatch):
     calls = scripted(monkeypatch, [90.0, 90.0, 90.0, 90.0, 90.0])
-    res = reduce(
-        tiny_resnet(),
-        image_data(64, 0),
-        image_data(32, 1),
-        method=Lacoot(finetune_after=True),
-        delta=1.0,
-        finetune=FineTune(batch_size=32),
-    )
+    res = reduce(tiny_resnet(), image_data(64, 0), image_data(32, 1),
+                 method=Lacoot(finetune_after=True), finetune=FineTune(batch_size=32),
+                 stop=StopRule(delta=1.0))
     assert res.stop_reason == "no block left" and len(res.linearized) == 4
     assert len(calls) == 4 and all(isinstance(k["regularizer"], MSWRegularizer) for k in calls)
     assert all(h["reason"].endswith("(re-measured)") for h in res.history[1:])
@@ -398,19 +380,11 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, finetune_after):
 
     def go(out, resume=False):
         torch.manual_seed(0)
-        return reduce(
-            tiny_resnet(),
-            image_data(96, 0),
-            image_data(40, 1),
-            method=Lacoot(finetune_after=finetune_after, score_batches=1),
-            delta=100.0,
-            max_removals=3,
-            seed=5,
-            out=out,
-            resume=resume,
-            pretrain=FineTune(batch_size=32, max_steps=3),
-            finetune=FineTune(batch_size=32, max_steps=2),
-        )
+        return reduce(tiny_resnet(), image_data(96, 0), image_data(40, 1),
+                      method=Lacoot(finetune_after=finetune_after, score_batches=1), out=out,
+                      resume=resume, pretrain=FineTune(batch_size=32, max_steps=3),
+                      finetune=FineTune(batch_size=32, max_steps=2),
+                      stop=StopRule(delta=100.0, max_removals=3), run=RunConfig(seed=5))
 
     full = go(tmp_path / "full")
     real_step = Lacoot.step
@@ -564,7 +538,7 @@ def test_from_a_checkpoint_the_msw_term_is_trained_before_the_ranking():
 def test_no_warm_up_after_regularised_pretraining_and_a_clear_refusal_without_either():
     torch.manual_seed(0)
     blocks = ["stage.0", "stage.1", "stage.2"]
-    kw = {"delta": 100.0, "max_removals": 1, "finetune": FineTune(batch_size=32)}
+    kw = {"stop": StopRule(delta=100.0, max_removals=1), "finetune": FineTune(batch_size=32)}
     pre = reduce(Stage3(), vector_data(64, 0), vector_data(32, 1),
                  method=Lacoot(blocks=blocks), pretrain=FineTune(batch_size=32, max_steps=2), **kw)
     assert "warmup" not in pre.history[1]

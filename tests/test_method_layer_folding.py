@@ -10,7 +10,7 @@ from torch.utils.data import TensorDataset
 
 import easier
 from _harness import crash_at, history_rows, tiny_run
-from easier import SiteError
+from easier import SiteError, StopRule
 from easier.capture import capture, node_scope
 from easier.fold import fold
 from easier.linearize import Linearized, edits_of
@@ -230,9 +230,8 @@ def test_loop_stops_at_the_first_drop(monkeypatch):
     monkeypatch.setattr(reduce_mod, "evaluate", lambda *a, **k: (0.5, next(seq)))
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
-    res = reduce(
-        MLP(), data, data, method="layer-folding", delta=1.0, finetune=FineTune(batch_size=16)
-    )
+    res = reduce(MLP(), data, data, method="layer-folding", finetune=FineTune(batch_size=16),
+                 stop=StopRule(delta=1.0))
     assert [h["accepted"] for h in res.history] == [True, True, False]
     alpha = res.history[1]["alpha"]  # trained by the warm-up (no pretraining ran)
     assert res.history[1]["warmup"]["steps"] == 2 and len(set(alpha.values())) == 2
@@ -353,8 +352,9 @@ def test_from_a_checkpoint_the_slopes_are_trained_before_the_ranking():
 def test_no_warm_up_after_pretraining():
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
-    res = reduce(MLP(), data, data, method="layer-folding", delta=100.0, max_removals=1,
-                 pretrain=FineTune(batch_size=16, max_steps=1), finetune=FineTune(batch_size=16))
+    res = reduce(MLP(), data, data, method="layer-folding",
+                 pretrain=FineTune(batch_size=16, max_steps=1), finetune=FineTune(batch_size=16),
+                 stop=StopRule(delta=100.0, max_removals=1))
     assert "warmup" not in res.history[1]
 
 

@@ -11,6 +11,7 @@ from torch.utils.data import TensorDataset
 
 import easier
 from _harness import crash_at, history_rows, tiny_run
+from easier import StopRule
 from easier.fold import fold
 from easier.loop import reduce
 from easier.methods import Context, create_method
@@ -251,14 +252,8 @@ def test_loop_stops_at_the_first_drop(monkeypatch):
         reduce_mod, "fine_tune", lambda *a, **k: TrainResult(epochs=1, loss=0.1, accuracy=50.0)
     )
     monkeypatch.setattr(reduce_mod, "evaluate", lambda *a, **k: (0.5, next(seq)))
-    res = reduce(
-        BNNet(),
-        images(32),
-        images(16, 1),
-        method="tlc",
-        delta=1.0,
-        finetune=FineTune(batch_size=16),
-    )
+    res = reduce(BNNet(), images(32), images(16, 1), method="tlc",
+                 finetune=FineTune(batch_size=16), stop=StopRule(delta=1.0))
     assert [h["accepted"] for h in res.history] == [True, True, False]
     assert res.linearized == res.history[1]["removed"] != []
     assert easier.linearized_sites(res.model) == res.linearized

@@ -1,6 +1,8 @@
 import importlib
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +15,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import easier
-from easier import ConfigError, StateError
+from easier import ConfigError, EntropyConfig, RunConfig, StateError, StopRule
 from easier.loop import reduce
 from easier.state import load_model
 from easier.train import FineTune, TrainResult
@@ -50,9 +52,9 @@ def test_end_to_end_writes_every_file(tmp_path):
     torch.manual_seed(0)
     data = toy_data()
     out = tmp_path / "run"
-    res = reduce(Net(), data, toy_data(60, 1), test=toy_data(60, 2), delta=100.0,
-                 max_removals=2, finetune=FT, pretrain=FineTune(epochs=2, batch_size=32),
-                 out=out)
+    res = reduce(Net(), data, toy_data(60, 1), test=toy_data(60, 2), finetune=FT,
+                 pretrain=FineTune(epochs=2, batch_size=32), out=out,
+                 stop=StopRule(delta=100.0, max_removals=2))
     assert len(res.linearized) == 2 and res.stop_reason.startswith("max_removals")
     for name in ("config.json", "history.jsonl", "history.csv", "summary.json", "model.pt",
                  "report.md", "report.png", "state.pt"):
@@ -87,7 +89,7 @@ def scripted(monkeypatch, accuracies):
 
 def test_delta_rule_stops_at_first_drop_and_keeps_last_good(monkeypatch):
     scripted(monkeypatch, [90.0, 89.5, 89.0, 88.9, 89.9])  # floor = 89.0 with delta 1
-    res = reduce(Net(), toy_data(), toy_data(30), delta=1.0, finetune=FT)
+    res = reduce(Net(), toy_data(), toy_data(30), finetune=FT, stop=StopRule(delta=1.0))
     assert [h["val_acc"] for h in res.history] == [90.0, 89.5, 89.0, 88.9]
     assert [h["accepted"] for h in res.history] == [True, True, True, False]
     assert len(res.linearized) == 2 and res.linearized == res.history[2]["removed"]
@@ -96,7 +98,8 @@ def test_delta_rule_stops_at_first_drop_and_keeps_last_good(monkeypatch):
 
 def test_run_all_logs_every_site_but_returns_last_accepted(monkeypatch):
     scripted(monkeypatch, [90.0, 89.5, 80.0, 89.9, 70.0])
-    res = reduce(Net(), toy_data(), toy_data(30), delta=1.0, finetune=FT, run_all=True)
+    res = reduce(Net(), toy_data(), toy_data(30), finetune=FT,
+                 stop=StopRule(delta=1.0, run_all=True))
     assert len(res.history) == 5 and res.stop_reason == "no site left"
     assert [h["accepted"] for h in res.history] == [True, True, False, False, False]
     assert res.history[3]["meets_threshold"] and len(res.linearized) == 1
@@ -104,7 +107,7 @@ def test_run_all_logs_every_site_but_returns_last_accepted(monkeypatch):
 
 def test_one_shot_and_zero_entropy_option(monkeypatch):
     scripted(monkeypatch, [90.0, 90.0])
-    res = reduce(Net(), toy_data(), toy_data(30), one_shot=3, finetune=FT)
+    res = reduce(Net(), toy_data(), toy_data(30), finetune=FT, stop=StopRule(one_shot=3))
     assert len(res.history) == 2 and len(res.history[1]["chosen"]) == 3
     ent = res.history[1]["entropy"]
     assert res.history[1]["chosen"] == sorted(ent, key=lambda n: (ent[n], list(ent).index(n)))[:3]
@@ -122,16 +125,17 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ConfigError, match="valid methods"):
         reduce(Net(), toy_data(), toy_data(30), method="nope")
     out = tmp_path / "r"
-    reduce(Net(), toy_data(), toy_data(30), finetune=FT, max_removals=1, out=out)
+    reduce(Net(), toy_data(), toy_data(30), finetune=FT, out=out, stop=StopRule(max_removals=1))
     with pytest.raises(StateError, match="already holds a run"):
-        reduce(Net(), toy_data(), toy_data(30), finetune=FT, max_removals=1, out=out)
+        reduce(Net(), toy_data(), toy_data(30), finetune=FT, out=out,
+               stop=StopRule(max_removals=1))
     with pytest.raises(ConfigError, match=r"differs in \['delta'\]"):
-        reduce(Net(), toy_data(), toy_data(30), finetune=FT, max_removals=1, out=out,
-               resume=True, delta=3.0)
+        reduce(Net(), toy_data(), toy_data(30), finetune=FT, out=out, resume=True,
+               stop=StopRule(max_removals=1, delta=3.0))
     (out / "state.pt").write_bytes(b"truncated")
     with pytest.raises(StateError, match=r"corrupt or truncated.*state.prev.pt"):
-        reduce(Net(), toy_data(), toy_data(30), finetune=FT, max_removals=1, out=out,
-               resume=True)
+        reduce(Net(), toy_data(), toy_data(30), finetune=FT, out=out, resume=True,
+               stop=StopRule(max_removals=1))
     assert (out / "state.pt").read_bytes() == b"truncated"  # left untouched
 
 
@@ -139,13 +143,15 @@ SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {tests!r})
     from test_reduce import Net, toy_data, FT
+    from easier import RunConfig, StopRule
     from easier.loop import reduce
     from easier.train import FineTune
     torch.set_num_threads(1)
     torch.manual_seed(0)
     ft = FineTune(epochs=3, lr=0.05, batch_size=8)
-    res = reduce(Net(), toy_data(600), toy_data(60, 1), finetune=ft, delta=100.0,
-                 out=sys.argv[1], resume=len(sys.argv) > 2, seed=3, log=print)
+    res = reduce(Net(), toy_data(600), toy_data(60, 1), finetune=ft, out=sys.argv[1],
+                 resume=len(sys.argv) > 2, stop=StopRule(delta=100.0),
+                 run=RunConfig(seed=3, log=print))
     print("DONE", res.linearized)
 """)
 
@@ -190,8 +196,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
 def test_resume_with_larger_budget_equals_uninterrupted(tmp_path):
     def run(out, limit, resume=False):
         torch.manual_seed(0)
-        return reduce(Net(), toy_data(), toy_data(60, 1), finetune=FT, delta=100.0, seed=5,
-                      max_removals=limit, out=out, resume=resume)
+        return reduce(Net(), toy_data(), toy_data(60, 1), finetune=FT, out=out, resume=resume,
+                      stop=StopRule(delta=100.0, max_removals=limit), run=RunConfig(seed=5))
 
     short = run(tmp_path / "a", 1)
     assert len(short.history) == 2 and short.stop_reason.startswith("max_removals=1")
@@ -205,3 +211,125 @@ def test_resume_with_larger_budget_equals_uninterrupted(tmp_path):
     assert json.loads((tmp_path / "a" / "config.json").read_text())["max_removals"] == 3
     x = toy_data(5, 9).tensors[0]
     torch.testing.assert_close(longer.model.eval()(x), straight.model.eval()(x), rtol=0, atol=0)
+
+
+# --- settings, lock and log ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: StopRule(delta=-0.5), "StopRule.delta"),
+    (lambda: StopRule(delta=float("nan")), "StopRule.delta"),
+    (lambda: StopRule(max_removals=-1), "StopRule.max_removals"),
+    (lambda: StopRule(max_iterations=1.5), "StopRule.max_iterations"),
+    (lambda: StopRule(one_shot=0), "StopRule.one_shot"),
+    (lambda: StopRule(run_all="yes"), "StopRule.run_all"),
+    (lambda: EntropyConfig(batches=0), "EntropyConfig.batches"),
+    (lambda: EntropyConfig(kinds=("ReLU", "Tanh")), "EntropyConfig.kinds"),
+    (lambda: EntropyConfig(kinds="ReLU"), "EntropyConfig.kinds"),
+    (lambda: EntropyConfig(kinds=()), "EntropyConfig.kinds"),
+    (lambda: RunConfig(seed=-1), "RunConfig.seed"),
+    (lambda: RunConfig(device="tpu"), "RunConfig.device"),
+    (lambda: RunConfig(verbose=1), "RunConfig.verbose"),
+    (lambda: RunConfig(input_key=3), "RunConfig.input_key"),
+    (lambda: RunConfig(log="stdout"), "RunConfig.log"),
+])
+def test_a_bad_setting_is_refused_naming_its_field(make, field):
+    with pytest.raises(ConfigError, match=rf"^{field}="):
+        make()
+
+
+def test_old_keywords_warn_and_equal_the_configs(monkeypatch):
+    scripted(monkeypatch, [90.0, 89.5, 88.9, 90.0])
+    new = reduce(Net(), toy_data(), toy_data(30), finetune=FT,
+                 stop=StopRule(delta=1.0, max_removals=3), entropy=EntropyConfig(batches=2),
+                 run=RunConfig(seed=4, verbose=False))
+    scripted(monkeypatch, [90.0, 89.5, 88.9, 90.0])
+    with pytest.warns(DeprecationWarning, match=r"delta= -> stop=StopRule\(delta=\.\.\.\)"):
+        old = reduce(Net(), toy_data(), toy_data(30), finetune=FT, delta=1.0, max_removals=3,
+                     entropy_batches=2, seed=4, log=lambda _m: None)
+    assert [h["chosen"] for h in old.history] == [h["chosen"] for h in new.history]
+    assert old.stop_reason == new.stop_reason and "88.90 < baseline 90.00" in new.stop_reason
+    with pytest.raises(ConfigError, match=r"unknown keyword\(s\) \['deltaa'\]"):
+        reduce(Net(), toy_data(), toy_data(30), deltaa=1.0)
+
+
+def test_configs_are_recorded_flat_and_a_changed_one_blocks_resume(tmp_path):
+    out = tmp_path / "r"
+    reduce(Net(), toy_data(), toy_data(30), finetune=FT, out=out,
+           stop=StopRule(delta=2.5, max_removals=1), entropy=EntropyConfig(kinds=("ReLU",)),
+           run=RunConfig(seed=7, verbose=False, extra={"model": "mlp"}))
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["delta"], cfg["max_removals"], cfg["kinds"], cfg["seed"], cfg["model"]) == (
+        2.5, 1, ["ReLU"], 7, "mlp")
+    with pytest.raises(ConfigError, match=r"differs in \['entropy_batches'\]"):
+        reduce(Net(), toy_data(), toy_data(30), finetune=FT, out=out, resume=True,
+               stop=StopRule(delta=2.5, max_removals=1),
+               run=RunConfig(seed=7, verbose=False, extra={"model": "mlp"}),
+               entropy=EntropyConfig(kinds=("ReLU",), batches=3))
+
+
+HOLDER = textwrap.dedent("""
+    import sys
+    from easier.state import lock_run_dir
+    with lock_run_dir(sys.argv[1]):
+        print("locked", flush=True)
+        sys.stdin.read()  # hold until the parent closes stdin
+""")
+
+
+def test_reduce_takes_the_run_directory_lock(tmp_path):
+    out = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"  # synchronised on output, not time
+        with pytest.raises(StateError, match=rf"in use.*PID {proc.pid}"):
+            reduce(Net(), toy_data(), toy_data(30), finetune=FT, out=out,
+                   stop=StopRule(max_removals=1))
+        assert not (out / "config.json").exists()  # refused before writing anything
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+    # the lock is re-entrant: a caller holding it (as the CLI does) can still run reduce
+    with easier.state.lock_run_dir(out):
+        res = reduce(Net(), toy_data(), toy_data(30), finetune=FT, out=out,
+                     stop=StopRule(max_removals=1), run=RunConfig(verbose=False))
+    assert len(res.history) == 2
+
+
+def test_one_log_line_per_iteration_by_default_and_none_when_silenced(monkeypatch, caplog,
+                                                                       capsys):
+    scripted(monkeypatch, [90.0, 89.5, 80.0])
+    caplog.set_level(logging.INFO, logger="easier")
+    reduce(Net(), toy_data(), toy_data(30), finetune=FT, stop=StopRule(delta=1.0))
+    lines = [r.getMessage() for r in caplog.records if r.name == "easier"]
+    iters = [m for m in lines if m.startswith("iter")]
+    assert len(iters) == 3  # baseline, one kept, one rejected
+    assert "dense baseline" in iters[0] and "val 90.00%" in iters[0]
+    assert re.search(r"iter  1 \| r\d \(H=[\d.]+\) \| val 89\.50% \(floor 89\.00\) ok \|", iters[1])
+    assert "val 80.00%" in iters[2] and "REJECTED" in iters[2] and iters[2].endswith("s")
+    assert lines[-1].startswith("stopped: val top-1 80.00 < baseline")
+    caplog.clear()
+    scripted(monkeypatch, [90.0, 89.5, 80.0])
+    reduce(Net(), toy_data(), toy_data(30), finetune=FT, stop=StopRule(delta=1.0),
+           run=RunConfig(verbose=False))
+    assert not [r for r in caplog.records if r.name == "easier"]
+    assert capsys.readouterr().err == ""
+
+
+def test_without_logging_configured_the_lines_go_to_stderr(tmp_path):
+    script = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, {tests!r})
+        from test_reduce import Net, toy_data, FT
+        from easier import StopRule, reduce
+        torch.set_num_threads(1)
+        reduce(Net(), toy_data(60), toy_data(30), finetune=FT, stop=StopRule(max_removals=1))
+    """).format(tests=os.path.dirname(__file__))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    err = done.stderr.splitlines()
+    assert sum(line.startswith("iter ") for line in err) == 2, done.stderr
+    assert err[-1].startswith("stopped: max_removals=1 reached")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from easier import DataError, EasierError, FineTune, reduce
+from easier import DataError, EasierError, FineTune, StopRule, reduce
 from easier.data.checks import check_datasets
 
 FT = FineTune(epochs=1, lr=0.05, batch_size=16)
@@ -53,7 +53,7 @@ def test_label_outside_the_classes_names_dataset_and_index(label, index, wrap):
     y[index] = label
     val = TensorDataset(*data(12, seed=1))
     with pytest.raises(DataError) as err:
-        reduce(net(), wrap(x, y), val, finetune=FT, max_removals=1)
+        reduce(net(), wrap(x, y), val, finetune=FT, stop=StopRule(max_removals=1))
     msg = str(err.value)
     assert "'train'" in msg and f"sample {index} " in msg and f"label {label}," in msg
     assert "0..2" in msg  # the model has 3 outputs
@@ -64,13 +64,14 @@ def test_label_error_in_a_subset_counts_subset_indices():
     y[30] = 5
     train = Subset(TensorDataset(x, y), list(range(20, 40)))  # base index 30 = subset index 10
     with pytest.raises(DataError, match=r"'train'.*sample 10 has label 5"):
-        reduce(net(), train, TensorDataset(*data(12, seed=1)), finetune=FT, max_removals=1)
+        reduce(net(), train, TensorDataset(*data(12, seed=1)), finetune=FT,
+               stop=StopRule(max_removals=1))
 
 
 def test_empty_validation_set_is_a_data_error_not_stop_iteration():
     empty = TensorDataset(torch.zeros(0, 6), torch.zeros(0, dtype=torch.long))
     with pytest.raises(DataError, match=r"'val'.*empty"):
-        reduce(net(), TensorDataset(*data()), empty, finetune=FT, max_removals=1)
+        reduce(net(), TensorDataset(*data()), empty, finetune=FT, stop=StopRule(max_removals=1))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -79,14 +80,15 @@ def test_non_finite_input_names_dataset_and_sample(bad, wrap):
     x, y = data(12, seed=1)
     x[5, 2] = bad
     with pytest.raises(DataError, match=r"'val'.*sample 5 holds NaN or Inf"):
-        reduce(net(), TensorDataset(*data()), wrap(x, y), finetune=FT, max_removals=1)
+        reduce(net(), TensorDataset(*data()), wrap(x, y), finetune=FT,
+               stop=StopRule(max_removals=1))
 
 
 def test_wrong_input_shape_is_a_data_error():
     x, y = data()
     five = TensorDataset(x[:, :5], y)  # the model takes 6 features
     with pytest.raises(DataError, match=r"cannot run on sample 0 of dataset 'val'.*\(5,\)"):
-        reduce(net(), five, five, finetune=FT, max_removals=1)
+        reduce(net(), five, five, finetune=FT, stop=StopRule(max_removals=1))
 
 
 def test_single_class_warns_and_good_data_is_silent():

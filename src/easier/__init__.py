@@ -22,6 +22,7 @@ from .linearize import linearize, linearized_sites, replace_with_identity
 from .loop import ReduceResult, reduce
 from .measurement import Measurement, compare_table, measure
 from .padding import fold_ready
+from .settings import EntropyConfig, RunConfig, StopRule
 from .sites import KINDS, EasierWarning, Site, find_sites
 from .state import load_model, save_model
 from .train import FineTune
@@ -34,6 +35,7 @@ __all__ = [
     "DataError",
     "EasierError",
     "EasierWarning",
+    "EntropyConfig",
     "EntropyReport",
     "FineTune",
     "FoldError",
@@ -43,9 +45,11 @@ __all__ = [
     "NoSitesError",
     "NonFiniteError",
     "ReduceResult",
+    "RunConfig",
     "Site",
     "SiteError",
     "StateError",
+    "StopRule",
     "TraceError",
     "binary_entropy",
     "compare_table",

@@ -21,10 +21,10 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from .errors import TraceError
+from .errors import ConfigError, TraceError
 
 __all__ = ["Capture", "as_call", "call_model", "capture", "default_example", "eval_mode",
-           "flat_inputs", "node_scope", "to_device"]
+           "flat_inputs", "logits_of", "node_scope", "to_device"]
 
 
 class eval_mode:
@@ -76,6 +76,22 @@ def call_model(model: nn.Module, example_input: Any) -> Any:
     """Call ``model`` on a tensor, a tuple of positional args, or a dict of keyword args."""
     args, kwargs = as_call(example_input)
     return model(*args, **kwargs)
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    """The logits of a model output: a tensor, ``out.logits`` (Hugging Face), or ``out[0]``."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, dict) and isinstance(out.get("logits"), torch.Tensor):
+        return out["logits"]
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise ConfigError(f"cannot find logits in a model output of type {type(out).__name__}; "
+                      "return a tensor, a tuple whose first item is the logits, or an object "
+                      "with .logits")
 
 
 @dataclass

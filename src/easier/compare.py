@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import io
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from torch import nn
 from .methods import create_method
 from .outcome import nonzero_params
 from .report import png_bytes
+from .settings import RunConfig
 from .state import RunDir, atomic_write_bytes, atomic_write_text
 
 __all__ = ["compare", "comparison_figure", "comparison_table", "latency_axis_limit"]
@@ -45,11 +47,15 @@ def compare(
     """Reduce with each method and return one row per method (also written to ``out``).
 
     ``make_model()`` must return the same freshly initialised model every call (seed inside it).
-    ``reduce_kwargs`` (test, train_eval, pretrain, finetune, delta, seed, ...) are shared.
+    ``reduce_kwargs`` (test, train_eval, pretrain, finetune, stop, entropy, run) are shared;
+    ``log`` (else ``run.log``) also gets one header line per method.
     """
     from .loop import reduce
 
-    say = log or (lambda _m: None)
+    run = reduce_kwargs.pop("run", None) or RunConfig()
+    if log is not None:
+        run = dataclasses.replace(run, log=log)
+    say = run.log or (lambda _m: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -58,7 +64,7 @@ def compare(
         say(f"== {name} ==")
         run_dir = out / name
         result = reduce(make_model(), train, val, method=strategy, out=run_dir,
-                        resume=resume and RunDir(run_dir).exists(), fold=plan, log=log,
+                        resume=resume and RunDir(run_dir).exists(), fold=plan, run=run,
                         **copy.copy(reduce_kwargs))
         final = next(h for h in reversed(result.history) if h["accepted"])
         after = result.extras["fold"]["after"]

@@ -10,325 +10,28 @@ A neuron is a channel: positions of a conv map (N, C, H, W) and tokens of a (B, 
 pooled per channel. The channel axis is inferred from the layer producing the pre-activation and
 can be overridden; ``neuron="element"`` makes every (channel, position) its own neuron.
 
-``estimator="reference"`` reproduces the reference code (VGCQ/EASIER ``get_entropy_layer``)
-exactly, to compare with published numbers: ON is ``z >= 0``; per mini-batch, p_on is averaged
-over batch and positions per channel, its entropy taken per channel and averaged over channels;
-the per-batch layer entropies are then averaged over batches. It is biased (low for small batches)
-and should not be used to choose sites unless parity is the point.
+How the counts are kept, and the ``reference`` estimator, are in :mod:`easier.counters`.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from .capture import Capture, call_model, capture, eval_mode
-from .errors import DataError, NonFiniteError, NoSitesError, SiteError, TraceError
-from .sites import KINDS, GraphSite, Site, find_sites, graph_sites, module_sites, sites_by_hooks
+from .counters import ESTIMATORS, NEURONS, Scratch, SiteCounter, binary_entropy, instrument
+from .entropy_report import EntropyReport, NeuronStats
+from .errors import DataError, NoSitesError, SiteError, TraceError
+from .sites import KINDS, Site, find_sites, graph_sites, module_sites, sites_by_hooks
 
-__all__ = ["EntropyPass", "EntropyReport", "NeuronStats", "binary_entropy", "measure_entropy"]
-
-ESTIMATORS = ("exact", "reference")
-_CHUNK = 1 << 18  # elements counted at a time: a 1 MiB float32 temporary, cache-sized
-NEURONS = ("channel", "element")
-
-
-def binary_entropy(p: torch.Tensor) -> torch.Tensor:
-    """Binary entropy in bits, with 0·log 0 = 0."""
-    p = p.double()
-    q = 1.0 - p
-    return -(torch.xlogy(p, p) + torch.xlogy(q, q)) / math.log(2.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# counters
-
-
-class _Scratch:
-    """One reusable buffer shared by all counters of a pass.
-
-    A fresh full-size temporary per site and batch costs page faults that dominate the count
-    itself on CPU; reusing one buffer halves the entropy pass overhead.
-    """
-
-    def __init__(self) -> None:
-        self.buf: torch.Tensor | None = None
-
-    def take(self, like: torch.Tensor) -> torch.Tensor:
-        n = like.numel()
-        b = self.buf
-        if b is None or b.numel() < n or b.dtype != like.dtype or b.device != like.device:
-            b = self.buf = torch.empty(n, dtype=like.dtype, device=like.device)
-        return b[:n].view(like.shape)
-
-
-class _Counter(nn.Module):
-    """Reduces one site's pre-activations to per-neuron counts; stores no activations.
-
-    Runs inside the forward pass, so it is written to stay cheap: one temporary, three
-    read-only reductions, and a finiteness flag kept on the device (no host sync per batch).
-    """
-
-    def __init__(self, site: Site, neuron: str, axis: int | None, estimator: str,
-                 scratch: _Scratch | None = None, check_finite: bool = True):
-        super().__init__()
-        self.strict_finite = check_finite
-        self.scratch = scratch or _Scratch()
-        self.site = site
-        self.neuron = neuron
-        self.axis = axis
-        self.estimator = estimator
-        self.on: torch.Tensor | None = None
-        self.off: torch.Tensor | None = None
-        self.seen: torch.Tensor | None = None  # observations per neuron, zeros included
-        self.bad: torch.Tensor | None = None  # count of NaN/Inf seen
-        self.p_sum: torch.Tensor | None = None  # reference estimator: sums over batches
-        self.h_sum: torch.Tensor | None = None
-        self.layer_sum = 0.0
-        self.batches = 0
-
-    def _layout(self, z: torch.Tensor) -> torch.Tensor:
-        """View z as (batch-like rows, neurons...) with neurons on axis 1, no copy when possible."""
-        if z.ndim == 0:
-            return z.reshape(1, 1)
-        if z.ndim == 1:  # one scalar per sample: a single neuron
-            return z.reshape(-1, 1)
-        if self.neuron == "element":
-            return z.reshape(z.shape[0], -1)
-        axis = 1 if self.axis is None else self.axis % z.ndim
-        if axis == 0:
-            raise SiteError(
-                f"site {self.site.name!r}: channel_axis points at the batch axis (0) of a "
-                f"tensor of shape {tuple(z.shape)}; pass the axis of the neurons instead"
-            )
-        if axis == z.ndim - 1 and z.is_contiguous():
-            # channel-last tokens: rows of C values, reduced natively (2x faster than movedim)
-            return z.reshape(-1, z.shape[-1])
-        if axis != 1:
-            z = z.movedim(axis, 1)
-        return z
-
-    def forward(self, z: torch.Tensor) -> None:
-        z = self._layout(z.detach())
-        dims = (0, *range(2, z.ndim))
-        n = z.numel() // z.shape[1]
-        if self.bad is None:
-            self._allocate(z)
-        elif (self.on is not None and self.on.shape[0] != z.shape[1]) or (
-                self.p_sum is not None and self.p_sum.shape[0] != z.shape[1]):
-            have = (self.on if self.on is not None else self.p_sum).shape[0]  # type: ignore[union-attr]
-            raise DataError(
-                f"site {self.site.name!r}: the number of neurons changed from {have} to "
-                f"{z.shape[1]} between batches (shape {tuple(z.shape)}); with neuron='element' "
-                "every batch must have the same non-batch shape"
-            )
-        if self.estimator == "exact":
-            # Counting through sign() costs one temporary and two read-only reductions: much
-            # cheaper than comparisons to bool tensors, whose reductions are slow on CPU. The
-            # batch is counted in chunks, so the temporary stays small (and in cache); sums of
-            # +-1/0 are exact in float32 while a chunk has < 2**24 values per channel.
-            rows = max(1, _CHUNK // max(1, z[:1].numel()))
-            for start in range(0, z.shape[0], rows):
-                zc = z[start:start + rows]
-                if self.strict_finite:  # NaN and Inf propagate into a plain per-channel sum
-                    self.bad += (~torch.isfinite(zc.sum(dim=dims))).sum()  # type: ignore[operator]
-                acc = torch.float32 if zc.numel() // zc.shape[1] < 2**24 else torch.float64
-                sgn = self.scratch.take(zc)
-                torch.sign(zc, out=sgn)
-                diff = sgn.sum(dim=dims, dtype=acc)  # on - off
-                both = sgn.abs_().sum(dim=dims, dtype=acc)  # on + off
-                on = ((both + diff) / 2).round().long()
-                self.on += on  # type: ignore[operator]
-                self.off += both.round().long() - on  # type: ignore[operator]
-            self.seen += n  # type: ignore[operator]
-        else:
-            if self.strict_finite:
-                self.bad += (~torch.isfinite(z.sum(dim=dims))).sum()  # type: ignore[operator]
-            p = (z >= 0).sum(dim=dims).double() / n
-            h = binary_entropy(p)
-            self.p_sum += p  # type: ignore[operator]
-            self.h_sum += h  # type: ignore[operator]
-            self.layer_sum += float(h.mean())
-        self.batches += 1
-
-    def _allocate(self, z: torch.Tensor) -> None:
-        c, dev = z.shape[1], z.device
-        self.bad = torch.zeros((), dtype=torch.int64, device=dev)
-        if self.estimator == "exact":
-            self.on = torch.zeros(c, dtype=torch.int64, device=dev)
-            self.off = torch.zeros(c, dtype=torch.int64, device=dev)
-            self.seen = torch.zeros(c, dtype=torch.int64, device=dev)
-        else:
-            self.p_sum = torch.zeros(c, dtype=torch.float64, device=dev)
-            self.h_sum = torch.zeros(c, dtype=torch.float64, device=dev)
-
-    def check_finite(self) -> None:
-        if self.bad is not None and int(self.bad) > 0:
-            raise NonFiniteError(
-                f"site {self.site.name!r}: NaN or Inf pre-activations in {int(self.bad)} "
-                "channel-batch(es); "
-                "the entropy would be meaningless. Check the model's weights and inputs (e.g. "
-                "normalisation, a diverged fine-tune) before measuring."
-            )
-
-    def stats(self) -> dict[str, Any]:
-        if self.estimator == "exact":
-            return {"on": self.on.cpu(), "off": self.off.cpu(),  # type: ignore[union-attr]
-                    "seen": self.seen.cpu(), "batches": self.batches}  # type: ignore[union-attr]
-        b = max(self.batches, 1)
-        return {"p_on": (self.p_sum / b).cpu(), "h": (self.h_sum / b).cpu(),  # type: ignore[operator]
-                "layer": self.layer_sum / b, "batches": self.batches}
-
-
-# ---------------------------------------------------------------------------------------------
-# report
-
-
-@dataclass(frozen=True)
-class NeuronStats:
-    """Per-neuron statistics of one site. Counts are None for the reference estimator."""
-
-    p_on: torch.Tensor
-    entropy: torch.Tensor
-    on: torch.Tensor | None = None
-    off: torch.Tensor | None = None
-    zeros: torch.Tensor | None = None
-
-
-class EntropyReport:
-    """Entropies of measured sites: ``report[name]`` is the layer entropy in bits.
-
-    ``report.neurons(name)`` gives per-neuron p_on and entropy; ``ranking()`` orders sites from
-    most to least linear (ties broken by execution order); ``to_dict``/``from_dict`` round-trip
-    through JSON; ``str(report)`` is a readable table.
-    """
-
-    def __init__(self, sites: Sequence[Site], stats: dict[str, dict[str, Any]], *,
-                 estimator: str, neuron: str, batches: int, samples: int):
-        self.sites = list(sites)
-        self.estimator = estimator
-        self.neuron = neuron
-        self.batches = batches
-        self.samples = samples
-        self._stats = stats
-        self._layer: dict[str, float] = {}
-        self._neurons: dict[str, NeuronStats] = {}
-        for site in self.sites:
-            s = stats[site.name]
-            if estimator == "exact":
-                on, off, seen = s["on"].long(), s["off"].long(), s["seen"].long()
-                total = on + off
-                p = torch.where(total > 0, on.double() / total.clamp(min=1).double(),
-                                torch.zeros((), dtype=torch.float64))
-                h = binary_entropy(p)
-                self._neurons[site.name] = NeuronStats(p, h, on, off, seen - total)
-                self._layer[site.name] = float(h.mean()) if h.numel() else 0.0
-            else:
-                p, h = s["p_on"].double(), s["h"].double()
-                self._neurons[site.name] = NeuronStats(p, h)
-                self._layer[site.name] = float(s["layer"])
-
-    # mapping-like access
-    def __getitem__(self, name: str) -> float:
-        if name not in self._layer:
-            raise SiteError(f"no site {name!r} in this report; measured sites: {self.names}")
-        return self._layer[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._layer
-
-    def __len__(self) -> int:
-        return len(self.sites)
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(self.names)
-
-    @property
-    def names(self) -> list[str]:
-        return [s.name for s in self.sites]
-
-    def items(self) -> list[tuple[str, float]]:
-        return [(n, self._layer[n]) for n in self.names]
-
-    def as_dict(self) -> dict[str, float]:
-        """Site name -> layer entropy, in execution order."""
-        return dict(self.items())
-
-    def neurons(self, name: str) -> NeuronStats:
-        self[name]  # raises a clear error for unknown names
-        return self._neurons[name]
-
-    def ranking(self, exclude: Iterable[str] = ()) -> list[str]:
-        """Site names from lowest to highest entropy; ties go to the earlier site."""
-        skip = set(exclude)
-        order = {s.name: s.index for s in self.sites}
-        return sorted((n for n in self.names if n not in skip),
-                      key=lambda n: (self._layer[n], order[n]))
-
-    def site(self, name: str) -> Site:
-        self[name]
-        return next(s for s in self.sites if s.name == name)
-
-    # serialisation
-    def to_dict(self) -> dict[str, Any]:
-        def enc(v: Any) -> Any:
-            return v.tolist() if isinstance(v, torch.Tensor) else v
-
-        return {
-            "format": "easier.EntropyReport/1",
-            "estimator": self.estimator,
-            "neuron": self.neuron,
-            "batches": self.batches,
-            "samples": self.samples,
-            "sites": [s.to_dict() for s in self.sites],
-            "entropy": self.as_dict(),
-            "stats": {n: {k: enc(v) for k, v in st.items()} for n, st in self._stats.items()},
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EntropyReport:
-        if d.get("format") != "easier.EntropyReport/1":
-            raise DataError(f"not an EntropyReport dict (format={d.get('format')!r})")
-        tensors = {"on": torch.int64, "off": torch.int64, "seen": torch.int64,
-                   "p_on": torch.float64, "h": torch.float64}
-        stats = {n: {k: torch.tensor(v, dtype=tensors[k]) if k in tensors else v
-                     for k, v in st.items()} for n, st in d["stats"].items()}
-        return cls([Site.from_dict(s) for s in d["sites"]], stats, estimator=d["estimator"],
-                   neuron=d["neuron"], batches=d["batches"], samples=d["samples"])
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, EntropyReport) and self.to_dict() == other.to_dict()
-
-    def __repr__(self) -> str:
-        return (f"EntropyReport({len(self)} sites, estimator={self.estimator!r}, "
-                f"neuron={self.neuron!r}, batches={self.batches}, samples={self.samples})")
-
-    def __str__(self) -> str:
-        rank = {n: i + 1 for i, n in enumerate(self.ranking())}
-        width = max([len("site"), *(len(n) for n in self.names)])
-        head = (f"{'#':>3}  {'site':<{width}}  {'kind':<9}  {'neurons':>7}  {'H (bits)':>8}  "
-                f"{'rank':>4}  {'always on':>9}  {'always off':>10}")
-        lines = [repr(self), head, "-" * len(head)]
-        for s in self.sites:
-            nst = self._neurons[s.name]
-            zero_h = nst.entropy == 0
-            lin = float(((nst.p_on == 1) & zero_h).double().mean()) if nst.p_on.numel() else 0.0
-            dead = float(((nst.p_on == 0) & zero_h).double().mean()) if nst.p_on.numel() else 0.0
-            lines.append(
-                f"{s.index:>3}  {s.name:<{width}}  {s.kind:<9}  {nst.entropy.numel():>7}  "
-                f"{self._layer[s.name]:>8.4f}  {rank[s.name]:>4}  {lin:>9.1%}  {dead:>10.1%}"
-            )
-        return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# measurement
+# EntropyReport and NeuronStats live in easier.entropy_report, binary_entropy and the estimators
+# in easier.counters; all are importable from here too.
+__all__ = ["ESTIMATORS", "NEURONS", "EntropyPass", "EntropyReport", "NeuronStats", "batch_input",
+           "binary_entropy", "measure_entropy", "model_device"]
 
 
 def batch_input(batch: Any, input_key: str | Sequence[str] | None = None) -> Any:
@@ -435,8 +138,8 @@ class EntropyPass:
                 find_sites(model, example, kinds=kinds)  # raises NoSitesError with its message
                 raise NoSitesError(f"{type(model).__name__} has no activation site")
         self.chosen = _select(found, sites)
-        scratch = _Scratch()
-        self.counters = {s.name: _Counter(s, neuron, _axis_for(s, channel_axis), estimator,
+        scratch = Scratch()
+        self.counters = {s.name: SiteCounter(s, neuron, _axis_for(s, channel_axis), estimator,
                                           scratch, check_finite) for s in self.chosen}
         self._handles: list[Any] = []
         self._runners: dict[Any, nn.Module] = {}
@@ -448,7 +151,7 @@ class EntropyPass:
             self.runner: nn.Module = model
             self.dynamic = True
         else:
-            self.runner = _instrument(cap.gm, self.counters, located)
+            self.runner = instrument(cap.gm, self.counters, located)
             self.dynamic = cap.dynamic_batch
             self._runners[_signature(example)] = self.runner
 
@@ -459,7 +162,7 @@ class EntropyPass:
         key = _signature(x)
         if key not in self._runners:
             cap = capture(self.model, x, dynamic_batch=False)
-            self._runners[key] = _instrument(cap.gm, self.counters,
+            self._runners[key] = instrument(cap.gm, self.counters,
                                              graph_sites(self.model, cap, self.kinds))
         return self._runners[key]
 
@@ -558,19 +261,3 @@ def _signature(x: Any) -> Any:
     return None
 
 
-def _instrument(gm: fx.GraphModule, counters: dict[str, _Counter],
-                located: Sequence[GraphSite]) -> fx.GraphModule:
-    """``gm`` (a capture, changed in place) with a counter node before each chosen site."""
-    by_name = {g.site.name: g for g in located}
-    for i, (name, counter) in enumerate(counters.items()):
-        if name not in by_name:
-            raise SiteError(f"site {name!r} is not in this capture; sites: {list(by_name)}")
-        g = by_name[name]
-        path = f"_easier_counter_{i}"
-        gm.add_submodule(path, counter)
-        group = set(g.nodes)
-        first = next(n for n in gm.graph.nodes if n in group and g.input in n.all_input_nodes)
-        with gm.graph.inserting_before(first):
-            gm.graph.call_module(path, (g.input,))
-    gm.recompile()
-    return gm

@@ -11,10 +11,13 @@ so a killed run resumes from its last completed iteration and reaches the same r
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import random
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,14 +28,18 @@ from torch.utils.data import DataLoader, Dataset
 
 from .capture import to_device
 from .entropy import batch_input
-from .errors import ConfigError, NonFiniteError
+from .errors import ConfigError, EasierError, NonFiniteError, StateError
 from .linearize import linearized_sites
 from .methods import Context, Method, create_method
-from .sites import KINDS, find_sites
-from .state import RunDir, model_record, rebuild, save_model
+from .rundir import RunDir, lock_run_dir
+from .settings import EntropyConfig, RunConfig, StopRule, from_legacy
+from .sites import find_sites
+from .state import model_record, rebuild, save_model
 from .train import FineTune, TrainResult, evaluate, fine_tune, make_loader, seed_everything
 
-__all__ = ["ReduceResult", "reduce"]
+__all__ = ["EntropyConfig", "ReduceResult", "RunConfig", "StopRule", "reduce"]
+
+_LOG = logging.getLogger("easier")
 
 # Budgets a resumed run may change: a run stopped by a limit continues when the limit grows.
 _BUDGET_KEYS = ("max_removals", "max_iterations", "run_all")
@@ -79,55 +86,81 @@ def reduce(
     val: Dataset | DataLoader,
     *,
     method: str | Method = "easier",
-    delta: float = 1.0,
-    max_removals: int | None = None,
-    finetune: FineTune | None = None,
     test: Dataset | DataLoader | None = None,
+    train_eval: Dataset | DataLoader | None = None,
     out: str | Path | None = None,
     resume: bool = False,
-    train_eval: Dataset | DataLoader | None = None,
+    stop: StopRule | None = None,
+    entropy: EntropyConfig | None = None,
+    run: RunConfig | None = None,
+    finetune: FineTune | None = None,
     pretrain: FineTune | None = None,
-    one_shot: int | None = None,
-    run_all: bool = False,
-    max_iterations: int | None = None,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    entropy_batches: int | None = None,
-    fold_ready: bool = True,
-    kinds: tuple[str, ...] = KINDS,
-    input_key: str | None = None,
-    progress: bool = False,
-    log: Callable[[str], None] | None = None,
-    config: dict[str, Any] | None = None,
     fold: str | None = None,
-    amp: bool = False,
+    **legacy: Any,
 ) -> ReduceResult:
     """Run a depth-reduction method end to end and return the reduced model.
 
     ``train`` is the (augmented) training data for fine-tuning; ``train_eval`` the same images
-    without augmentation for the entropy pass (defaults to ``train``). ``pretrain`` trains the
-    dense model first (skip it for an already trained model). ``one_shot=K`` removes the K
-    lowest-scored units from one measurement and fine-tunes once. ``run_all`` keeps going to the
-    last unit, logging everything (the returned model is still the last accepted one before the
-    first rejection). ``max_iterations`` caps the iterations (methods such as EGP may remove
-    nothing in a round). ``out`` is a run directory; ``resume=True`` continues a killed run.
-    ``config`` adds entries (e.g. model and data names) to the run's config.json. ``fold`` (a
-    plan: "latency", "flops", "all", "none") folds the kept model at the end and writes
-    folded.pt, fold_plan.json and fold.md to ``out``.
+    without augmentation for the entropy pass (defaults to ``train``); ``test`` is only
+    reported. ``stop`` (:class:`StopRule`) says when to stop, ``entropy``
+    (:class:`EntropyConfig`) which sites are candidates and how they are measured, ``run``
+    (:class:`RunConfig`) the seed, device, dict-batch key and logging; ``finetune`` is the
+    budget after each removal and ``pretrain`` trains the dense model first (skip it for an
+    already trained model). ``out`` is a run directory, held under an OS lock for the whole
+    call (a second writer is refused, naming the holder's PID); ``resume=True`` continues a
+    killed run. ``fold`` (a plan: "latency", "flops", "all", "none") folds the kept model at the
+    end and writes folded.pt, fold_plan.json and fold.md to ``out``.
+
+    The keywords of easier <= 0.1 (``delta=``, ``max_removals=``, ``seed=``, ``device=``...)
+    still work, with a DeprecationWarning naming the config field that replaces each: they map
+    one to one, so breaking existing scripts would buy nothing.
     """
+    stop, entropy, run = from_legacy(legacy, stop, entropy, run)
     if fold is not None and out is None:
         raise ConfigError("fold= needs out= (the folded model and plan are written there)")
-    from .data.checks import check_datasets  # empty splits, bad labels, NaN inputs: DataError
+    from .distributed import get_info
 
+    with _writer_lock(out, get_info()):
+        return _reduce(model, train, val, method, test, train_eval, out, resume, stop, entropy,
+                       run, finetune or FineTune(), pretrain, fold)
+
+
+@contextlib.contextmanager
+def _writer_lock(out: str | Path | None, info: Any) -> Iterator[None]:
+    """Hold the run directory's writer lock (rank 0 takes it; every rank learns whether it got
+    it, so a refusal stops the whole job). Re-entrant: a caller that holds it already is fine."""
+    from .distributed import any_failed
+
+    if out is None:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        failure: EasierError | None = None
+        if info.is_main:
+            try:
+                stack.enter_context(lock_run_dir(out))
+            except EasierError as exc:
+                failure = exc
+        if info.enabled and any_failed(failure is not None, info) and failure is None:
+            raise StateError(f"rank 0 could not lock {out} (its log says why); stopping too")
+        if failure is not None:
+            raise failure
+        yield
+
+
+def _reduce(model: nn.Module, train: Any, val: Any, method: str | Method, test: Any,
+            train_eval: Any, out: str | Path | None, resume: bool, stop: StopRule,
+            entropy: EntropyConfig, run: RunConfig, finetune: FineTune,
+            pretrain: FineTune | None, fold: str | None) -> ReduceResult:
+    from .data.checks import check_datasets  # empty splits, bad labels, NaN inputs: DataError
+    from .distributed import barrier, get_info
+
+    input_key, kinds, seed = run.input_key, entropy.kinds, run.seed
     check_datasets(train, val, test=test, train_eval=train_eval, model=model, input_key=input_key)
     strategy = create_method(method)
-    finetune = finetune or FineTune()
-    if delta < 0:
-        raise ConfigError(f"delta={delta}: the allowed accuracy drop must be >= 0 points")
-    if one_shot is not None and one_shot < 1:
-        raise ConfigError(f"one_shot={one_shot}: must be a number of units >= 1")
-    say = log or (lambda _msg: None)
-    device = torch.device(device)
+    info = get_info()
+    say = _talker(run, info.is_main)  # only rank 0 talks and writes
+    device = torch.device(run.device)
     train_eval = train if train_eval is None else train_eval
     example = to_device(_example(val, input_key), device)
     strategy.example = to_device(example, "cpu")  # captures (sites, fold) use this input
@@ -135,32 +168,28 @@ def reduce(
     prepared = strategy.prepare(copy.deepcopy(model).cpu())
     all_units = strategy.units(prepared, kinds)
 
+    # flat keys, as written since the first release: old run directories still resume
     cfg = {
-        "method": strategy.name, "method_options": strategy.options(), "delta": delta,
-        "max_removals": max_removals, "finetune": finetune.to_dict(),
-        "pretrain": pretrain.to_dict() if pretrain else None, "one_shot": one_shot,
-        "run_all": run_all, "max_iterations": max_iterations, "seed": seed,
-        "entropy_batches": entropy_batches, "fold_ready": fold_ready, "kinds": list(kinds),
-        "sites": all_sites, "units": all_units, "unit": strategy.unit,
+        "method": strategy.name, "method_options": strategy.options(), **stop.to_dict(),
+        "finetune": finetune.to_dict(), "pretrain": pretrain.to_dict() if pretrain else None,
+        "seed": seed, "entropy_batches": entropy.batches, "fold_ready": entropy.fold_ready,
+        "kinds": list(kinds), "sites": all_sites, "units": all_units, "unit": strategy.unit,
         "input_shape": list(example.shape[1:]) if isinstance(example, torch.Tensor) else None,
-        "model_spec": getattr(model, "easier_spec", None), **(config or {}),
+        "model_spec": getattr(model, "easier_spec", None), **dict(run.extra),
     }
-    from .distributed import barrier, get_info
-
-    info = get_info()
-    if not info.is_main:
-        say = lambda _msg: None  # noqa: E731  (only rank 0 talks and writes)
-    run = RunDir(out) if out is not None else None
+    rundir = RunDir(out) if out is not None else None
     saved = None
-    if run is not None:
+    if rundir is not None:
         # every rank checks (and reads) before rank 0 writes, so a refusal raises everywhere
-        saved = run.start(cfg, resume=resume, mutable=_BUDGET_KEYS, write=False)
+        saved = rundir.start(cfg, resume=resume, mutable=_BUDGET_KEYS, write=False)
         barrier()
         if info.is_main:
-            run.start(cfg, resume=resume, mutable=_BUDGET_KEYS)
+            rundir.start(cfg, resume=resume, mutable=_BUDGET_KEYS)
         barrier()
-    train_kw = {"device": device, "input_key": input_key, "progress": progress, "amp": amp,
-                "regularizer": strategy.regularizer(), "after_step": strategy.after_step}
+    train_kw = {"device": device, "input_key": input_key, "progress": run.progress,
+                "amp": run.amp, "regularizer": strategy.regularizer(),
+                "after_step": strategy.after_step}
+    delta = stop.delta
 
     base = copy.deepcopy(model).cpu()  # architecture to rebuild saved states into
     if saved is not None:
@@ -172,10 +201,10 @@ def reduce(
         stop_reason: str | None = saved["stop_reason"]
         stop_code: str | None = saved.get("stop_code")
         rejected = bool(saved.get("rejected", False))
-        if stop_code == "limit" or (stop_code == "rejected" and run_all):
+        if stop_code == "limit" or (stop_code == "rejected" and stop.run_all):
             stop_reason = stop_code = None  # a larger budget, or --all, continues the run
         strategy.load_state_dict(saved.get("method_state") or {})
-        say(f"resumed {run.path} after iteration {history[-1]['iteration']}")  # type: ignore[union-attr]
+        say(f"resumed {out} after iteration {history[-1]['iteration']}")
     else:
         current = prepared.to(device)
         history, stop_reason, stop_code, rejected = [], None, None, False
@@ -196,34 +225,26 @@ def reduce(
         history.append(record)
         accepted = current
         say(_status(record, baseline, delta))
-        _save(run, history, baseline, current, accepted, (None, None), False, cfg, strategy)
+        _save(rundir, history, baseline, current, accepted, (None, None), False, cfg, strategy)
 
     while stop_reason is None:
         k = history[-1]["iteration"] + 1
         removed = list(history[-1]["removed"])
         remaining = [u for u in strategy.units(current, kinds) if u not in removed]
-        if not remaining:
-            stop_reason, stop_code = f"no {strategy.unit} left", "exhausted"
+        stop_reason, stop_code = _limit(stop, k, len(removed), remaining, strategy.unit)
+        if stop_reason is not None:
             break
-        if max_removals is not None and len(removed) >= max_removals:
-            stop_reason, stop_code = f"max_removals={max_removals} reached", "limit"
-            break
-        if one_shot is not None and k > 1:
-            stop_reason, stop_code = f"one-shot of {one_shot} done", "one-shot"
-            break
-        if max_iterations is not None and k > max_iterations:
-            stop_reason, stop_code = f"max_iterations={max_iterations} reached", "limit"
-            break
-        want = min(one_shot or 1, len(remaining))
-        if max_removals is not None:
-            want = min(want, max_removals - len(removed))
+        want = min(stop.one_shot or 1, len(remaining))
+        if stop.max_removals is not None:
+            want = min(want, stop.max_removals - len(removed))
         t0 = time.perf_counter()
         ctx = Context(model=current, remaining=remaining, removed=removed, k=want, iteration=k,
                       rng=random.Random(seed * 1_000_003 + k), train_eval=train_eval, val=val,
-                      device=device, kinds=kinds, fold_ready=fold_ready,
-                      batch_size=finetune.batch_size, entropy_batches=entropy_batches,
-                      input_key=input_key, progress=progress, example=example,
-                      max_k=None if max_removals is None else max_removals - len(removed))
+                      device=device, kinds=kinds, fold_ready=entropy.fold_ready,
+                      batch_size=finetune.batch_size, entropy_batches=entropy.batches,
+                      input_key=input_key, progress=run.progress, example=example,
+                      max_k=(None if stop.max_removals is None
+                             else stop.max_removals - len(removed)))
         step = strategy.step(ctx)
         candidate = step.model.to(device)
         t_step = time.perf_counter() - t0
@@ -261,29 +282,58 @@ def reduce(
         say(_status(record, baseline, delta))
         if not ok and not rejected:
             rejected = True
-            if not run_all:
+            if not stop.run_all:
                 stop_reason = (f"val top-1 {scores['val_acc']:.2f} < baseline "
                                f"{baseline['val_acc']:.2f} - delta {delta}")
                 stop_code = "rejected"
-        _save(run, history, baseline, current, accepted, (stop_code, stop_reason), rejected, cfg,
-              strategy)
+        _save(rundir, history, baseline, current, accepted, (stop_code, stop_reason), rejected,
+              cfg, strategy)
 
-    _save(run, history, baseline, current, accepted, (stop_code, stop_reason), rejected, cfg,
-              strategy)
+    _save(rundir, history, baseline, current, accepted, (stop_code, stop_reason), rejected, cfg,
+          strategy)
     kept = next(h for h in reversed(history) if h["accepted"])["removed"]
     say(f"stopped: {stop_reason}; kept {len(kept)} removed {strategy.unit}(s)")
     result = ReduceResult(model=accepted, linearized=list(kept), history=history,
                           baseline=baseline, stop_reason=stop_reason or "",
-                          out=run.path if run else None)
-    if fold is not None and run is not None and info.is_main:
+                          out=rundir.path if rundir else None)
+    if fold is not None and rundir is not None and info.is_main:
         from .run_outputs import fold_run
 
-        result.extras["fold"] = fold_run(run.path, plan=fold, model=copy.deepcopy(base))
+        result.extras["fold"] = fold_run(rundir.path, plan=fold, model=copy.deepcopy(base))
         say(f"folded (plan={fold}), max |error| "
             f"{result.extras['fold']['plan']['max_abs_error']:.2g}:\n"
             f"{result.extras['fold']['table']}")
     barrier()
     return result
+
+
+def _limit(stop: StopRule, k: int, n_removed: int, remaining: list[str],
+           unit: str) -> tuple[str | None, str | None]:
+    """(reason, code) when iteration ``k`` must not run, else (None, None)."""
+    if not remaining:
+        return f"no {unit} left", "exhausted"
+    if stop.max_removals is not None and n_removed >= stop.max_removals:
+        return f"max_removals={stop.max_removals} reached", "limit"
+    if stop.one_shot is not None and k > 1:
+        return f"one-shot of {stop.one_shot} done", "one-shot"
+    if stop.max_iterations is not None and k > stop.max_iterations:
+        return f"max_iterations={stop.max_iterations} reached", "limit"
+    return None, None
+
+
+def _talker(run: RunConfig, main: bool) -> Callable[[str], None]:
+    """Where the per-iteration lines go: ``run.log``, the ``easier`` logger, or nowhere."""
+    if not run.verbose or not main:
+        return lambda _msg: None
+    return run.log or _log_line
+
+
+def _log_line(msg: str) -> None:
+    # a library adds no logging handler; with none configured the lines still reach the user
+    if _LOG.hasHandlers():
+        _LOG.info(msg)
+    else:
+        print(msg, file=sys.stderr, flush=True)
 
 
 def _evaluate_all(model: nn.Module, val: Any, test: Any, device: torch.device,

@@ -26,53 +26,31 @@ naming what is lost (functional activations, and modules called more than once).
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
 
+from .activations import (
+    KINDS,
+    aten_kind,
+    check_kinds,
+    is_rectifier_op,
+    module_kind,
+    module_sites,
+)
 from .capture import Capture, call_model, capture, default_example, eval_mode, node_scope
-from .errors import ConfigError, NoSitesError, SiteError, TraceError
+from .errors import ConfigError, NoSitesError, TraceError
 
-__all__ = ["KINDS", "SWITCH_ATTR", "EasierWarning", "GraphSite", "Site", "find_sites",
-           "graph_sites", "module_kind", "module_sites"]
-
-KINDS: tuple[str, ...] = ("ReLU", "ReLU6", "LeakyReLU", "PReLU", "GELU", "SiLU")
-"""Activation kinds that are sites (pass a subset as ``kinds=``)."""
+# KINDS, check_kinds, module_kind and module_sites live in easier.activations; importable here too
+__all__ = ["KINDS", "SWITCH_ATTR", "EasierWarning", "GraphSite", "Site", "check_kinds",
+           "find_sites", "graph_sites", "module_kind", "module_sites"]
 
 SWITCH_ATTR = "_easier_switch"
 """Attribute of a module whose functional sites were edited (see :mod:`easier.linearize`)."""
-
-_aten = torch.ops.aten
-# aten op -> (kind, op name used in site names)
-_ATEN: dict[Any, tuple[str, str]] = {}
-for _ops, _kind, _name in (
-    (("relu", "relu_"), "ReLU", "relu"),
-    (("relu6", "relu6_"), "ReLU6", "relu6"),
-    (("hardtanh", "hardtanh_"), "ReLU6", "relu6"),  # only with min_val == 0 (checked below)
-    (("leaky_relu", "leaky_relu_"), "LeakyReLU", "leaky_relu"),
-    (("prelu", "_prelu_kernel"), "PReLU", "prelu"),
-    (("gelu", "gelu_"), "GELU", "gelu"),
-    (("silu", "silu_"), "SiLU", "silu"),
-):
-    for _op in _ops:
-        _packet = getattr(_aten, _op, None)
-        if _packet is not None:
-            for _overload in _packet.overloads():
-                _ATEN[getattr(_packet, _overload)] = (_kind, _name)
-
-_MODULE_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
-    (nn.ReLU6, "ReLU6"),
-    (nn.ReLU, "ReLU"),
-    (nn.LeakyReLU, "LeakyReLU"),
-    (nn.PReLU, "PReLU"),
-    (nn.GELU, "GELU"),
-    (nn.SiLU, "SiLU"),
-)
 
 # Producers that decide where the channel axis of a pre-activation is.
 _FIRST = {"conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
@@ -133,88 +111,7 @@ class GraphSite:
 
 
 # ---------------------------------------------------------------------------------------------
-# what computes a rectifier
-
-
-def _references() -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor], float]]:
-    import torch.nn.functional as F
-
-    return [
-        ("ReLU", torch.relu, 1e-6),
-        ("ReLU6", lambda x: x.clamp(0, 6), 1e-6),
-        ("GELU", F.gelu, 2.5e-2),  # erf, tanh and sigmoid (QuickGELU) forms are all within this
-        ("SiLU", F.silu, 1e-4),
-    ]
-
-
-@torch.no_grad()
-def _probe(module: nn.Module) -> str | None:
-    """The kind a parameter-free module computes on a probe input, or None."""
-    x = torch.linspace(-8.0, 8.0, 2001, dtype=torch.float32).reshape(3, 667)
-    try:
-        y = module(x.clone())
-    except Exception:  # not an elementwise function of one tensor
-        return None
-    if not isinstance(y, torch.Tensor) or y.shape != x.shape or not y.is_floating_point():
-        return None
-    y = y.float()
-    if not torch.isfinite(y).all():
-        return None
-    best, err = None, math.inf
-    for kind, fn, tol in _references():
-        e = float((y - fn(x)).abs().max())
-        if e <= tol and e < err:
-            best, err = kind, e
-    if best is None:  # leaky: x for x > 0, a·x with 0 < a < 1 for x < 0
-        pos, neg = x > 0, x < 0
-        a = float((y[neg] / x[neg]).mean())
-        if (0 < a < 1 and torch.allclose(y[pos], x[pos], atol=1e-6)
-                and torch.allclose(y[neg], a * x[neg], atol=1e-5)):
-            best = "LeakyReLU"
-    return best
-
-
-def module_kind(module: nn.Module) -> str | None:
-    """The rectifier kind a module's whole forward computes, or None (see the module doc)."""
-    kind = getattr(module, "easier_kind", None)  # an edited site keeps the kind it replaced
-    if isinstance(kind, str):
-        return kind
-    for cls, k in _MODULE_KINDS:
-        if isinstance(module, cls):
-            return k
-    if isinstance(module, nn.Hardtanh):
-        return "ReLU6" if module.min_val == 0 else None
-    if type(module).__module__.startswith("torch.") or next(module.children(), None) is not None:
-        return None
-    if next(module.parameters(recurse=False), None) is not None:
-        return None
-    cache = module.__dict__.setdefault("_easier_probe", {})
-    if "kind" not in cache:
-        with eval_mode(module):
-            cache["kind"] = _probe(module)
-    return cache["kind"]
-
-
-def module_sites(model: nn.Module, kinds: Sequence[str] = KINDS) -> dict[str, nn.Module]:
-    """Activation modules of the given kinds, by qualified name."""
-    return {name: m for name, m in model.named_modules()
-            if (k := module_kind(m)) is not None and k in kinds
-            and not getattr(m, "easier_linearized", False)}
-
-
-# ---------------------------------------------------------------------------------------------
 # sites of a capture
-
-
-def _aten_site(node: fx.Node) -> tuple[str, str] | None:
-    if node.op != "call_function" or node.target not in _ATEN:
-        return None
-    kind, op = _ATEN[node.target]
-    if op == "relu6" and "hardtanh" in str(node.target):
-        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
-        if lo != 0:
-            return None
-    return kind, op
 
 
 def _call_index(key: str) -> int:
@@ -266,7 +163,7 @@ def graph_sites(model: nn.Module, cap: Capture, kinds: Sequence[str] = KINDS) ->
                 order.append(("module", gid))
             groups[gid].append(node)
             continue
-        info = _aten_site(node)
+        info = aten_kind(node)
         if info is None:
             continue
         kind, op = info
@@ -347,7 +244,7 @@ def _infer_axis(node: fx.Node, depth: int = 0, reshaped: bool = False
         if isinstance(src, fx.Node):
             return _infer_axis(src, depth + 1, reshaped or not keeps_last)
         return None, None
-    if op in _PASS or node.target in _ATEN:
+    if op in _PASS or is_rectifier_op(node.target):
         for arg in node.all_input_nodes:
             if arg.op == "call_function":
                 axis, producer = _infer_axis(arg, depth + 1, reshaped)
@@ -358,14 +255,6 @@ def _infer_axis(node: fx.Node, depth: int = 0, reshaped: bool = False
 
 # ---------------------------------------------------------------------------------------------
 # public entry
-
-
-def check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
-    kinds = tuple(kinds)
-    unknown = [k for k in kinds if k not in KINDS]
-    if unknown:
-        raise SiteError(f"unknown activation kind(s) {unknown}; valid kinds: {list(KINDS)}")
-    return kinds
 
 
 def find_sites(

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .capture import call_model, to_device
+from .capture import call_model, logits_of, to_device
 from .entropy import batch_input
 from .errors import ConfigError, NonFiniteError
 from .parallel.collectives import all_finite, reduce_accuracy
@@ -87,22 +87,6 @@ class TrainResult:
     accuracy: float = math.nan
     failed: str | None = None
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-def logits_of(out: Any) -> torch.Tensor:
-    """The logits of a model output: a tensor, ``out.logits`` (Hugging Face), or ``out[0]``."""
-    if isinstance(out, torch.Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(out, dict) and isinstance(out.get("logits"), torch.Tensor):
-        return out["logits"]
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise ConfigError(f"cannot find logits in a model output of type {type(out).__name__}; "
-                      "return a tensor, a tuple whose first item is the logits, or an object "
-                      "with .logits")
 
 
 def seed_everything(seed: int) -> None:

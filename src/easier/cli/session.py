@@ -126,6 +126,7 @@ def setup(args: argparse.Namespace, info: Any) -> dict[str, Any]:
     import torch
 
     from ..recipes import recipe
+    from ..settings import EntropyConfig, RunConfig, StopRule
     from ..train import seed_everything
     from ..user import load_checkpoint, load_data
 
@@ -156,13 +157,14 @@ def setup(args: argparse.Namespace, info: Any) -> dict[str, Any]:
     if is_callable_spec(args.model):  # what `easier fold` needs to rebuild the user's model
         config["model_kwargs"] = shape
     kwargs = {
-        "test": splits.test, "train_eval": splits.train_eval, "delta": args.delta,
-        "max_removals": args.max_removals, "finetune": ft, "pretrain": pre,
-        "one_shot": args.one_shot, "run_all": args.all, "max_iterations": args.max_iterations,
-        "seed": args.seed, "device": dev, "entropy_batches": args.entropy_batches,
-        "amp": args.amp,
-        "fold_ready": not args.no_fold_ready, "progress": not args.quiet, "log": say,
-        "config": config,
+        "test": splits.test, "train_eval": splits.train_eval, "finetune": ft, "pretrain": pre,
+        "stop": StopRule(delta=args.delta, max_removals=args.max_removals,
+                         max_iterations=args.max_iterations, run_all=args.all,
+                         one_shot=args.one_shot),
+        "entropy": EntropyConfig(batches=args.entropy_batches,
+                                 fold_ready=not args.no_fold_ready),
+        "run": RunConfig(seed=args.seed, device=dev, amp=args.amp, progress=not args.quiet,
+                         log=say, extra=config),
     }
     ranks = (f", {info.world_size} ranks ({torch.distributed.get_backend()})" if info.enabled
              else "")

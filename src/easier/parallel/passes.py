@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..entropy import ESTIMATORS, NEURONS, EntropyPass, EntropyReport, batch_input
-from ..errors import ConfigError, DataError, EasierError, SiteError
+from ..capture import call_model, logits_of, to_device
+from ..entropy import EntropyPass, EntropyReport, batch_input
+from ..errors import ConfigError, DataError, EasierError
 from ..sites import KINDS
 from .collectives import reduce_accuracy, sum_counters
 from .loaders import shard_indices_exact, shard_loader, targets
@@ -77,10 +78,6 @@ def measure_entropy_distributed(
     """
     info = info or get_info()
     model = unwrap(model)
-    if estimator not in ESTIMATORS:
-        raise SiteError(f"estimator={estimator!r}; valid: {list(ESTIMATORS)}")
-    if neuron not in NEURONS:
-        raise SiteError(f"neuron={neuron!r}; valid: {list(NEURONS)}")
     if isinstance(dataset, DataLoader):
         raise ConfigError(
             "measure_entropy_distributed needs a Dataset (loader.dataset), not a "
@@ -94,6 +91,8 @@ def measure_entropy_distributed(
             "measure_entropy_distributed got an empty dataset; pass at least one sample"
         )
     limit = n if max_batches is None else min(n, max_batches * batch_size)
+    # the single-process pass itself (options checked there, same counters); only the shard
+    # and the sum of the counters are distributed
     counting = EntropyPass(model, _first_input(dataset, batch_size, input_key), sites,
                            neuron=neuron, channel_axis=channel_axis, estimator=estimator,
                            kinds=kinds, check_finite=check_finite, device=device)
@@ -132,7 +131,8 @@ def evaluate_distributed(
 ) -> tuple[float, float]:
     """(mean cross-entropy, top-1 %) over ``dataset`` split exactly across ranks.
 
-    Mirrors :func:`easier.train.evaluate`: the accuracy is the single-process one exactly, the
+    Mirrors :func:`easier.train.evaluate` (tensor, tuple or dict batches; tensor, tuple or
+    ``ModelOutput`` results): the accuracy is the single-process one exactly, the
     loss up to the order of additions. Restores the model's mode.
     """
     info = info or get_info()
@@ -145,9 +145,9 @@ def evaluate_distributed(
         for batch in shard_loader(
             dataset, batch_size, shuffle=False, seed=0, epoch=0, exact=True, info=info
         ):
-            x = batch_input(batch, input_key).to(dev)
+            x = to_device(batch_input(batch, input_key), dev)  # a tensor, tuple or dict
             y = targets(batch).to(dev)
-            logits = module(x)
+            logits = logits_of(call_model(module, x))  # a tensor, a tuple or a ModelOutput
             total += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(-1) == y).sum())
             seen += len(y)

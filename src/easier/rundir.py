@@ -1,0 +1,255 @@
+"""A run directory: its writer lock, config, saved state and report files.
+
+A run directory has one writer at a time: :func:`lock_run_dir` takes an OS-level lock
+(``fcntl.flock``) that the kernel drops when the process dies. Every file goes through
+:mod:`easier.atomic` (atomic rename, recorded sha256); state.pt keeps the previous iteration as
+state.prev.pt. Checkpoints hold tensors and plain data only and load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .atomic import (
+    atomic_write,
+    atomic_write_text,
+    backup_advice,
+    read_checksums,
+    read_verified,
+    record_checksums,
+    remove_stale_temporaries,
+    sha256_file,
+)
+from .errors import ConfigError, StateError
+
+try:  # POSIX; elsewhere run directories are not locked
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["LOCK_FILE", "STATE_FORMAT", "RunDir", "lock_run_dir"]
+
+STATE_FORMAT = "easier.state/1"
+LOCK_FILE = ".easier.lock"
+
+
+_HELD: dict[str, list[int]] = {}  # realpath -> [fd, depth]: the locks this process holds
+
+
+def _holder(path: Path) -> str:
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(path.read_text().split()[0])
+        return f"PID {pid}"
+    return "an unknown process"
+
+
+@contextlib.contextmanager
+def lock_run_dir(path: str | Path) -> Iterator[Path]:
+    """Hold the writer lock of run directory ``path`` (created if needed) for the block.
+
+    The lock is ``fcntl.flock`` on ``path/.easier.lock``: the kernel releases it when the
+    process exits, however it dies, so no stale lock survives a SIGKILL. A second writer is
+    refused at once with a :class:`StateError` naming the holder's PID. Once locked, the
+    temporaries a killed writer left are removed. Re-entrant within one process.
+    """
+    d = Path(path)
+    d.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(d)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield d
+        finally:
+            _HELD[key][1] -= 1
+        return
+    lock = d / LOCK_FILE
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                raise StateError(
+                    f"{d} is in use: another easier process ({_holder(lock)}) is writing this "
+                    "run directory. Wait for it to finish (or stop it), or choose another "
+                    "directory; nothing was written."
+                ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        remove_stale_temporaries(d)
+        _HELD[key] = [fd, 1]
+        try:
+            yield d
+        finally:
+            del _HELD[key]
+    finally:
+        os.close(fd)  # drops the flock
+
+
+class RunDir:
+    """A run directory: config.json, history.jsonl, state.pt (+ state.prev.pt), summary, model.
+
+    ``open`` refuses to reuse a directory that holds another run, and ``resume`` refuses a
+    directory whose config differs from the current one, naming the keys that differ.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    # paths
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def state_path(self) -> Path:
+        return self.path / "state.pt"
+
+    @property
+    def prev_state_path(self) -> Path:
+        return self.path / "state.prev.pt"
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def exists(self) -> bool:
+        return self.config_path.exists() or self.state_path.exists()
+
+    def start(self, config: dict[str, Any], *, resume: bool,
+              mutable: tuple[str, ...] = (), write: bool = True) -> dict[str, Any] | None:
+        """Prepare the directory; return the saved state when resuming (None for a new run).
+
+        Keys in ``mutable`` (budgets such as max_removals) may change on resume; the new values
+        are written to config.json. ``write=False`` only checks and reads (distributed ranks
+        other than 0 do that, before rank 0 writes).
+        """
+        if self.exists():
+            if not resume:
+                raise StateError(
+                    f"{self.path} already holds a run; pass resume=True (--resume) to continue it, "
+                    "or choose another output directory (nothing was overwritten)"
+                )
+            saved = self.read_config()
+            diff = [k for k in _diff_keys(saved, config) if k not in mutable]
+            if diff:
+                lines = "; ".join(f"{k}: saved {saved.get(k)!r} != now {config.get(k)!r}"
+                                  for k in diff)
+                raise ConfigError(
+                    f"cannot resume {self.path}: its config differs in {diff} ({lines}). Run with "
+                    "the original settings, or start a new run in another directory."
+                )
+            state = self.read_state()
+            if write and _diff_keys(saved, config):
+                atomic_write_text(self.config_path,
+                                  json.dumps(config, indent=2, sort_keys=True) + "\n")
+            return state
+        if not write:
+            return None
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return None
+
+    def read_config(self) -> dict[str, Any]:
+        try:
+            text = read_verified(self.config_path).decode()
+            cfg = json.loads(text)
+        except FileNotFoundError:
+            raise StateError(f"{self.path} has a state but no config.json") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise StateError(f"{self.config_path} is corrupt: {exc}") from exc
+        if not isinstance(cfg, dict):
+            raise StateError(f"{self.config_path} holds a {type(cfg).__name__}, not a JSON object "
+                             "of settings; it is not an easier run's config")
+        shape = cfg.get("input_shape")
+        if shape is not None and not _is_shape(shape):
+            raise StateError(
+                f"{self.config_path}: input_shape is {shape!r}, not a list of positive integers "
+                "(e.g. [3, 32, 32]); restore the file written by `easier reduce`"
+            )
+        return cfg
+
+    def read_state(self) -> dict[str, Any] | None:
+        """The saved state (None when killed before the first iteration was saved).
+
+        The file is verified against its recorded sha256 first (StateError naming the file and
+        the intact backup if it changed on disk)."""
+        if not self.state_path.exists():
+            return None  # killed before the first iteration finished: start over cleanly
+        data = read_verified(self.state_path)
+        try:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+                got = state.get("format") if isinstance(state, dict) else type(state).__name__
+                raise ValueError(f"format is {got!r}")
+        except Exception as exc:
+            raise StateError(
+                f"{self.state_path} is corrupt or truncated ({type(exc).__name__}: {exc}); it was "
+                f"left untouched.{backup_advice(self.state_path)}"
+            ) from exc
+        return state
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        """Replace state.pt atomically, keeping the one before as state.prev.pt.
+
+        The backup is a hard link made before the rename, so at every instant state.pt exists
+        and is complete. Both checksums are recorded before either name changes.
+        """
+        state = {"format": STATE_FORMAT, **state}
+        cur, prev = self.state_path, self.prev_state_path
+
+        def before_rename(digest: str) -> None:
+            if cur.exists():
+                old = read_checksums(self.path, strict=False)
+                record_checksums(self.path, {cur.name: [digest], prev.name: (
+                    old.get(cur.name, []) or [sha256_file(cur)])})
+                prev.unlink(missing_ok=True)
+                os.link(cur, prev)
+            else:
+                record_checksums(self.path, {cur.name: [digest]})
+
+        atomic_write(cur, lambda f: torch.save(state, f), before_rename)
+
+    def lock(self) -> contextlib.AbstractContextManager[Path]:
+        """The directory's writer lock (:func:`lock_run_dir`), for a ``with`` block."""
+        return lock_run_dir(self.path)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        atomic_write_text(self.file(name), json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+    def write_jsonl(self, name: str, rows: Iterable[dict[str, Any]]) -> None:
+        atomic_write_text(self.file(name),
+                          "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+
+
+def _is_shape(shape: Any) -> bool:
+    """A list of positive ints (or of such lists, for models with several inputs)."""
+    return isinstance(shape, list) and all(
+        _is_shape(d) if isinstance(d, list) else
+        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    raise TypeError(f"cannot write {type(o).__name__} to JSON")
+
+
+def _diff_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Keys whose values differ, compared through JSON (tuples == lists)."""
+    norm = json.loads(json.dumps(b, default=_json_default))
+    return sorted(k for k in set(a) | set(norm) if a.get(k) != norm.get(k))
