@@ -53,6 +53,10 @@ def _device_name(text: str) -> str:
 
 POS_INT = _number(int, low=1)
 NONNEG_INT = _number(int, low=0)
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    return tuple(POS_INT(s) for s in text.split(","))
 POS_FLOAT = _number(float, low=0, strict=True)
 NONNEG_FLOAT = _number(float, low=0)
 
@@ -181,6 +185,7 @@ def _setup(args: argparse.Namespace, info: Any) -> dict[str, Any]:
 def cmd_reduce(args: argparse.Namespace) -> int:
     from .loop import reduce
     from .methods import create_method
+    from .run_outputs import FoldOptions
 
     method = create_method(args.method, **_parse_options(args.method_option))
     data_name = args.data.split(":")[0]
@@ -192,7 +197,8 @@ def cmd_reduce(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         result = reduce(env["make_model"](), env["splits"].train, env["splits"].val,
                         method=method, out=out, resume=args.resume,
-                        fold=None if args.no_fold else args.plan, **env["kwargs"])
+                        fold=None if args.no_fold else FoldOptions(args.plan, args.plan_batch),
+                        **env["kwargs"])
     from .distributed import is_main
 
     if is_main():
@@ -252,7 +258,7 @@ def cmd_entropy(args: argparse.Namespace) -> int:
 
 
 def cmd_fold(args: argparse.Namespace) -> int:
-    from .run_outputs import fold_run
+    from .run_outputs import FoldOptions, fold_run
     from .state import RunDir, lock_run_dir
 
     run = RunDir(args.run_dir)
@@ -260,10 +266,12 @@ def cmd_fold(args: argparse.Namespace) -> int:
         raise StateError(f"{run.path} is not a run directory (no config.json); pass the --out "
                          "directory of an `easier reduce` run")
     with lock_run_dir(run.path):
-        out = fold_run(args.run_dir, plan=args.plan, onnx=args.onnx)
+        out = fold_run(args.run_dir, FoldOptions(args.plan, args.plan_batch, args.torchscript,
+                                                 args.onnx))
     print(f"fold (plan={args.plan}): max |error| {out['plan']['max_abs_error']:.2g}")
     print(out["table"])
-    print(f"wrote {Path(args.run_dir) / 'folded.pt'} (TorchScript), fold_plan.json, fold.md")
+    print(f"wrote {', '.join(out['files'])}, fold_plan.json, fold_measure.json, fold.md to "
+          f"{args.run_dir} (load: torch.export.load(path).module())")
     return 0
 
 
@@ -386,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a method option, e.g. lam=5 (repeatable)")
     r.add_argument("--out", default=None,
                    help="run directory (default runs/MODEL-DATA-METHOD-sSEED)")
+    r.add_argument("--plan-batch", type=_batch_sizes, default=None, metavar="B[,B…]",
+                   help="batch sizes the latency plan must not slow down (default: 1,64)")
     r.set_defaults(func=cmd_reduce)
 
     c = add("compare", help="run several methods with the same seed and budget",
@@ -424,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--plan", default="latency", choices=["latency", "flops", "all", "none"],
                    help="what folding optimises")
     f.add_argument("--onnx", action="store_true", help="also export folded.onnx (needs onnx)")
+    f.add_argument("--plan-batch", type=_batch_sizes, default=None, metavar="B[,B…]",
+                   help="batch sizes the latency plan must not slow down (default: 1,64)")
+    f.add_argument("--torchscript", action="store_true",
+                   help="also write folded.pt (TorchScript, deprecated in torch 2.13)")
     f.set_defaults(func=cmd_fold)
 
     for what in ("models", "datasets", "methods"):
