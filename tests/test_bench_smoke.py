@@ -212,6 +212,30 @@ def test_fold_models_quick(reproduction):
 
 
 # ---------------------------------------------------------------------------------------------
+# bench_bert_fold
+
+
+def test_bert_fold_quick():
+    pytest.importorskip("transformers")
+    bb = _bench("bench_bert_fold")
+    fold_t, cap_t = bb.main(["--quick", *ONE])
+    rows = [dict(zip(fold_t.columns, r, strict=True)) for r in fold_t.rows]
+    assert [r["batch x seq"] for r in rows] == ["1 x 16", "2 x 16"]
+    h, i = bb.TINY["hidden_size"], bb.TINY["intermediate_size"]
+    layers, tokens = bb.TINY["num_hidden_layers"], 16
+    for b, r in zip((1, 2), rows, strict=True):
+        # each MLP: 2 linears (h->i->h) become one h->h linear; nothing else changes
+        saved = 2 * b * tokens * layers * (2 * h * i - h * h)
+        assert r["FLOPs unfolded"] - r["FLOPs folded"] == saved
+        assert r["FLOPs ratio"] == pytest.approx(r["FLOPs folded"] / r["FLOPs unfolded"])
+        assert r["max rel err"] < 1e-4 and r["rounds"] == 2 and _positive(r["speed-up"])
+        med = [float(r[c].split(" ± ")[0]) for c in ("ms unfolded", "ms folded")]
+        assert r["speed-up"] == pytest.approx(med[0] / med[1], rel=2e-3)
+    assert [r[0].split(" ")[0] for r in cap_t.rows] == [*bb.PAPER_MODELS, "tiny"]
+    assert all(_positive(r[2]) and r[5] > 0 for r in cap_t.rows)
+
+
+# ---------------------------------------------------------------------------------------------
 # bench_entropy
 
 
