@@ -21,19 +21,21 @@ input would pin the batch size) (width 1.0; 0.125 with --quick) and of the encod
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 from typing import Any
 
 import torch
-from _common import Table, add_common_args, header, interleaved, ratio_cell, write_out
+from _common import Table, add_common_args, header, ratio_cell, write_out
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import easier
 from easier import models
 from easier.capture import capture
+from easier.timing import compare_samples, paired_samples
 
 PAPER_MODELS = ("resnet18", "mobilenet_v2", "vgg16_bn", "swin_t")
 BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -94,25 +96,30 @@ def fold_table(shape: dict[str, int], seq: int, batches: list[int], rounds: int,
     table = Table(
         f"{name}, {len(mlp)} MLP GELUs linearized: fold(plan='all') vs unfolded",
         ["batch x seq", "FLOPs unfolded", "FLOPs folded", "FLOPs ratio", "ms unfolded",
-         "ms folded", "speed-up", "max abs err", "max rel err", "rounds"],
+         "ms folded", "speed-up", "speed-up band", "max abs err", "max rel err", "rounds"],
         formats={"FLOPs unfolded": ".3e", "FLOPs folded": ".3e", "FLOPs ratio": ".3f",
                  "speed-up": ".2f", "max abs err": ".2e", "max rel err": ".2e"},
         suffix={"speed-up": "x"},
         note=(f"{merged_linear} of {len(plan.chains)} chains merged (each MLP's two linears into "
               f"one); fold took {fold_s:.1f} s. FLOPs per batch (FlopCounterMode, 2·MACs); ms "
-              "per batch, median ± IQR over interleaved rounds in one process; speed-up = "
-              "unfolded ms / folded ms. Errors in float32 on this batch's random token ids."),
+              "per batch, median ± IQR over interleaved rounds (order rotated) in one process; "
+              "speed-up = median over rounds of unfolded ms / folded ms *of the same round*, "
+              "so load that hits both alike cancels; the band is its sign-test interval "
+              "(easier.timing.Comparison; min..max up to 8 rounds). Errors in float32 on this "
+              "batch's random token ids."),
     )
     for b in batches:
         xb = token_ids(b, seq, vocab)
         f_lin, f_fold = flops(lin, xb), flops(folded, xb)
         err, rel = errors(lin, folded, xb)
-        (m0, q0), (m1, q1) = interleaved(
-            [lambda xb=xb: lin(**xb), lambda xb=xb: folded(**xb)], rounds=rounds,
-            min_sample_s=sample_s)
+        with torch.no_grad():
+            samples = paired_samples([lambda xb=xb: lin(**xb), lambda xb=xb: folded(**xb)],
+                                     rounds=rounds, min_run_time=sample_s * rounds)
+        c = compare_samples(*samples)
         table.add(f"{b} x {seq}", f_lin, f_fold, ratio_cell(f_fold, f_lin),
-                  f"{m0:.4g} ± {q0:.2g}", f"{m1:.4g} ± {q1:.2g}", ratio_cell(m0, m1), err, rel,
-                  rounds)
+                  f"{c.before_ms:.4g} ± {c.before_iqr_ms:.2g}",
+                  f"{c.after_ms:.4g} ± {c.after_iqr_ms:.2g}", 1 / c.ratio,
+                  f"{1 / c.ratio_hi:.2f}..{1 / c.ratio_lo:.2f}", err, rel, rounds)
         print(table.row_line(table.rows[-1]), flush=True)
     return table, {"sites": len(mlp), "merged": merged_linear}
 
@@ -160,7 +167,7 @@ def main(argv: list[str] | None = None) -> tuple[Table, Table]:
     ap.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,32; quick 1,2)")
     ap.add_argument("--seq", type=int, default=None, help="sequence length (default 128; quick 16)")
     ap.add_argument("--rounds", type=int, default=None,
-                    help="interleaved timing rounds (default 5; quick 2)")
+                    help="interleaved timing rounds (default 7; quick 2)")
     ap.add_argument("--capture-repeats", type=int, default=None, help="default 3; quick 1")
     args = ap.parse_args(argv)
     if args.threads:
@@ -169,10 +176,11 @@ def main(argv: list[str] | None = None) -> tuple[Table, Table]:
     shape = TINY if quick else BASE
     seq = args.seq or (16 if quick else 128)
     batches = [int(b) for b in (args.batch_sizes or ("1,2" if quick else "1,32")).split(",")]
-    rounds = args.rounds or (2 if quick else 5)
+    rounds = args.rounds or (2 if quick else 7)
     repeats = args.capture_repeats or (1 if quick else 3)
-    head = header(batches, f"sequence {seq}; {rounds} interleaved rounds per variant"
-                  f"{' (quick: tiny config)' if quick else ''}")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    head = header(batches, f"sequence {seq}; {rounds} interleaved rounds per variant; load "
+                  f"average at start {load}{' (quick: tiny config)' if quick else ''}")
     print(head, flush=True)
     fold_t, _ = fold_table(shape, seq, batches, rounds, sample_s=0.02 if quick else 0.2)
     cap_t = capture_table(list(PAPER_MODELS), 0.125 if quick else 1.0, shape, seq, repeats)

@@ -229,8 +229,8 @@ def test_bert_fold_quick():
         assert r["FLOPs unfolded"] - r["FLOPs folded"] == saved
         assert r["FLOPs ratio"] == pytest.approx(r["FLOPs folded"] / r["FLOPs unfolded"])
         assert r["max rel err"] < 1e-4 and r["rounds"] == 2 and _positive(r["speed-up"])
-        med = [float(r[c].split(" ± ")[0]) for c in ("ms unfolded", "ms folded")]
-        assert r["speed-up"] == pytest.approx(med[0] / med[1], rel=2e-3)
+        lo, hi = map(float, r["speed-up band"].split(".."))
+        assert lo <= round(r["speed-up"], 2) <= hi
     assert [r[0].split(" ")[0] for r in cap_t.rows] == [*bb.PAPER_MODELS, "tiny"]
     assert all(_positive(r[2]) and r[5] > 0 for r in cap_t.rows)
 
