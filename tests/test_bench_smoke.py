@@ -189,7 +189,7 @@ def test_fold_models_quick(reproduction):
     for label in labels:
         rows = {r[1]: dict(zip(main_t.columns, r, strict=True)) for r in main_t.rows
                 if r[0] == label}  # fmt: skip
-        assert list(rows) == ["unfolded", "none", "latency", "latency@8", "all"]
+        assert list(rows) == ["unfolded", "none", "latency", "latency@8", "latency@1+8", "all"]
         base = rows["unfolded"]
         assert base["b1 speed-up"] == 1.0 and base["b8 speed-up"] == 1.0
         # BN folding removes no conv/linear FLOPs: FlopCounterMode counts none for BN
