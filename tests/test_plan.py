@@ -195,6 +195,27 @@ def test_plan_holds_for_every_named_batch_size():
     assert back.batch_sizes == [1, 64] and back.chains[0].decision == "keep"
 
 
+def test_each_named_batch_size_is_timed_at_its_real_shape():
+    x = torch.randn(1, 5, 6)  # one sample of 5 tokens: the capture pins batch 1
+    m = nn.Sequential(nn.Linear(6, 24), nn.Identity(), nn.Linear(24, 6)).eval()
+    seen = []
+
+    def ratio(job):
+        return 0.5
+
+    class Spy(NoisyTimer):
+        def __call__(self, job, fns):
+            with torch.no_grad():
+                seen.append((job.what, job.batch_size, [tuple(fn().shape) for fn in fns]))
+            return super().__call__(job, fns)
+
+    plan = plan_fold(m, x, "latency", batch_sizes=(1, 3), latency=LatencyConfig(timer=Spy(
+        ratio, noise=0.01)))
+    assert plan.chains[0].decision == "merge"
+    assert seen == [("chain", 1, [(1, 5, 6)] * 2), ("chain", 3, [(3, 5, 6)] * 2),
+                    ("model", 1, [(1, 5, 6)] * 2), ("model", 3, [(3, 5, 6)] * 2)]
+
+
 @pytest.mark.parametrize("bad", [{"batch_sizes": (0,)}, {"batch_sizes": ()}, {"rounds": 4},
                                  {"margin": 1.5}, {"min_run_time": 0}])
 def test_latency_config_rejects_nonsense(bad):

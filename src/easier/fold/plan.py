@@ -334,14 +334,17 @@ def plan_fold(
 def _check_whole_model(model: nn.Module, example_input: Any, bn_only: fx.GraphModule,
                        plan: FoldPlan, cfg: LatencyConfig, sizes: tuple[int, ...]) -> None:
     """Drop every merge when the folded model is slower than the BN-folded one at any size."""
-    ex = example_input
-    if example_batch(example_input) == 1 and sizes != (1,):
-        ex = resize_batch(example_input, 2)  # a one-sample capture would pin the batch size
-        bn_only, _ = prepare(model, ex)
+    ex, inputs = example_input, {sizes[0]: example_input}  # no batch dimension: as it is
+    try:
+        if example_batch(example_input) == 1 and sizes != (1,):
+            ex = resize_batch(example_input, 2)  # a one-sample capture would pin the batch size
+            bn_only, _ = prepare(model, ex)
+        inputs = {b: resize_batch(ex, b) for b in sizes}
+    except DataError:
+        pass
     folded = build_folded(model, ex, plan)
     timings: dict[int, Comparison] = {}
-    for b in sizes:
-        xb = resize_batch(ex, b)
+    for b, xb in inputs.items():
         job = TimingJob("model", b, cfg.rounds, max(2 * cfg.min_run_time, 0.05))
         try:
             timings[b] = cfg.compare(job, lambda xb=xb: call_model(bn_only, xb),
