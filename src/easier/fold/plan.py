@@ -221,9 +221,8 @@ def _decide_latency(c: Candidate) -> tuple[bool, str]:
 # the planner
 
 
-def _decision(gm: fx.GraphModule, chain: Chain, mode: _Mode, cfg: LatencyConfig,
-              sizes: tuple[int, ...]) -> ChainDecision:
-    d = ChainDecision(
+def _undecided(gm: fx.GraphModule, chain: Chain) -> ChainDecision:
+    return ChainDecision(
         chain_id=chain.id,
         kind=chain.kind,
         nodes=[n.name for n in chain.nodes],
@@ -234,6 +233,11 @@ def _decision(gm: fx.GraphModule, chain: Chain, mode: _Mode, cfg: LatencyConfig,
         input_shape=list(node_shape(chain.input) or []) or None,
         flops_before=chain_flops(gm, chain),
     )
+
+
+def _decision(gm: fx.GraphModule, chain: Chain, mode: _Mode, cfg: LatencyConfig,
+              sizes: tuple[int, ...]) -> ChainDecision:
+    d = _undecided(gm, chain)
     if not chain_is_exact(gm, chain):
         d.reason = PADDING_REASON
         return d
@@ -312,10 +316,7 @@ def plan_fold(
     for chain in find_chains(gm):
         sig = chain_signature(gm, chain)
         if sig in decided and chain_is_exact(gm, chain):
-            d = ChainDecision(chain.id, chain.kind, [n.name for n in chain.nodes], chain.modules,
-                              chain.residual, "keep", "",
-                              input_shape=list(node_shape(chain.input) or []) or None,
-                              flops_before=chain_flops(gm, chain))
+            d = _undecided(gm, chain)
             _copy_decision(d, decided[sig])
         else:
             d = _decision(gm, chain, how, cfg, sizes)
