@@ -155,7 +155,8 @@ def fold_run(run_dir: str | Path, plan: str | FoldOptions = "latency", *,
         run.write_json("fold_plan.json", fold_plan.to_dict())
         run.write_json("fold_measure.json", {"before": before.to_dict(),
                                              "after": after.to_dict()})
-        atomic_write_text(run.file("fold.md"), f"# fold (plan={opts})\n\n{table}\n\n"
+        title = FoldOptions(opts.plan, sizes) if fold_plan.batch_sizes else opts
+        atomic_write_text(run.file("fold.md"), f"# fold (plan={title})\n\n{table}\n\n"
                           f"max |error| of the folded model: {fold_plan.max_abs_error:.3g}\n\n"
                           f"```\n{fold_plan}\n```\n")
     return {"plan": fold_plan.to_dict(), "before": before.to_dict(), "after": after.to_dict(),
