@@ -19,10 +19,10 @@ The linearized, unfolded model is then folded under each planner mode: "none" (B
 "flops" (merge where FLOPs do not grow), "latency" (merge where the merged layer is measured to be
 faster; the plan is made at batch 1 as ``easier.fold`` does with a one-sample example, again at
 the largest batch size as "latency@B", and once for both sizes together as "latency@1+B" with
-``batch_sizes=(1, B)``: a merge only if neither size gets slower) and "all" (every exact merge). The unfolded model and
-every distinct folded model are timed side by side in one process, interleaved, at each batch
-size (median ms per batch). Speed-up = unfolded ms / folded ms. Targets: >= 1.5x where the FLOPs
-allow it, and never slower (speed-up >= 1) under "latency".
+``batch_sizes=(1, B)``: a merge only if neither size gets slower) and "all" (every exact merge).
+The unfolded model and every distinct folded model are timed side by side in one process,
+interleaved, at each batch size (median ms per batch). Speed-up = unfolded ms / folded ms.
+Targets: >= 1.5x where the FLOPs allow it, and never slower (speed-up >= 1) under "latency".
 """
 
 from __future__ import annotations
