@@ -17,11 +17,12 @@ linearized with ``linearize(..., fold_ready=True)``:
 
 The linearized, unfolded model is then folded under each planner mode: "none" (BN folding only),
 "flops" (merge where FLOPs do not grow), "latency" (merge where the merged layer is measured to be
-faster; the plan is made at batch 1 as ``easier.fold`` does with a one-sample example, and again
-at the largest batch size as "latency@B") and "all" (every exact merge). The unfolded model and
-every distinct folded model are timed side by side in one process, interleaved, at each batch
-size (median ms per batch). Speed-up = unfolded ms / folded ms. Targets: >= 1.5x where the FLOPs
-allow it, and never slower (speed-up >= 1) under "latency".
+faster; the plan is made at batch 1 as ``easier.fold`` does with a one-sample example, again at
+the largest batch size as "latency@B", and once for both sizes together as "latency@1+B" with
+``batch_sizes=(1, B)``: a merge only if neither size gets slower) and "all" (every exact merge).
+The unfolded model and every distinct folded model are timed side by side in one process,
+interleaved, at each batch size (median ms per batch). Speed-up = unfolded ms / folded ms.
+Targets: >= 1.5x where the FLOPs allow it, and never slower (speed-up >= 1) under "latency".
 """
 
 from __future__ import annotations
@@ -123,10 +124,15 @@ def _latency_label(batch: int) -> str:
     return "latency" if batch == 1 else f"latency@{batch}"
 
 
+def held_label(latency_at: list[int]) -> str:
+    return "latency@" + "+".join(map(str, latency_at))
+
+
 def fold_variants(
     lin: nn.Module, x1: torch.Tensor, plans: list[str], latency_at: list[int], plan_time: float
 ) -> dict[str, nn.Module]:
-    """Folded model per plan label; "latency" is planned at batch 1, "latency@B" at batch B."""
+    """Folded model per plan label; "latency" is planned at batch 1, "latency@B" at batch B,
+    and "latency@1+B" must hold for every one of those sizes (``batch_sizes=``)."""
     out: dict[str, nn.Module] = {}
     for plan in plans:
         if plan != "latency":
@@ -136,6 +142,10 @@ def fold_variants(
             xb = x1.expand(b, *x1.shape[1:]).contiguous()
             fp = easier.plan_fold(lin, xb, "latency", min_run_time=plan_time)
             out[_latency_label(b)] = easier.fold(lin, x1, plan=fp)
+        if len(latency_at) > 1:
+            fp = easier.plan_fold(lin, x1, "latency", min_run_time=plan_time,
+                                  batch_sizes=tuple(latency_at))
+            out[held_label(latency_at)] = easier.fold(lin, x1, plan=fp)
     return out
 
 
@@ -318,22 +328,26 @@ def main(argv: list[str] | None = None) -> list[Table]:
             *[f"best b{b} speed-up" for b in batches],
             *[f"latency b{b} speed-up" for b in batches],
             "latency never slower",
+            *[f"held b{b} speed-up" for b in batches],
         ],
         formats={"best FLOPs ratio": ".2f"}
         | {
             c: ".2f"
             for c in [f"best b{b} speed-up" for b in batches]
             + [f"latency b{b} speed-up" for b in batches]
+            + [f"held b{b} speed-up" for b in batches]
         },
         suffix={"best FLOPs ratio": "x"}
         | {
             c: "x"
             for c in [f"best b{b} speed-up" for b in batches]
             + [f"latency b{b} speed-up" for b in batches]
+            + [f"held b{b} speed-up" for b in batches]
         },
         note="Per model: the fastest plan at the largest batch, and the 'latency' plan planned "
         "at the batch it is timed at (latency at batch 1, latency@B at batch B). 'never "
-        "slower' allows 3% timing noise.",
+        "slower' allows 3% timing noise. 'held': the one plan made with batch_sizes=(1, B) "
+        "(latency@1+B), timed at each size.",
     )
     print("\n".join(main_table.header_lines()), flush=True)
     for label, lin, x1, what, chosen in cases:
@@ -370,6 +384,7 @@ def main(argv: list[str] | None = None) -> list[Table]:
                 for b in batches
             }
             known = [v for v in lat.values() if v is not None]
+            held = next((r for r in folded if r["plan"] == held_label(latency_at)), None)
             verdict.add(
                 label,
                 best["plan"],
@@ -377,6 +392,7 @@ def main(argv: list[str] | None = None) -> list[Table]:
                 *[best["speedup"][b] for b in batches],
                 *lat.values(),
                 ("yes" if min(known) >= 0.97 else "no") if known else "–",
+                *[held["speedup"][b] if held else None for b in batches],
             )
     tables = [main_table, sets, verdict]
     print()

@@ -1,6 +1,6 @@
 """Run every benchmark script and write docs/BENCHMARKS.md.
 
-    python bench/run_all.py                        # full: about 15-20 min on 2 cores
+    python bench/run_all.py                        # full: about 30 min on 2 cores
     python bench/run_all.py --quick --doc /tmp/b.md   # smoke run: tiny sizes, under a minute
 
 Each script runs in its own Python process (clean allocator, thread pool and caches; one failure
@@ -70,6 +70,15 @@ SCRIPTS = (
         ">= 1.5x faster where the FLOPs allow it, never slower under the 'latency' plan.",
     ),
     Script(
+        "bert_fold",
+        "bench_bert_fold.py",
+        "Folding a BERT-base encoder, and capture times",
+        "A BERT-base-shaped encoder (transformers BertConfig, random weights) with every MLP "
+        "GELU linearized, folded with plan='all' (each MLP's two linears become one) against "
+        "the unfolded model at batch 1 and 32, sequence 128; and the torch.export capture time "
+        "of each paper model and of that encoder.",
+    ),
+    Script(
         "reproduction",
         "bench_reproduction.py",
         "Reproduction: does the entropy order matter?",
@@ -89,8 +98,8 @@ SCRIPTS = (
         "of the paired differences. Target: an answer, whichever it is.",
     ),
 )
-RUN_ORDER = ("entropy", "fold", "reproduction", "fold_models", "entropy_order")
 # fold_models uses the reproduction's run
+RUN_ORDER = ("entropy", "fold", "reproduction", "fold_models", "bert_fold", "entropy_order")
 
 
 def run_script(script: Script, args: list[str], out: Path | None) -> tuple[int, str, float]:

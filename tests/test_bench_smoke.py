@@ -189,7 +189,7 @@ def test_fold_models_quick(reproduction):
     for label in labels:
         rows = {r[1]: dict(zip(main_t.columns, r, strict=True)) for r in main_t.rows
                 if r[0] == label}  # fmt: skip
-        assert list(rows) == ["unfolded", "none", "latency", "latency@8", "all"]
+        assert list(rows) == ["unfolded", "none", "latency", "latency@8", "latency@1+8", "all"]
         base = rows["unfolded"]
         assert base["b1 speed-up"] == 1.0 and base["b8 speed-up"] == 1.0
         # BN folding removes no conv/linear FLOPs: FlopCounterMode counts none for BN
@@ -209,6 +209,30 @@ def test_fold_models_quick(reproduction):
     row = dict(zip(verdict.columns, verdict.rows[0], strict=True))
     assert row["model"] == "resnet18" and row["latency never slower"] in ("yes", "no")
     assert _positive(row["latency b1 speed-up"]) and _positive(row["latency b8 speed-up"])
+
+
+# ---------------------------------------------------------------------------------------------
+# bench_bert_fold
+
+
+def test_bert_fold_quick():
+    pytest.importorskip("transformers")
+    bb = _bench("bench_bert_fold")
+    fold_t, cap_t = bb.main(["--quick", *ONE])
+    rows = [dict(zip(fold_t.columns, r, strict=True)) for r in fold_t.rows]
+    assert [r["batch x seq"] for r in rows] == ["1 x 16", "2 x 16"]
+    h, i = bb.TINY["hidden_size"], bb.TINY["intermediate_size"]
+    layers, tokens = bb.TINY["num_hidden_layers"], 16
+    for b, r in zip((1, 2), rows, strict=True):
+        # each MLP: 2 linears (h->i->h) become one h->h linear; nothing else changes
+        saved = 2 * b * tokens * layers * (2 * h * i - h * h)
+        assert r["FLOPs unfolded"] - r["FLOPs folded"] == saved
+        assert r["FLOPs ratio"] == pytest.approx(r["FLOPs folded"] / r["FLOPs unfolded"])
+        assert r["max rel err"] < 1e-4 and r["rounds"] == 2 and _positive(r["speed-up"])
+        lo, hi = map(float, r["speed-up band"].split(".."))
+        assert lo <= round(r["speed-up"], 2) <= hi
+    assert [r[0].split(" ")[0] for r in cap_t.rows] == [*bb.PAPER_MODELS, "tiny"]
+    assert all(_positive(r[2]) and r[5] > 0 for r in cap_t.rows)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -558,3 +558,122 @@ def test_chain_is_cut_at_a_residual_add_that_feeds_more_layers():
     assert count(folded, nn.Conv2d) == 2  # one per block: the skip path is not duplicated
     assert layers(folded) == ["b1.conv1", "b2.conv1"]
     assert max_err(ready, folded, x) < 1e-10
+
+
+# --- fold outputs of a run directory (easier.run_outputs) ------------------------------------
+
+
+@pytest.fixture
+def fold_dir(tmp_path):
+    """A run directory as `easier reduce` leaves it: config.json and a linearized model.pt."""
+    from easier import models
+    from easier.state import RunDir, save_model
+
+    torch.manual_seed(0)
+    base = models.create("convnet", num_classes=10, in_channels=1, width=0.25, image_size=8)
+    x = torch.randn(2, 1, 8, 8)
+    site = easier.find_sites(base, x)[0].name
+    model = easier.linearize(base, [site], example_input=x, fold_ready=True).eval()
+    run = RunDir(tmp_path / "run")
+    run.start({"model": "convnet", "input_shape": [1, 8, 8]}, resume=False)
+    save_model(model, run.file("model.pt"))
+    return run.path, model
+
+
+def _snapshot(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+def test_fold_run_writes_pt2_first_and_every_file_checksummed(fold_dir):
+    import hashlib
+    import json as _json
+
+    from easier.run_outputs import fold_run
+    from easier.state import CHECKSUMS, verify_file
+
+    path, model = fold_dir
+    out = fold_run(path, "all", batch_sizes=(1, 2))
+    written = ["fold.md", "fold_measure.json", "fold_plan.json", "folded.pt2"]
+    assert out["files"] == ["folded.pt2"] and not (path / "folded.pt").exists()
+    recorded = _json.loads((path / CHECKSUMS).read_text())["files"]
+    for name in written:
+        assert recorded[name][0] == hashlib.sha256((path / name).read_bytes()).hexdigest(), name
+        assert verify_file(path / name) is True
+    measured = _json.loads((path / "fold_measure.json").read_text())
+    assert all(lat["runs"] >= 5 for m in measured.values() for lat in m["latency"])
+    # the artifact loads without easier, with any batch size, and computes the reduced model
+    program = torch.export.load(str(path / "folded.pt2")).module()
+    for b in (1, 3):
+        xb = torch.randn(b, 1, 8, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(program(xb), model(xb), rtol=1e-4, atol=1e-5)
+
+
+def test_flipped_byte_in_folded_pt2_is_caught_on_load(fold_dir):
+    from easier.run_outputs import fold_run, load_folded
+    from easier.state import verify_file
+
+    path, model = fold_dir
+    fold_run(path, "none", batch_sizes=(1,))
+    xb = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(load_folded(path)(xb), model(xb), rtol=1e-4, atol=1e-5)
+    raw = bytearray((path / "folded.pt2").read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    (path / "folded.pt2").write_bytes(bytes(raw))
+    with pytest.raises(easier.StateError, match=r"folded\.pt2 is corrupt"):
+        verify_file(path / "folded.pt2")
+    with pytest.raises(easier.StateError, match=r"folded\.pt2 is corrupt"):
+        load_folded(path / "folded.pt2")
+
+
+def test_onnx_without_the_extra_fails_first_and_writes_nothing(fold_dir, monkeypatch, capsys):
+    import sys
+
+    from easier.cli import main
+    from easier.run_outputs import fold_run
+
+    path, _ = fold_dir
+    fold_run(path, "none", batch_sizes=(1,), torchscript=True)  # a complete earlier fold
+    before = _snapshot(path)
+    assert {"folded.pt", "folded.pt2", "fold.md", "fold_plan.json"} <= set(before)
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` now raises ImportError
+    with pytest.raises(FoldError, match=r"pip install .easier\[onnx\]..*nothing was written"):
+        fold_run(path, "all", onnx=True)
+    capsys.readouterr()  # drop the earlier fold's output (latency warnings on a busy machine)
+    assert main(["fold", str(path), "--plan", "all", "--onnx"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("easier: error: ") and "onnx" in err[0]
+    assert _snapshot(path) == before  # byte for byte, and no new file
+
+
+def test_torchscript_on_request_and_stale_artifacts_removed(fold_dir):
+    import json as _json
+
+    from easier.run_outputs import FoldOptions, fold_run
+
+    path, model = fold_dir
+    fold_run(path, FoldOptions("none", torchscript=True), batch_sizes=(1,))
+    xb = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(path / "folded.pt"))(xb), model(xb),
+                                   rtol=1e-4, atol=1e-5)
+    out = fold_run(path, "none", batch_sizes=(1,))  # TorchScript not asked for this time
+    assert out["removed"] == ["folded.pt"] and not (path / "folded.pt").exists()
+    notes = _json.loads((path / "fold_plan.json").read_text())["notes"]
+    assert any("removed folded.pt" in n for n in notes)
+
+
+def test_fold_command_plan_batch_reaches_the_plan(fold_dir, capsys):
+    import json as _json
+
+    from easier.cli import main
+
+    path, _ = fold_dir
+    assert main(["fold", str(path), "--plan", "latency", "--plan-batch", "1,3"]) == 0
+    plan = _json.loads((path / "fold_plan.json").read_text())
+    timed = [c for c in plan["chains"] if c["timing"]]
+    assert timed and all(set(c["timing"]) == {"1", "3"} for c in timed)
+    assert plan["batch_sizes"] == [1, 3]
+    assert "folded.pt2" in capsys.readouterr().out
+    assert main(["fold", str(path), "--plan-batch", "1,0"]) == 2

@@ -128,7 +128,7 @@ def test_training_flags_restored_and_latency_recorded():
     assert seen and not any(seen)  # measured in eval mode
     assert m.training and m.stem.training and not m.bn.training
     assert [lat.batch_size for lat in got.latency] == [1, 3]
-    assert all(lat.median_ms > 0 and lat.iqr_ms >= 0 and lat.runs >= 1 for lat in got.latency)
+    assert all(lat.median_ms > 0 and lat.iqr_ms >= 0 and lat.runs >= 5 for lat in got.latency)
     assert got.latency_ms(3) == got.latency[1].median_ms and got.latency_ms(64) is None
     back = Measurement.from_dict(json.loads(json.dumps(got.to_dict())))
     assert back == got
@@ -172,3 +172,84 @@ def test_compare_table_ratios():
     assert rows["activations"] == ["4", "1", "0.25"]
     assert rows["FLOPs per sample (2·MACs)"] == ["400", "100", "0.25"]
     assert not any(k.startswith("latency") for k in rows)
+
+
+# --- robust timing (easier.timing) -----------------------------------------------------------
+
+
+def test_time_call_never_rests_on_one_run():
+    from easier.timing import MIN_RUNS, time_call
+
+    a = torch.randn(256, 256)
+    calls = []
+
+    def slow():  # one call is longer than the whole min_run_time: one autorange block
+        calls.append(1)
+        return a @ a @ a
+
+    med, iqr, runs = time_call(slow, min_run_time=1e-6)
+    assert runs >= MIN_RUNS and len(calls) >= MIN_RUNS + 1  # + the warm-up call
+    assert med > 0 and iqr >= 0
+
+
+@pytest.mark.parametrize(("median", "iqr", "runs", "words"), [
+    (10.0, 5.0, 7, "spread"),  # IQR 50 % of the median
+    (10.0, 0.1, 2, "rests on 2"),
+    (10.0, 2.0, 9, None),  # 20 %: fine
+])
+def test_measure_warns_about_noisy_or_thin_latencies(monkeypatch, median, iqr, runs, words):
+    import warnings
+
+    import easier.measurement as measurement
+
+    monkeypatch.setattr(measurement, "time_call", lambda fn, **kw: (median, iqr, runs))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = measure(nn.Linear(2, 2), torch.randn(1, 2), batch_sizes=(1,))
+    ours = [w for w in caught if issubclass(w.category, EasierWarning)]
+    assert got.latency[0].noisy is (words is not None)
+    if words is None:
+        assert not ours
+    else:
+        assert len(ours) == 1 and words in str(ours[0].message)
+        assert "(noisy)" in compare_table(got, got)
+
+
+def _binomial_cdf(k: int, n: int) -> float:
+    """P(Binomial(n, 1/2) <= k) by counting all 2**n outcomes."""
+    return sum(bin(m).count("1") <= k for m in range(2**n)) / 2**n
+
+
+def test_comparison_band_is_the_sign_test_interval_and_quartiles_match_numpy():
+    import numpy as np
+
+    from easier.timing import compare_samples
+
+    rng = np.random.default_rng(0)
+    for n in (5, 7, 9, 12):
+        before = list(rng.uniform(1, 2, n))
+        after = list(rng.uniform(1, 2, n))
+        c = compare_samples(before, after)
+        ratios = np.sort(np.array(after) / np.array(before))
+        k = max([j for j in range(n // 2) if _binomial_cdf(j, n) <= 0.025], default=0)
+        assert (c.ratio_lo, c.ratio_hi) == (ratios[k], ratios[n - 1 - k])
+        assert c.ratio == pytest.approx(np.median(ratios))
+        assert c.before_ms == pytest.approx(np.median(before))
+        q1, q3 = np.percentile(before, [25, 75])
+        assert c.before_iqr_ms == pytest.approx(q3 - q1)
+        assert c.runs == n
+
+
+def test_verdicts_from_hand_made_rounds():
+    from easier.timing import compare_samples
+
+    before = [10.0] * 7
+    faster = compare_samples(before, [5.0, 5.5, 6.0, 5.2, 5.1, 5.9, 5.0])
+    slower = compare_samples(before, [12.0, 11.0, 10.5, 13.0, 12.5, 11.5, 10.1])
+    mixed = compare_samples(before, [5.0, 12.0, 9.0, 11.0, 8.0, 10.5, 9.5])
+    assert faster.verdict(0.03) == "faster" and slower.verdict(0.03) == "slower"
+    assert mixed.verdict(0.03) == "inconclusive"
+    # 2 % faster in every round: faster, but not by the 3 % margin
+    assert compare_samples(before, [9.8] * 7).verdict(0.03) == "inconclusive"
+    with pytest.raises(ConfigError):
+        compare_samples([1.0, 2.0], [1.0])

@@ -1,4 +1,5 @@
 import json
+import random
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from easier.errors import ConfigError, FoldError
 from easier.fold import (
     MODES,
     FoldPlan,
+    LatencyConfig,
     apply_merges,
     chain_flops,
     chain_is_exact,
@@ -88,40 +90,149 @@ def test_latency_mode_times_each_chain_at_its_shape():
     assert plan.num_threads == 1
 
 
-def _fake_timer(answers):
-    calls = iter(answers)
+class NoisyTimer:
+    """A deterministic fake timer: per-round ms = base x (1 + uniform noise), seeded.
 
-    def fake(fns, *, min_run_time=0.2, rounds=5):
-        return next(calls)
+    ``ratio(job)`` is the true after/before ratio of a job (chain or whole model, batch size);
+    ``noise`` the relative half-width of each sample's noise. Every job it gets is recorded.
+    """
 
-    return fake
+    def __init__(self, ratio, noise: float, seed: int = 0):
+        self.ratio, self.noise = ratio, noise
+        self.rng = random.Random(seed)
+        self.jobs = []
+
+    def __call__(self, job, fns):
+        self.jobs.append(job)
+        r = self.ratio(job)
+
+        def draw(base):
+            return [base * (1 + self.rng.uniform(-self.noise, self.noise))
+                    for _ in range(job.rounds)]
+
+        return [draw(2.0), draw(2.0 * r)]
 
 
-def test_latency_mode_drops_merges_when_whole_model_is_slower(monkeypatch):
-    x = torch.randn(1, 8, 6, 6)
-    ready = fold_ready(conv_pair(8).eval(), x)
-    # chain: merged twice as fast; whole model: folded slower -> every merge dropped
-    monkeypatch.setattr(
-        plan_mod,
-        "time_side_by_side",
-        _fake_timer([[(2.0, 0.0), (1.0, 0.0)], [(5.0, 0.0), (6.0, 0.0)]]),
-    )
-    plan = plan_fold(ready, x, "latency")
-    (d,) = plan.chains
-    assert d.decision == "keep" and d.reason.startswith("dropped")
-    assert plan.whole_model_ms == {"bn_folded": 5.0, "folded": 6.0} and plan.notes
+def ir_then_pair() -> nn.Module:
+    """Chain 0 (inverted residual) loses FLOPs when merged, chain 1 (3x3 pair) gains them."""
+    return nn.Sequential(InvertedResidual(8), nn.ReLU(), conv_pair(8)).eval()
+
+
+def test_inconclusive_timing_falls_back_to_the_flops_choice():
+    x = torch.randn(1, 8, 8, 8)
+    ready = fold_ready(ir_then_pair(), x)
+    timer = NoisyTimer(lambda job: 1.0, noise=0.3, seed=1)  # no real difference, much noise
+    plan = plan_fold(ready, x, "latency", latency=LatencyConfig(timer=timer))
+    by_flops = [c.flops_after <= c.flops_before for c in plan.chains]
+    assert by_flops == [True, False]  # hand-counted in the two tests above
+    assert [c.decision == "merge" for c in plan.chains] == by_flops
+    for c in plan.chains:
+        assert c.inconclusive and "timing inconclusive" in c.reason and "FLOPs choice" in c.reason
+        lo, hi = c.timing["1"]["ratio_lo"], c.timing["1"]["ratio_hi"]
+        assert lo <= 1 - 0.03 <= hi or lo <= 1 <= hi  # the band really straddles
+    assert plan.batch_sizes == [1] and "inconclusive" in str(plan)
+    # the whole-model check was inconclusive too: it notes so and keeps the merge
+    assert any("whole-model check" in n for n in plan.notes)
+
+
+def test_consistently_faster_merge_is_merged_and_slower_whole_model_drops_it():
+    x = torch.randn(1, 8, 8, 8)
+    ready = fold_ready(ir_then_pair(), x)
+    fast = NoisyTimer(lambda job: 0.5 if job.what == "chain" else 0.8, noise=0.1)
+    plan = plan_fold(ready, x, "latency", latency=LatencyConfig(timer=fast, rounds=5))
+    assert [c.decision for c in plan.chains] == ["merge", "merge"]
+    assert not any(c.inconclusive for c in plan.chains)
+    assert all(c.timing["1"]["runs"] == 5 and c.timing["1"]["ratio_hi"] < 0.97
+               for c in plan.chains)
     assert sum(isinstance(m, nn.Conv2d) for m in fold(ready, x, plan).modules()) == 2
+    assert plan.whole_model_ms["folded"] < plan.whole_model_ms["bn_folded"]
+    # chains faster, but the whole folded model slower beyond the noise: every merge dropped
+    slow = NoisyTimer(lambda job: 0.5 if job.what == "chain" else 1.3, noise=0.05)
+    plan = plan_fold(ready, x, "latency", latency=LatencyConfig(timer=slow))
+    assert [c.decision for c in plan.chains] == ["keep", "keep"]
+    assert all(c.reason.startswith("dropped") for c in plan.chains) and plan.notes
+    assert sum(isinstance(m, nn.Conv2d) for m in fold(ready, x, plan).modules()) == 5
 
-    monkeypatch.setattr(
-        plan_mod,
-        "time_side_by_side",
-        _fake_timer([[(2.0, 0.0), (1.0, 0.0)], [(5.0, 0.0), (4.0, 0.0)]]),
-    )
-    plan = plan_fold(ready, x, "latency")
-    assert plan.chains[0].decision == "merge" and not plan.notes
-    # within the margin: not merged
-    monkeypatch.setattr(plan_mod, "time_side_by_side", _fake_timer([[(1.0, 0.0), (0.98, 0.0)]]))
-    assert plan_fold(ready, x, "latency").chains[0].decision == "keep"
+
+def test_identical_chains_are_timed_once_and_get_identical_decisions():
+    x = torch.randn(1, 8, 8, 8)
+    ready = fold_ready(nn.Sequential(conv_pair(8), conv_pair(8)).eval(), x)
+    flips = iter([0.5, 1.5, 0.5, 1.5])  # the machine's load flips between calls
+
+    def ratio(job):
+        return next(flips) if job.what == "chain" else 0.9
+
+    timer = NoisyTimer(ratio, noise=0.02)
+    plan = plan_fold(ready, x, "latency", latency=LatencyConfig(timer=timer))
+    first, second = plan.chains
+    assert first.modules != second.modules
+    assert (first.decision, first.timing) == (second.decision, second.timing)
+    assert first.decision == "merge" and second.same_as == first.chain_id
+    assert [j.chain_id for j in timer.jobs if j.what == "chain"] == [first.chain_id]
+
+
+def test_plan_holds_for_every_named_batch_size():
+    x = torch.randn(1, 8, 8, 8)
+    ready = fold_ready(conv_pair(8).eval(), x)
+
+    def ratio(job):  # merged: faster at batch 1, slower at 64
+        return {1: 0.6, 64: 1.4}[job.batch_size] if job.what == "chain" else 0.9
+
+    both = plan_fold(ready, x, "latency", batch_sizes=(1, 64),
+                     latency=LatencyConfig(timer=NoisyTimer(ratio, noise=0.05)))
+    (d,) = both.chains
+    assert d.decision == "keep" and "slower at batch 64" in d.reason
+    assert both.batch_sizes == [1, 64] and set(d.timing) == {"1", "64"}
+    assert "batch sizes 1, 64" in str(both)
+    timer = NoisyTimer(ratio, noise=0.05)
+    one = plan_fold(ready, x, "latency", batch_sizes=(1,), latency=LatencyConfig(timer=timer))
+    assert one.chains[0].decision == "merge" and one.batch_sizes == [1]
+    assert {j.batch_size for j in timer.jobs} == {1}
+    # fold() takes the sizes too, and a plan saved to JSON keeps them
+    folded = fold(ready, x, "latency", batch_sizes=(1, 64),
+                  latency=LatencyConfig(timer=NoisyTimer(ratio, noise=0.05)))
+    back = FoldPlan.from_dict(json.loads(json.dumps(folded.fold_plan.to_dict())))
+    assert back.batch_sizes == [1, 64] and back.chains[0].decision == "keep"
+
+
+def test_each_named_batch_size_is_timed_at_its_real_shape():
+    x = torch.randn(1, 5, 6)  # one sample of 5 tokens: the capture pins batch 1
+    m = nn.Sequential(nn.Linear(6, 24), nn.Identity(), nn.Linear(24, 6)).eval()
+    seen = []
+
+    def ratio(job):
+        return 0.5
+
+    class Spy(NoisyTimer):
+        def __call__(self, job, fns):
+            with torch.no_grad():
+                seen.append((job.what, job.batch_size, [tuple(fn().shape) for fn in fns]))
+            return super().__call__(job, fns)
+
+    plan = plan_fold(m, x, "latency", batch_sizes=(1, 3), latency=LatencyConfig(timer=Spy(
+        ratio, noise=0.01)))
+    assert plan.chains[0].decision == "merge"
+    assert seen == [("chain", 1, [(1, 5, 6)] * 2), ("chain", 3, [(3, 5, 6)] * 2),
+                    ("model", 1, [(1, 5, 6)] * 2), ("model", 3, [(3, 5, 6)] * 2)]
+
+
+@pytest.mark.parametrize("bad", [{"batch_sizes": (0,)}, {"batch_sizes": ()}, {"rounds": 4},
+                                 {"margin": 1.5}, {"min_run_time": 0}])
+def test_latency_config_rejects_nonsense(bad):
+    with pytest.raises(ConfigError):
+        LatencyConfig(**bad)
+
+
+def test_old_plan_json_without_timing_fields_still_loads():
+    x = torch.randn(1, 8, 6, 6)
+    d = plan_fold(fold_ready(conv_pair(8).eval(), x), x, "flops").to_dict()
+    for key in ("batch_sizes", "whole_model"):
+        del d[key]
+    for c in d["chains"]:
+        for key in ("timing", "inconclusive", "same_as"):
+            del c[key]
+    back = FoldPlan.from_dict(d)
+    assert back.batch_sizes is None and back.chains[0].inconclusive is False
 
 
 def test_plan_json_round_trip_and_reapply():

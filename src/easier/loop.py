@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -36,6 +36,9 @@ from .settings import EntropyConfig, RunConfig, StopRule, from_legacy
 from .sites import find_sites
 from .state import model_record, rebuild, save_model
 from .train import FineTune, TrainResult, evaluate, fine_tune, make_loader, seed_everything
+
+if TYPE_CHECKING:
+    from .run_outputs import FoldOptions
 
 __all__ = ["EntropyConfig", "ReduceResult", "RunConfig", "StopRule", "reduce"]
 
@@ -95,7 +98,7 @@ def reduce(
     run: RunConfig | None = None,
     finetune: FineTune | None = None,
     pretrain: FineTune | None = None,
-    fold: str | None = None,
+    fold: str | FoldOptions | None = None,
     **legacy: Any,
 ) -> ReduceResult:
     """Run a depth-reduction method end to end and return the reduced model.
@@ -108,8 +111,9 @@ def reduce(
     budget after each removal and ``pretrain`` trains the dense model first (skip it for an
     already trained model). ``out`` is a run directory, held under an OS lock for the whole
     call (a second writer is refused, naming the holder's PID); ``resume=True`` continues a
-    killed run. ``fold`` (a plan: "latency", "flops", "all", "none") folds the kept model at the
-    end and writes folded.pt, fold_plan.json and fold.md to ``out``.
+    killed run. ``fold`` (a plan: "latency", "flops", "all", "none", or a
+    :class:`~easier.run_outputs.FoldOptions` naming the batch sizes the plan must hold for) folds
+    the kept model at the end and writes folded.pt2, fold_plan.json and fold.md to ``out``.
 
     The keywords of easier <= 0.1 (``delta=``, ``max_removals=``, ``seed=``, ``device=``...)
     still work, with a DeprecationWarning naming the config field that replaces each: they map
@@ -151,7 +155,7 @@ def _writer_lock(out: str | Path | None, info: Any) -> Iterator[None]:
 def _reduce(model: nn.Module, train: Any, val: Any, method: str | Method, test: Any,
             train_eval: Any, out: str | Path | None, resume: bool, stop: StopRule,
             entropy: EntropyConfig, run: RunConfig, finetune: FineTune,
-            pretrain: FineTune | None, fold: str | None) -> ReduceResult:
+            pretrain: FineTune | None, fold: str | FoldOptions | None) -> ReduceResult:
     from .data.checks import check_datasets  # empty splits, bad labels, NaN inputs: DataError
     from .distributed import barrier, get_info
 
@@ -300,7 +304,8 @@ def _reduce(model: nn.Module, train: Any, val: Any, method: str | Method, test: 
         from .run_outputs import fold_run
 
         result.extras["fold"] = fold_run(rundir.path, plan=fold, model=copy.deepcopy(base))
-        say(f"folded (plan={fold}), max |error| "
+        mode = fold if isinstance(fold, str) else fold.plan
+        say(f"folded (plan={mode}), max |error| "
             f"{result.extras['fold']['plan']['max_abs_error']:.2g}:\n"
             f"{result.extras['fold']['table']}")
     barrier()

@@ -2,25 +2,28 @@
 
 FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (aten level, FLOPs = 2·MACs; BN,
 activations and adds count 0) at the example input's batch size. Latency is the median and IQR of
-``torch.utils.benchmark.Timer`` runs in eval mode under ``torch.inference_mode()``, with the thread
-count currently set (recorded). Depth is the number of weight layers on the longest input->output
-path of the fx graph, so a residual block counts its longer branch, not both.
+``torch.utils.benchmark.Timer`` runs (at least ``timing.MIN_RUNS`` of them) in eval mode under
+``torch.inference_mode()``, with the thread count currently set (recorded); a latency whose spread
+is wide or whose runs are few is flagged ``noisy`` and warned about (:class:`EasierWarning`).
+Depth is the number of weight layers on the longest input->output path of the ``torch.export``
+capture, so a residual block counts its longer branch, not both.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 from .capture import call_model, capture
-from .errors import ConfigError, DataError, NoSitesError, TraceError
-from .timing import time_call, time_side_by_side
+from .errors import ConfigError, NoSitesError, TraceError
+from .sites import EasierWarning
+from .timing import example_batch, resize_batch, spread_problem, time_call, time_side_by_side
 
 __all__ = [
     "Latency",
@@ -43,6 +46,7 @@ class Latency:
     median_ms: float
     iqr_ms: float
     runs: int
+    noisy: bool = False  # too few runs or too wide a spread (a warning was given)
 
 
 @dataclass(frozen=True)
@@ -74,26 +78,6 @@ class Measurement:
         d = dict(d)
         d["latency"] = tuple(Latency(**lat) for lat in d.get("latency", ()))
         return cls(**d)
-
-
-def _batch_size(example_input: Any) -> int:
-    for a in pytree.tree_leaves(example_input):
-        if isinstance(a, torch.Tensor) and a.dim() > 0:
-            return int(a.shape[0])
-    raise DataError(
-        "measure needs an example input with a batch dimension (a tensor, or a "
-        "tuple or dict whose first tensor has one)."
-    )
-
-
-def _resize_batch(example_input: Any, batch: int, size: int) -> Any:
-    """The example input with ``size`` samples, cycling through the example's own samples."""
-    idx = torch.arange(size) % batch
-    return pytree.tree_map(
-        lambda a: a[idx.to(a.device)]
-        if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch else a,
-        example_input,
-    )
 
 
 _WEIGHT_OPS = {"conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d",
@@ -156,7 +140,7 @@ def measure(
     it); latency is timed at each of ``batch_sizes`` by cycling the example's samples. The model
     runs in eval mode and its training flags are restored afterwards.
     """
-    batch = _batch_size(example_input)
+    batch = example_batch(example_input)
     if latency and (not batch_sizes or any(int(b) < 1 for b in batch_sizes)):
         raise ConfigError(f"batch_sizes must be positive integers, got {batch_sizes}")
     flags = {m: m.training for m in model.modules()}
@@ -168,12 +152,18 @@ def measure(
         lats = []
         if latency:
             for b in batch_sizes:
-                batch_in = _resize_batch(example_input, batch, int(b))
+                batch_in = resize_batch(example_input, int(b))
                 med, iqr, runs = time_call(
                     lambda a=batch_in: call_model(model, a), min_run_time=min_run_time,
                     repeats=repeats,
                 )
-                lats.append(Latency(int(b), med, iqr, runs))
+                problem = spread_problem(med, iqr, runs)
+                if problem:
+                    warnings.warn(f"latency of {type(model).__name__} at batch {b} "
+                                  f"({med:.3g} ms) is not reliable: it {problem}; measure on a "
+                                  "quieter machine or with a longer min_run_time",
+                                  EasierWarning, stacklevel=2)
+                lats.append(Latency(int(b), med, iqr, runs, noisy=problem is not None))
     finally:
         for m, t in flags.items():
             m.training = t
@@ -220,7 +210,8 @@ def compare_table(before: Measurement, after: Measurement) -> str:
     sizes = sorted({lat.batch_size for m in (before, after) for lat in m.latency})
     for b in sizes:
         lat = [next((x for x in m.latency if x.batch_size == b), None) for m in (before, after)]
-        show = [f"{x.median_ms:.3g} ± {x.iqr_ms:.2g}" if x else "–" for x in lat]
+        show = [f"{x.median_ms:.3g} ± {x.iqr_ms:.2g}{' (noisy)' if x.noisy else ''}" if x else "–"
+                for x in lat]
         ratio = _ratio(*(x.median_ms if x else None for x in lat))
         rows.append(f"| latency ms, batch {b} (median ± IQR) | {show[0]} | {show[1]} | {ratio} |")
     threads = {before.num_threads, after.num_threads}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, StateError
@@ -59,6 +58,7 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     from ..loop import reduce
     from ..methods import create_method
     from ..outcome import nonzero_params
+    from ..run_outputs import FoldOptions
 
     method = create_method(args.method, **parse_options(args.method_option))
     out = out_dir(args, args.model, args.data, args.method, f"s{args.seed}")
@@ -72,7 +72,8 @@ def cmd_reduce(args: argparse.Namespace) -> int:
         dense_nonzero = nonzero_params(model) if env["kwargs"]["pretrain"] is None else None
         result = reduce(model, env["splits"].train, env["splits"].val,
                         method=method, out=out, resume=args.resume,
-                        fold=None if args.no_fold else args.plan, **env["kwargs"])
+                        fold=None if args.no_fold else FoldOptions(args.plan, args.plan_batch),
+                        **env["kwargs"])
     if is_main():
         print()
         print(result.table())
@@ -148,7 +149,7 @@ def cmd_entropy(args: argparse.Namespace) -> int:
 
 
 def cmd_fold(args: argparse.Namespace) -> int:
-    from ..run_outputs import fold_run
+    from ..run_outputs import FoldOptions, fold_run
     from ..state import RunDir, lock_run_dir
 
     run = RunDir(args.run_dir)
@@ -160,10 +161,12 @@ def cmd_fold(args: argparse.Namespace) -> int:
     if cfg.get("model_kwargs"):  # a run of the user's module:callable model
         base = build_base(cfg["model"], width=cfg.get("width", 1.0), **cfg["model_kwargs"])
     with lock_run_dir(run.path):
-        out = fold_run(args.run_dir, plan=args.plan, onnx=args.onnx, model=base)
+        out = fold_run(args.run_dir, FoldOptions(args.plan, args.plan_batch, args.torchscript,
+                                                 args.onnx), model=base)
     print(f"fold (plan={args.plan}): max |error| {out['plan']['max_abs_error']:.2g}")
     print(out["table"])
-    print(f"wrote {Path(args.run_dir) / 'folded.pt'} (TorchScript), fold_plan.json, fold.md")
+    print(f"wrote {', '.join(out['files'])}, fold_plan.json, fold_measure.json, fold.md to "
+          f"{args.run_dir} (load: torch.export.load(path).module())")
     return 0
 
 

@@ -46,6 +46,12 @@ def device_name(text: str) -> str:
 
 POS_INT = number(int, low=1)
 NONNEG_INT = number(int, low=0)
+
+
+def batch_sizes(text: str) -> tuple[int, ...]:
+    """``1,64`` -> (1, 64): the batch sizes a latency plan must not slow down."""
+    return tuple(POS_INT(s) for s in text.split(","))
+
 POS_FLOAT = number(float, low=0, strict=True)
 NONNEG_FLOAT = number(float, low=0)
 
@@ -176,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a method option, e.g. lam=5 (repeatable)")
     r.add_argument("--out", default=None,
                    help="run directory (default runs/MODEL-DATA-METHOD-sSEED)")
+    r.add_argument("--plan-batch", type=batch_sizes, default=None, metavar="B[,B…]",
+                   help="batch sizes the latency plan must not slow down (default: 1,64)")
     r.set_defaults(func=commands.cmd_reduce)
 
     c = add("compare", help="run several methods with the same seed and budget",
@@ -212,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("run_dir", help="the --out directory of an `easier reduce` run")
     f.add_argument("--plan", default="latency", choices=PLANS, help="what folding optimises")
     f.add_argument("--onnx", action="store_true", help="also export folded.onnx (needs onnx)")
+    f.add_argument("--plan-batch", type=batch_sizes, default=None, metavar="B[,B…]",
+                   help="batch sizes the latency plan must not slow down (default: 1,64)")
+    f.add_argument("--torchscript", action="store_true",
+                   help="also write folded.pt (TorchScript, deprecated in torch 2.13)")
     f.set_defaults(func=commands.cmd_fold)
 
     for what in ("models", "datasets", "methods"):

@@ -12,6 +12,7 @@ in a :class:`FoldPlan`. Zero padding between convs makes a merge inexact at the 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -23,18 +24,23 @@ from ..errors import ConfigError, FoldError
 from .build import build_folded
 from .chains import Chain, chain_is_exact, find_chains
 from .graph import prepare
+from .latency import LatencyConfig, TimingJob
 from .merge import apply_merges, merge_chain
-from .plan import MODES, ChainDecision, FoldPlan, chain_flops, layer_flops, plan_fold, register_mode
+from .plan import MODES, chain_flops, chain_signature, layer_flops, plan_fold, register_mode
+from .record import ChainDecision, FoldPlan
 
 __all__ = [
     "MODES",
     "Chain",
     "ChainDecision",
     "FoldPlan",
+    "LatencyConfig",
+    "TimingJob",
     "apply_merges",
     "build_folded",
     "chain_flops",
     "chain_is_exact",
+    "chain_signature",
     "find_chains",
     "fold",
     "layer_flops",
@@ -122,15 +128,19 @@ def fold(
     example_input: Any,
     plan: str | FoldPlan = "latency",
     *,
+    batch_sizes: Sequence[int] | None = None,
+    latency: LatencyConfig | None = None,
     verify: bool = True,
     rtol: float = 1e-4,
     atol: float = 1e-5,
 ) -> fx.GraphModule:
     """Return an eval-mode GraphModule computing ``model``'s function with fewer layers.
 
-    ``plan`` is a planner mode ("latency", "flops", "all", "none"; see :mod:`easier.plan`) or a
-    :class:`~easier.plan.FoldPlan` from :func:`~easier.plan.plan_fold` (e.g. one saved to JSON)
-    to apply as it is. BN folding is done in every mode. ``model`` is not modified. With
+    ``plan`` is a planner mode ("latency", "flops", "all", "none"; see :mod:`easier.fold.plan`)
+    or a :class:`FoldPlan` from :func:`plan_fold` (e.g. one saved to JSON) to apply as it is.
+    The "latency" plan holds for ``batch_sizes`` (default: the example's batch size): a chain is
+    merged only if no named size gets slower; ``latency`` (a :class:`LatencyConfig`) tunes the
+    timing. BN folding is done in every mode. ``model`` is not modified. With
     ``verify``, the result is compared with the original on ``example_input`` and on a random
     input of the same shape; FoldError is raised beyond ``rtol``/``atol``, and the max error is
     recorded as ``result.fold_plan.max_abs_error``.
@@ -140,7 +150,8 @@ def fold(
     if isinstance(plan, FoldPlan):
         fold_plan = copy.deepcopy(plan)
     elif isinstance(plan, str):
-        fold_plan = plan_fold(model, example_input, plan)
+        fold_plan = plan_fold(model, example_input, plan, batch_sizes=batch_sizes,
+                              latency=latency)
     else:
         raise ConfigError(f"plan must be a mode name or a FoldPlan, not {type(plan).__name__}")
     gm = build_folded(model, example_input, fold_plan)

@@ -4,10 +4,13 @@ Merging is exact but not free: two 3x3 convs (C->C->C) cost 18·C² MACs per pix
 5x5 costs 25·C² (+39 %), while a MobileNetV2 inverted residual (pw 6x -> dw3x3 -> pw) costs
 12·C² + 54·C unmerged and 9·C² merged. So each candidate chain gets a decision from a *mode*:
 
-* ``"latency"`` (default): time the unmerged chain and the merged layer at the chain's real input
-  shape (``torch.utils.benchmark.Timer``, current thread count) and merge when the merged layer
-  is faster by more than ``margin``. Then the whole folded model is timed side by side with the
-  BN-folded-only model; if it is slower, every merge is dropped and the plan says so.
+* ``"latency"`` (default): time the unmerged chain against the merged layer at the chain's real
+  input shape, at each batch size the plan must hold for (:class:`~.latency.LatencyConfig`:
+  paired interleaved rounds, a noise band). Merge when the merged layer is faster beyond the
+  noise and ``margin`` at every size; keep it when it is slower at any; when the timing is
+  inconclusive, fall back to the FLOPs rule and say so. Then the whole folded model is timed
+  against the BN-folded-only model at each size; if it is slower at any, every merge is dropped.
+  Chains with the same layers and shapes are timed once and get the same decision.
 * ``"flops"``: merge when FLOPs do not grow.
 * ``"all"``: merge every exactly mergeable chain.
 * ``"none"``: merge nothing.
@@ -19,146 +22,38 @@ inexact at the borders. New modes are added with :func:`register_mode`.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
 
 from ..capture import call_model
-from ..errors import ConfigError
-from ..timing import time_side_by_side
+from ..errors import ConfigError, DataError
+from ..timing import Comparison, example_batch, resize_batch
 from .build import build_folded
 from .chains import PADDING_REASON, Chain, chain_is_exact, find_chains
 from .graph import node_shape, prepare
+from .latency import LatencyConfig, TimingJob, judge
 from .merge import merge_chain
+from .record import ChainDecision, FoldPlan
 
 __all__ = [
     "MODES",
     "Candidate",
     "ChainDecision",
     "FoldPlan",
+    "LatencyConfig",
     "chain_flops",
+    "chain_signature",
     "layer_flops",
     "plan_fold",
     "register_mode",
 ]
-
-
-@dataclass
-class ChainDecision:
-    """What the planner decided for one chain, and why."""
-
-    chain_id: int
-    kind: str  # "conv" or "linear"
-    nodes: list[str]
-    modules: list[str]
-    residual: str | None  # "identity", the shortcut module's name, or None
-    decision: str  # "merge" or "keep"
-    reason: str
-    input_shape: list[int] | None = None
-    kernel: list[int] | None = None  # merged layer (conv chains)
-    stride: list[int] | None = None
-    padding: list[int] | None = None
-    groups: int | None = None
-    flops_before: int | None = None
-    flops_after: int | None = None
-    latency_before_ms: float | None = None
-    latency_after_ms: float | None = None
-
-
-@dataclass
-class FoldPlan:
-    """The record of one fold: per-chain decisions, BN folds, and the verification error."""
-
-    mode: str
-    chains: list[ChainDecision] = field(default_factory=list)
-    bn_folded: list[str] = field(default_factory=list)  # "layer<-bn"
-    max_abs_error: float | None = None
-    num_threads: int | None = None
-    whole_model_ms: dict[str, float] | None = None  # {"bn_folded": ..., "folded": ...}
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def merged(self) -> list[ChainDecision]:
-        return [c for c in self.chains if c.decision == "merge"]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FoldPlan:
-        try:
-            d = dict(d)
-            d["chains"] = [ChainDecision(**c) for c in d.get("chains", [])]
-            return cls(**d)
-        except TypeError as exc:
-            raise ConfigError(
-                f"not a FoldPlan dictionary ({exc}); load one written by FoldPlan.to_dict()."
-            ) from exc
-
-    def __str__(self) -> str:
-        err = "not verified" if self.max_abs_error is None else f"{self.max_abs_error:.2g}"
-        head = (
-            f"FoldPlan mode={self.mode} threads={self.num_threads}: "
-            f"{len(self.merged)}/{len(self.chains)} chains merged, "
-            f"{len(self.bn_folded)} BN folded, max |err| {err}"
-        )
-        if self.whole_model_ms:
-            head += (
-                f"; whole model {self.whole_model_ms['bn_folded']:.3g} ms (BN folded) vs "
-                f"{self.whole_model_ms['folded']:.3g} ms (folded)"
-            )
-        cols = [
-            "id",
-            "kind",
-            "layers",
-            "residual",
-            "merged k/s/p",
-            "decision",
-            "FLOPs",
-            "ms",
-            "reason",
-        ]
-        rows = [cols] + [_row(c) for c in self.chains]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(cols) - 1)]
-        lines = [head]
-        for r in rows:
-            lines.append("  ".join([*(v.ljust(w) for v, w in zip(r, widths, strict=False)), r[-1]]))
-        lines += [f"note: {n}" for n in self.notes]
-        return "\n".join(lines)
-
-
-def _human(x: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{unit}"
-    return f"{x:.4g}"
-
-
-def _row(c: ChainDecision) -> list[str]:
-    geo = "–"
-    if c.kernel is not None:
-        geo = "/".join("x".join(map(str, v)) for v in (c.kernel, c.stride, c.padding))
-    flops = "–" if c.flops_before is None else _human(c.flops_before)
-    if c.flops_after is not None:
-        flops += f"->{_human(c.flops_after)}"
-    ms = "–"
-    if c.latency_before_ms is not None and c.latency_after_ms is not None:
-        ms = f"{c.latency_before_ms:.3g}->{c.latency_after_ms:.3g}"
-    return [
-        str(c.chain_id),
-        c.kind,
-        ">".join(c.modules),
-        c.residual or "–",
-        geo,
-        c.decision,
-        flops,
-        ms,
-        c.reason,
-    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +77,28 @@ def chain_flops(gm: fx.GraphModule, chain: Chain) -> int:
     """FLOPs of a chain as it runs unmerged (shapes from the prepared graph)."""
     nodes = chain.nodes + ([chain.shortcut] if chain.shortcut is not None else [])
     return sum(layer_flops(gm.get_submodule(str(n.target)), node_shape(n)) for n in nodes)
+
+
+def _layer_signature(module: nn.Module) -> list[Any]:
+    keys = ("in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride",
+            "padding", "dilation", "groups", "padding_mode")
+    sig: list[Any] = [type(module).__name__]
+    sig += [[k, getattr(module, k)] for k in keys if hasattr(module, k)]
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if isinstance(weight, torch.Tensor):
+        sig += [list(weight.shape), str(weight.dtype)]
+    return [*sig, bias is not None]
+
+
+def chain_signature(gm: fx.GraphModule, chain: Chain) -> str:
+    """What makes two chains time alike: layer types and hyper-parameters, residual, input shape
+    (without the batch dimension). Equal signatures get equal decisions."""
+    layers = [_layer_signature(gm.get_submodule(m)) for m in chain.modules]
+    shortcut = (_layer_signature(gm.get_submodule(str(chain.shortcut.target)))
+                if chain.shortcut is not None else None)
+    shape = list(node_shape(chain.input) or [])[1:]
+    residual = chain.residual if chain.residual in (None, "identity") else "shortcut"
+    return json.dumps([chain.kind, layers, residual, shortcut, shape], default=str)
 
 
 class _ChainRunner(nn.Module):
@@ -218,20 +135,28 @@ class Candidate:
     merged: nn.Module
     input_shape: tuple[int, ...]
     dtype: torch.dtype
-    min_run_time: float
-    margin: float
-    latency_ms: tuple[float, float] | None = None
+    config: LatencyConfig
+    sizes: tuple[int, ...]  # batch sizes to time at
+    signature: str = ""
+    timings: dict[int, Comparison] | None = None
+    inconclusive: bool = False  # set by a mode that fell back to FLOPs
 
-    def time(self) -> tuple[float, float]:
-        """(unmerged ms, merged ms) at the chain's real input shape."""
-        if self.latency_ms is None:
+    @property
+    def margin(self) -> float:
+        return self.config.margin
+
+    def time(self) -> dict[int, Comparison]:
+        """Paired comparison (unmerged, merged) per batch size, at the chain's input shape."""
+        if self.timings is None:
             device = next(self.merged.parameters()).device
-            x = torch.randn(self.input_shape, dtype=self.dtype, device=device)
-            (before, _), (after, _) = time_side_by_side(
-                [lambda: self.unmerged(x), lambda: self.merged(x)], min_run_time=self.min_run_time
-            )
-            self.latency_ms = (before, after)
-        return self.latency_ms
+            cfg, self.timings = self.config, {}
+            for b in self.sizes:
+                x = torch.randn((b, *self.input_shape[1:]), dtype=self.dtype, device=device)
+                job = TimingJob("chain", b, cfg.rounds, cfg.min_run_time, self.chain.id,
+                                self.signature)
+                self.timings[b] = cfg.compare(job, lambda x=x: self.unmerged(x),
+                                              lambda x=x: self.merged(x))
+        return self.timings
 
 
 Decide = Callable[[Candidate], tuple[bool, str]]
@@ -284,21 +209,20 @@ def _decide_flops(c: Candidate) -> tuple[bool, str]:
 
 @register_mode("latency", check_whole_model=True)
 def _decide_latency(c: Candidate) -> tuple[bool, str]:
-    before, after = c.time()
-    change = _pct(before, after)
-    if after < before * (1 - c.margin):
-        return True, f"merged is faster ({change} latency)"
-    return False, f"merged not faster by > {c.margin:.0%} ({change} latency)"
+    verdict, why = judge(c.time(), c.config.margin)
+    if verdict != "inconclusive":
+        return verdict == "faster", why
+    c.inconclusive = True
+    merge, flops_why = _decide_flops(c)
+    return merge, f"{why}; FLOPs choice: {'merge' if merge else 'keep'} ({flops_why})"
 
 
 # ---------------------------------------------------------------------------------------------
 # the planner
 
 
-def _decision(
-    gm: fx.GraphModule, chain: Chain, mode: _Mode, *, min_run_time: float, margin: float
-) -> ChainDecision:
-    d = ChainDecision(
+def _undecided(gm: fx.GraphModule, chain: Chain) -> ChainDecision:
+    return ChainDecision(
         chain_id=chain.id,
         kind=chain.kind,
         nodes=[n.name for n in chain.nodes],
@@ -309,35 +233,57 @@ def _decision(
         input_shape=list(node_shape(chain.input) or []) or None,
         flops_before=chain_flops(gm, chain),
     )
+
+
+def _decision(gm: fx.GraphModule, chain: Chain, mode: _Mode, cfg: LatencyConfig,
+              sizes: tuple[int, ...]) -> ChainDecision:
+    d = _undecided(gm, chain)
     if not chain_is_exact(gm, chain):
         d.reason = PADDING_REASON
-    else:
-        merged = merge_chain(gm, chain)
-        if chain.kind == "conv":
-            d.kernel, d.stride = list(merged.kernel_size), list(merged.stride)
-            d.padding, d.groups = list(merged.padding), merged.groups
-        d.flops_after = layer_flops(merged, node_shape(chain.end))
-        shortcut = gm.get_submodule(str(chain.shortcut.target)) if chain.shortcut else None
-        cand = Candidate(
-            chain=chain,
-            flops_before=d.flops_before,
-            flops_after=d.flops_after,
-            unmerged=_ChainRunner(
-                [gm.get_submodule(m) for m in chain.modules], chain.residual, shortcut
-            ),
-            merged=merged,
-            input_shape=node_shape(chain.input),
-            dtype=merged.weight.dtype,
-            min_run_time=min_run_time,
-            margin=margin,
-        )
-        merge, d.reason = mode.decide(cand)
-        d.decision = "merge" if merge else "keep"
-        if cand.latency_ms is not None:
-            d.latency_before_ms, d.latency_after_ms = cand.latency_ms
-    if chain.note:
-        d.reason += f"; {chain.note}"
+        return d
+    merged = merge_chain(gm, chain)
+    if chain.kind == "conv":
+        d.kernel, d.stride = list(merged.kernel_size), list(merged.stride)
+        d.padding, d.groups = list(merged.padding), merged.groups
+    d.flops_after = layer_flops(merged, node_shape(chain.end))
+    shortcut = gm.get_submodule(str(chain.shortcut.target)) if chain.shortcut else None
+    cand = Candidate(
+        chain=chain,
+        flops_before=d.flops_before,
+        flops_after=d.flops_after,
+        unmerged=_ChainRunner([gm.get_submodule(m) for m in chain.modules], chain.residual,
+                              shortcut),
+        merged=merged,
+        input_shape=node_shape(chain.input),
+        dtype=merged.weight.dtype,
+        config=cfg,
+        sizes=sizes,
+        signature=chain_signature(gm, chain),
+    )
+    merge, d.reason = mode.decide(cand)
+    d.decision = "merge" if merge else "keep"
+    d.inconclusive = cand.inconclusive
+    if cand.timings:
+        first = cand.timings[sizes[0]]
+        d.latency_before_ms, d.latency_after_ms = first.before_ms, first.after_ms
+        d.timing = {str(b): c.to_dict() for b, c in cand.timings.items()}
     return d
+
+
+def _copy_decision(d: ChainDecision, first: ChainDecision) -> None:
+    """Give ``d`` the decision of an identical chain (same layers and shapes)."""
+    for name in ("decision", "kernel", "stride", "padding", "groups", "flops_after",
+                 "latency_before_ms", "latency_after_ms", "timing", "inconclusive"):
+        setattr(d, name, getattr(first, name))
+    d.reason = f"{first.reason} (as chain {first.chain_id}: same layers and shapes)"
+    d.same_as = first.chain_id
+
+
+def _config(latency: LatencyConfig | None, **overrides: Any) -> LatencyConfig:
+    cfg = latency or LatencyConfig()
+    given = {k: (tuple(v) if k == "batch_sizes" else v) for k, v in overrides.items()
+             if v is not None}
+    return dataclasses.replace(cfg, **given) if given else cfg
 
 
 def plan_fold(
@@ -345,46 +291,78 @@ def plan_fold(
     example_input: Any,
     mode: str = "latency",
     *,
-    min_run_time: float = 0.1,
-    margin: float = 0.03,
+    batch_sizes: Sequence[int] | None = None,
+    latency: LatencyConfig | None = None,
+    min_run_time: float | None = None,
+    margin: float | None = None,
 ) -> FoldPlan:
     """Return the FoldPlan that :func:`easier.fold` would apply to ``model`` in ``mode``.
 
-    ``min_run_time`` (seconds) is spent per timed layer (twice per chain) in "latency" mode, and
-    ``margin`` is how much faster a merged layer must be to be chosen. ``model`` is not modified.
+    The "latency" mode times with ``latency`` (a :class:`LatencyConfig`); ``batch_sizes``,
+    ``min_run_time`` (seconds per timed callable) and ``margin`` override its fields. The plan
+    records the batch sizes it was timed for. ``model`` is not modified.
     """
     if mode not in MODES:
         raise ConfigError(f"unknown fold plan mode {mode!r}; choose one of {sorted(MODES)}")
     how = MODES[mode]
+    cfg = _config(latency, batch_sizes=batch_sizes, min_run_time=min_run_time, margin=margin)
+    try:
+        sizes = cfg.sizes(example_batch(example_input))
+    except DataError:  # no batch dimension: only an explicit list can be timed
+        sizes = cfg.batch_sizes or (1,)
     gm, bn_folded = prepare(model, example_input)
     plan = FoldPlan(mode=mode, bn_folded=bn_folded, num_threads=torch.get_num_threads())
-    plan.chains = [
-        _decision(gm, c, how, min_run_time=min_run_time, margin=margin) for c in find_chains(gm)
-    ]
+    decided: dict[str, ChainDecision] = {}
+    for chain in find_chains(gm):
+        sig = chain_signature(gm, chain)
+        if sig in decided and chain_is_exact(gm, chain):
+            d = _undecided(gm, chain)
+            _copy_decision(d, decided[sig])
+        else:
+            d = _decision(gm, chain, how, cfg, sizes)
+            if d.reason != PADDING_REASON:
+                decided[sig] = d
+        if chain.note:
+            d.reason += f"; {chain.note}"
+        plan.chains.append(d)
+    if any(c.timing for c in plan.chains):
+        plan.batch_sizes = list(sizes)
     if how.check_whole_model and plan.merged:
-        _check_whole_model(model, example_input, gm, plan, min_run_time)
+        _check_whole_model(model, example_input, gm, plan, cfg, sizes)
     return plan
 
 
-def _check_whole_model(
-    model: nn.Module,
-    example_input: Any,
-    bn_only: fx.GraphModule,
-    plan: FoldPlan,
-    min_run_time: float,
-) -> None:
-    """Drop every merge when the folded model is slower than the BN-folded one."""
-    folded = build_folded(model, example_input, plan)
-    (base, _), (new, _) = time_side_by_side(
-        [lambda: call_model(bn_only, example_input),
-         lambda: call_model(folded, example_input)], min_run_time=max(2 * min_run_time, 0.05)
-    )
-    plan.whole_model_ms = {"bn_folded": base, "folded": new}
-    if new > base:
-        msg = (
-            f"dropped: whole model with merges was slower ({new:.3g} ms vs {base:.3g} ms "
-            "BN-folded only)"
-        )
+def _check_whole_model(model: nn.Module, example_input: Any, bn_only: fx.GraphModule,
+                       plan: FoldPlan, cfg: LatencyConfig, sizes: tuple[int, ...]) -> None:
+    """Drop every merge when the folded model is slower than the BN-folded one at any size."""
+    ex, inputs = example_input, {sizes[0]: example_input}  # no batch dimension: as it is
+    try:
+        if example_batch(example_input) == 1 and sizes != (1,):
+            ex = resize_batch(example_input, 2)  # a one-sample capture would pin the batch size
+            bn_only, _ = prepare(model, ex)
+        inputs = {b: resize_batch(ex, b) for b in sizes}
+    except DataError:
+        pass
+    folded = build_folded(model, ex, plan)
+    timings: dict[int, Comparison] = {}
+    for b, xb in inputs.items():
+        job = TimingJob("model", b, cfg.rounds, max(2 * cfg.min_run_time, 0.05))
+        try:
+            timings[b] = cfg.compare(job, lambda xb=xb: call_model(bn_only, xb),
+                                     lambda xb=xb: call_model(folded, xb))
+        except Exception as exc:  # a capture that pinned its shapes cannot run at this size
+            plan.notes.append(f"whole model not timed at batch {b} ({type(exc).__name__})")
+    if not timings:
+        return
+    plan.batch_sizes = list(sizes)
+    plan.whole_model = {str(b): c.to_dict() for b, c in timings.items()}
+    first = next(iter(timings.values()))
+    plan.whole_model_ms = {"bn_folded": first.before_ms, "folded": first.after_ms}
+    verdict, why = judge(timings, 0.0, "the folded model (all merges)")
+    if verdict == "slower":
+        msg = f"dropped: {why}, against BN folding only"
         for c in plan.merged:
             c.decision, c.reason = "keep", f"{msg}; was: {c.reason}"
         plan.notes.append(f"all merges {msg}")
+    elif verdict == "inconclusive":
+        plan.notes.append(f"whole-model check: {why}; the per-chain decisions stand")
