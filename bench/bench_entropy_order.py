@@ -189,9 +189,11 @@ def run_setting(key: str, cfg: dict[str, Any], seeds: list[int], orders: list[st
             try:
                 res = easier.reduce(fresh, splits.train, splits.val, test=splits.test,
                                     train_eval=splits.train_eval,
-                                    method=Probe(_order(name), splits.test), delta=delta,
-                                    finetune=cfg["finetune"], run_all=True, seed=seed,
-                                    entropy_batches=16)
+                                    method=Probe(_order(name), splits.test),
+                                    finetune=cfg["finetune"],
+                                    stop=easier.StopRule(delta=delta, run_all=True),
+                                    entropy=easier.EntropyConfig(batches=16),
+                                    run=easier.RunConfig(seed=seed, verbose=False))
             except easier.EasierError as exc:
                 out["skipped"][name] = str(exc).splitlines()[0]
                 log(f"{key} seed {seed} {name}: skipped ({out['skipped'][name]})")
