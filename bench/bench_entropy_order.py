@@ -233,6 +233,14 @@ def bootstrap_ci(diffs: list[float], reps: int = 4000, seed: int = 0) -> tuple[f
     return means[int(0.025 * reps)], means[int(0.975 * reps) - 1]
 
 
+def _cell(xs: list[float | None]) -> str:
+    """mean ± std over the seeds that reached this k ("(n)" when not all did)."""
+    got = [x for x in xs if x is not None]
+    if not got:
+        return "–"
+    return _pm(got) + ("" if len(got) == len(xs) else f" ({len(got)})")
+
+
 def _pm(xs: list[float], spec: str = ".1f") -> str:
     sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
     return f"{statistics.fmean(xs):{spec}} ± {sd:{spec}}"
@@ -259,7 +267,7 @@ def tables(key: str, res: dict[str, Any], orders: list[str], delta: float) -> li
         t = Table(f"{key}: test top-1 by sites removed, {label} (mean ± std over seeds)",
                   ["k", *[f"{o} ({len(_seeds(res, o))})" for o in orders]])
         for k in range(1, n_sites + 1):
-            t.add(k, *[_pm([by_k(runs[f"{s}/{o}"], key_acc)[k] for s in _seeds(res, o)])
+            t.add(k, *[_cell([by_k(runs[f"{s}/{o}"], key_acc).get(k) for s in _seeds(res, o)])
                        for o in orders])
         out.append(t)
     paired = Table(
@@ -275,8 +283,12 @@ def tables(key: str, res: dict[str, Any], orders: list[str], delta: float) -> li
         for metric in ("pre_ft_test_acc", "test_acc"):
             cells = []
             for k in range(1, n_sites + 1):
-                d = [by_k(runs[f"{s}/easier"], metric)[k] - by_k(runs[f"{s}/{o}"], metric)[k]
-                     for s in both]
+                pairs = [(by_k(runs[f"{s}/easier"], metric).get(k),
+                          by_k(runs[f"{s}/{o}"], metric).get(k)) for s in both]
+                d = [e - x for e, x in pairs if e is not None and x is not None]
+                if not d:  # e.g. a pruning method that jumps over this k in every seed
+                    cells.append("–")
+                    continue
                 a, b = bootstrap_ci(d)
                 w, ls = sum(x > 0 for x in d), sum(x < 0 for x in d)
                 cells.append(f"{statistics.fmean(d):+.1f} [{a:+.1f}, {b:+.1f}] "
@@ -331,7 +343,7 @@ def plot(all_res: dict[str, Any], orders: list[str], path: Path) -> None:
                 if not _seeds(res, o):
                     continue
                 cs = [by_k(res["runs"][f"{s}/{o}"], metric) for s in _seeds(res, o)]
-                ks = sorted(cs[0])
+                ks = sorted(set.intersection(*(set(c) for c in cs)))
                 m = [statistics.fmean(c[k] for c in cs) for k in ks]
                 sd = [statistics.stdev([c[k] for c in cs]) if len(cs) > 1 else 0 for k in ks]
                 ax.errorbar(ks, m, yerr=sd, marker="o", ms=3, capsize=2, label=o)
