@@ -246,6 +246,12 @@ def _pm(xs: list[float], spec: str = ".1f") -> str:
     return f"{statistics.fmean(xs):{spec}} ± {sd:{spec}}"
 
 
+def one_per_step(res: dict[str, Any], order: str) -> bool:
+    """True when every iteration of every run removed exactly one site (k is comparable)."""
+    return all([len(h["removed"]) for h in hist] == list(range(len(hist)))
+               for key, hist in res["runs"].items() if key.split("/", 1)[1] == order)
+
+
 def _seeds(res: dict[str, Any], order: str) -> list[int]:
     return sorted(int(k.split("/")[0]) for k in res["runs"] if k.split("/", 1)[1] == order)
 
@@ -264,11 +270,12 @@ def tables(key: str, res: dict[str, Any], orders: list[str], delta: float) -> li
     out = []
     for key_acc, label in (("pre_ft_test_acc", "pre-FT (BN re-estimated)"),
                            ("test_acc", "post-FT")):
+        by_site = [o for o in orders if one_per_step(res, o)]
         t = Table(f"{key}: test top-1 by sites removed, {label} (mean ± std over seeds)",
-                  ["k", *[f"{o} ({len(_seeds(res, o))})" for o in orders]])
+                  ["k", *[f"{o} ({len(_seeds(res, o))})" for o in by_site]])
         for k in range(1, n_sites + 1):
             t.add(k, *[_cell([by_k(runs[f"{s}/{o}"], key_acc).get(k) for s in _seeds(res, o)])
-                       for o in orders])
+                       for o in by_site])
         out.append(t)
     paired = Table(
         f"{key}: easier minus each order, paired by seed (mean [95 % bootstrap CI] "
@@ -283,6 +290,9 @@ def tables(key: str, res: dict[str, Any], orders: list[str], delta: float) -> li
         for metric in ("pre_ft_test_acc", "test_acc"):
             cells = []
             for k in range(1, n_sites + 1):
+                if not one_per_step(res, o):  # pruning rounds: k is not comparable
+                    cells.append("–")
+                    continue
                 pairs = [(by_k(runs[f"{s}/easier"], metric).get(k),
                           by_k(runs[f"{s}/{o}"], metric).get(k)) for s in both]
                 d = [e - x for e, x in pairs if e is not None and x is not None]
@@ -340,7 +350,7 @@ def plot(all_res: dict[str, Any], orders: list[str], path: Path) -> None:
                                              ("test_acc", "after fine-tuning"))):
             ax = axes[i][j]
             for o in orders:
-                if not _seeds(res, o):
+                if not _seeds(res, o) or not one_per_step(res, o):
                     continue
                 cs = [by_k(res["runs"][f"{s}/{o}"], metric) for s in _seeds(res, o)]
                 ks = sorted(set.intersection(*(set(c) for c in cs)))
