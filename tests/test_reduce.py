@@ -333,3 +333,40 @@ def test_without_logging_configured_the_lines_go_to_stderr(tmp_path):
     err = done.stderr.splitlines()
     assert sum(line.startswith("iter ") for line in err) == 2, done.stderr
     assert err[-1].startswith("stopped: max_removals=1 reached")
+
+
+class _Constant(nn.Module):
+    """Always predicts class 0 of ``k``: val top-1 is the share of class 0, known by hand."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(8, k)
+        with torch.no_grad():  # logits = (1, 0, ..., 0) whatever the input
+            self.head.weight.zero_()
+            self.head.bias.zero_()
+            self.head.bias[0] = 1.0
+
+    def forward(self, x):
+        return self.head(self.act(self.fc(x)))
+
+
+def _labelled(n, k, share0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(1, k, (n,), generator=g)
+    y[: int(n * share0)] = 0
+    return TensorDataset(torch.randn(n, 8, generator=g), y)
+
+
+@pytest.mark.parametrize(("k", "share0", "warned"), [(10, 0.12, True), (3, 0.9, False)])
+def test_a_dense_model_near_chance_is_flagged_before_any_removal(k, share0, warned):
+    lines: list[str] = []
+    reduce(_Constant(k), _labelled(60, k, share0), _labelled(50, k, share0, 1), finetune=FT,
+           stop=StopRule(max_removals=1), run=RunConfig(log=lines.append))
+    # 12 % correct with 10 classes is within 5 points of chance (10 %); 90 % with 3 is not
+    flagged = [i for i, line in enumerate(lines) if "near chance" in line]
+    assert bool(flagged) == warned
+    if warned:
+        assert flagged == [1] and lines[0].startswith("iter  0")  # right after the baseline
+        assert f"{100 / k:.1f}% for {k} classes" in lines[1] and "12.0% val top-1" in lines[1]

@@ -26,11 +26,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .capture import to_device
+from .capture import call_model, eval_mode, logits_of, to_device
 from .entropy import batch_input
 from .errors import ConfigError, EasierError, NonFiniteError, StateError
 from .linearize import linearized_sites
 from .methods import Context, Method, create_method
+from .outcome import near_chance
 from .rundir import RunDir, lock_run_dir
 from .settings import EntropyConfig, RunConfig, StopRule, from_legacy
 from .sites import find_sites
@@ -229,6 +230,9 @@ def _reduce(model: nn.Module, train: Any, val: Any, method: str | Method, test: 
         history.append(record)
         accepted = current
         say(_status(record, baseline, delta))
+        warning = near_chance(baseline["val_acc"], _num_classes(current, example))
+        if warning:  # now, not after minutes of removals that cannot mean anything
+            say(warning)
         _save(rundir, history, baseline, current, accepted, (None, None), False, cfg, strategy)
 
     while stop_reason is None:
@@ -339,6 +343,14 @@ def _log_line(msg: str) -> None:
         _LOG.info(msg)
     else:
         print(msg, file=sys.stderr, flush=True)
+
+
+@torch.no_grad()
+def _num_classes(model: nn.Module, example: Any) -> int:
+    """Width of the model's logits on one example batch (1 when it is not a classifier)."""
+    with eval_mode(model):
+        out = logits_of(call_model(model, example))
+    return int(out.shape[-1]) if out.ndim >= 2 else 1
 
 
 def _evaluate_all(model: nn.Module, val: Any, test: Any, device: torch.device,

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["Outcome", "Side", "nonzero_params", "outcome", "outcome_table", "speed",
+__all__ = ["Outcome", "Side", "near_chance", "nonzero_params", "outcome", "outcome_table", "speed",
            "summary_line"]
 
 
@@ -152,3 +152,14 @@ def summary_line(o: Outcome) -> str:
     if d.val_acc is not None and r.val_acc is not None:
         parts.append(_minus(f"val {r.val_acc - d.val_acc:+.1f} pts"))
     return ", ".join(parts)
+
+
+def near_chance(val_acc: float, num_classes: int, margin: float = 5.0) -> str | None:
+    """A warning when a dense model's val top-1 is within ``margin`` points of chance."""
+    chance = 100.0 / num_classes
+    if val_acc > chance + margin:
+        return None
+    return (f"warning: the dense model reaches only {val_acc:.1f}% val top-1, near chance "
+            f"({chance:.1f}% for {num_classes} classes): removing activations from it says "
+            "little. Train it longer (--pretrain-epochs, or reduce(pretrain=...)), use a wider "
+            "model (--width) or a higher --lr, or start from trained weights (--checkpoint)")

@@ -8,12 +8,12 @@ import time
 from typing import Any
 
 from ..errors import ConfigError, StateError
+from ..outcome import near_chance
 from .session import (
     build_base,
     device,
     join,
     locked,
-    near_chance,
     out_dir,
     parse_options,
     say,

@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import ConfigError, EasierError, StateError
 from ..user import is_callable_spec
 
-__all__ = ["build_base", "device", "join", "locked", "near_chance", "out_dir", "parse_options",
+__all__ = ["build_base", "device", "join", "locked", "out_dir", "parse_options",
            "say", "setup"]
 
 
@@ -53,17 +53,6 @@ def parse_options(items: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = raw
     return out
-
-
-def near_chance(val_acc: float, num_classes: int, margin: float = 5.0) -> str | None:
-    """A warning when a dense model's val top-1 is within ``margin`` points of chance."""
-    chance = 100.0 / num_classes
-    if val_acc > chance + margin:
-        return None
-    return (f"warning: the dense model reaches only {val_acc:.1f}% val top-1, near chance "
-            f"({chance:.1f}% for {num_classes} classes): removing activations from it says "
-            "little. Train it longer (--pretrain-epochs), use a wider model (--width) or a "
-            "higher --lr, or start from trained weights (--checkpoint)")
 
 
 def join(args: argparse.Namespace) -> Any:
