@@ -12,7 +12,6 @@ import json
 import math
 import re
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -80,22 +79,25 @@ def test_median_iqr_matches_numpy():
     assert iqr == pytest.approx(np.percentile(ms, 75) - np.percentile(ms, 25))
 
 
-def test_interleaved_rotates_order_and_times_relative_cost():
+def test_interleaved_rotates_order_and_times_relative_cost(monkeypatch):
     common = _bench("_common")
     calls: list[str] = []
+    clock = [0.0]  # a fake perf_counter: each call costs exactly its stated time, load-free
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
 
     def make(tag: str, seconds: float):
         def fn():
             calls.append(tag)
-            time.sleep(seconds)
+            clock[0] += seconds
 
         return fn
 
     res = common.interleaved([make("a", 0.002), make("b", 0.010)], rounds=4, min_sample_s=1e-4)
     # warm-up a, b; then one call each per round, the order rotated every round
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
-    (a, _), (b, _) = res
-    assert 2.0 < b / a < 6.0  # sleeps of 2 and 10 ms, plus the same small overhead
+    (a, a_iqr), (b, b_iqr) = res
+    assert a == pytest.approx(2.0) and b == pytest.approx(10.0)  # ms per call
+    assert a_iqr == pytest.approx(0.0, abs=1e-9) and b_iqr == pytest.approx(0.0, abs=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------
