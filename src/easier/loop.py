@@ -28,11 +28,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from .capture import call_model, eval_mode, logits_of, to_device
 from .entropy import batch_input
-from .errors import ConfigError, EasierError, NonFiniteError, StateError
+from .errors import ConfigError, NonFiniteError
 from .linearize import linearized_sites
 from .methods import Context, Method, create_method
 from .outcome import near_chance
-from .rundir import RunDir, lock_run_dir
+from .rundir import RunDir, lock_run_dir_ranks
 from .settings import EntropyConfig, RunConfig, StopRule, from_legacy
 from .sites import find_sites
 from .state import model_record, rebuild, save_model
@@ -132,24 +132,12 @@ def reduce(
 
 @contextlib.contextmanager
 def _writer_lock(out: str | Path | None, info: Any) -> Iterator[None]:
-    """Hold the run directory's writer lock (rank 0 takes it; every rank learns whether it got
-    it, so a refusal stops the whole job). Re-entrant: a caller that holds it already is fine."""
-    from .distributed import any_failed
-
+    """The run directory's writer lock for every rank; nothing to lock without ``out``.
+    Re-entrant: a caller that holds it already (the CLI) is fine."""
     if out is None:
         yield
         return
-    with contextlib.ExitStack() as stack:
-        failure: EasierError | None = None
-        if info.is_main:
-            try:
-                stack.enter_context(lock_run_dir(out))
-            except EasierError as exc:
-                failure = exc
-        if info.enabled and any_failed(failure is not None, info) and failure is None:
-            raise StateError(f"rank 0 could not lock {out} (its log says why); stopping too")
-        if failure is not None:
-            raise failure
+    with lock_run_dir_ranks(out, info):
         yield
 
 

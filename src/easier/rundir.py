@@ -29,14 +29,14 @@ from .atomic import (
     remove_stale_temporaries,
     sha256_file,
 )
-from .errors import ConfigError, StateError
+from .errors import ConfigError, EasierError, StateError
 
 try:  # POSIX; elsewhere run directories are not locked
     import fcntl
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["LOCK_FILE", "STATE_FORMAT", "RunDir", "lock_run_dir"]
+__all__ = ["LOCK_FILE", "STATE_FORMAT", "RunDir", "lock_run_dir", "lock_run_dir_ranks"]
 
 STATE_FORMAT = "easier.state/1"
 LOCK_FILE = ".easier.lock"
@@ -95,6 +95,26 @@ def lock_run_dir(path: str | Path) -> Iterator[Path]:
             del _HELD[key]
     finally:
         os.close(fd)  # drops the flock
+
+
+@contextlib.contextmanager
+def lock_run_dir_ranks(path: str | Path, info: Any) -> Iterator[None]:
+    """:func:`lock_run_dir` for a job of ``info.world_size`` ranks: rank 0 takes the lock and
+    every rank learns whether it got it, so a refusal stops the whole job at once."""
+    from .parallel.collectives import any_failed
+
+    with contextlib.ExitStack() as stack:
+        failure: EasierError | None = None
+        if info.is_main:
+            try:
+                stack.enter_context(lock_run_dir(path))
+            except EasierError as exc:
+                failure = exc
+        if info.enabled and any_failed(failure is not None, info) and failure is None:
+            raise StateError(f"rank 0 could not lock {path} (its log says why); stopping too")
+        if failure is not None:
+            raise failure
+        yield
 
 
 class RunDir:

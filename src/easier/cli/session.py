@@ -7,11 +7,10 @@ import contextlib
 import dataclasses
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, EasierError, StateError
+from ..errors import ConfigError
 from ..user import is_callable_spec
 
 __all__ = ["build_base", "device", "join", "locked", "out_dir", "parse_options",
@@ -62,25 +61,11 @@ def join(args: argparse.Namespace) -> Any:
     return init_from_env(device(args.device), timeout_s=args.dist_timeout)
 
 
-@contextlib.contextmanager
-def locked(path: Path, info: Any) -> Iterator[None]:
-    """Hold the writer lock of run directory ``path`` (rank 0 takes it; every rank learns
-    whether it got it, so a refusal stops the whole job at once)."""
-    from ..distributed import any_failed
-    from ..state import lock_run_dir
+def locked(path: Path, info: Any) -> contextlib.AbstractContextManager[None]:
+    """Hold the writer lock of run directory ``path`` for every rank of the job."""
+    from ..rundir import lock_run_dir_ranks
 
-    with contextlib.ExitStack() as stack:
-        failure: EasierError | None = None
-        if info.is_main:
-            try:
-                stack.enter_context(lock_run_dir(path))
-            except EasierError as exc:
-                failure = exc
-        if info.enabled and any_failed(failure is not None, info) and failure is None:
-            raise StateError(f"rank 0 could not lock {path} (its log says why); stopping too")
-        if failure is not None:
-            raise failure
-        yield
+    return lock_run_dir_ranks(path, info)
 
 
 def build_base(name: str, *, num_classes: int, in_channels: int, image_size: int,
