@@ -116,11 +116,15 @@ def _merge_convs(gm: fx.GraphModule, chain: Chain) -> nn.Module:
         device=w.device,
         dtype=w.dtype,
     )
-    with torch.no_grad():
-        merged.weight.copy_(w)
-        if has_bias:
-            merged.bias.copy_(b)
-    return merged
+    return _filled(merged, w, b)
+
+
+def _filled(layer: nn.Module, w: torch.Tensor, b: torch.Tensor) -> nn.Module:
+    """``layer`` with the merged weight, and bias when it has one (merge_chain runs no-grad)."""
+    layer.weight.copy_(w)
+    if layer.bias is not None:
+        layer.bias.copy_(b)
+    return layer
 
 
 def _merge_linears(gm: fx.GraphModule, chain: Chain) -> nn.Module:
@@ -138,11 +142,7 @@ def _merge_linears(gm: fx.GraphModule, chain: Chain) -> nn.Module:
         w, b = w + g.weight.detach(), b + _bias(g, g.out_features, w)
         has_bias = has_bias or g.bias is not None
     merged = nn.Linear(w.shape[1], w.shape[0], bias=has_bias, device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        merged.weight.copy_(w)
-        if has_bias:
-            merged.bias.copy_(b)
-    return merged
+    return _filled(merged, w, b)
 
 
 def merge_chain(gm: fx.GraphModule, chain: Chain) -> nn.Module:
