@@ -17,7 +17,7 @@ from typing import Any
 from torch import fx, nn
 
 from ..capture import Capture, capture, default_example, node_scope
-from ..errors import ConfigError
+from ..errors import ConfigError, TraceError
 
 __all__ = ["LAYERS", "capture_for", "layer_calls", "module_of", "norm_input", "pass_input"]
 
@@ -29,8 +29,12 @@ _PASS_OPS = {"dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropo
              "alias", "detach", "contiguous"}
 
 
-def capture_for(model: nn.Module, example_input: Any, what: str) -> Capture:
-    """A capture of ``model`` on ``example_input`` (else the model's default example)."""
+def capture_for(model: nn.Module, example_input: Any, what: str, uses: str) -> Capture:
+    """A capture of ``model`` on ``example_input`` (else the model's default example).
+
+    ``uses`` says what the method reads on the graph; a model torch.export cannot capture is a
+    TraceError saying so and pointing to methods that need no graph.
+    """
     if example_input is None:
         example_input = default_example(model)
     if example_input is None:
@@ -38,7 +42,11 @@ def capture_for(model: nn.Module, example_input: Any, what: str) -> Capture:
             f"{what} reads the model's torch.export graph, which needs an example input: pass "
             "example_input= (one model input); inside reduce() the loop passes one"
         )
-    return capture(model, example_input)
+    try:
+        return capture(model, example_input)
+    except TraceError as exc:
+        raise TraceError(f"{uses} on the torch.export graph, but {exc}; use a method that needs "
+                         "no graph (e.g. easier, layer-folding)") from exc
 
 
 def _op(node: fx.Node) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import fx, nn
 
-from ..errors import SiteError, TraceError
+from ..errors import SiteError
 from ..sites import KINDS, graph_sites
 from .graph_walk import LAYERS, capture_for, module_of, norm_input, pass_input
 
@@ -93,11 +93,8 @@ def site_layers(
     the input its ``easier_spec`` describes); raises :class:`~easier.errors.TraceError` when
     torch.export cannot capture the model (the map needs the graph).
     """
-    try:
-        cap = capture_for(model, example_input, "EGP's site -> layer map")
-    except TraceError as exc:
-        raise TraceError(f"EGP maps each site to its layer on the torch.export graph, but {exc}; "
-                         "use a method that needs no graph (e.g. easier, layer-folding)") from exc
+    cap = capture_for(model, example_input, "EGP's site -> layer map",
+                      "EGP maps each site to its layer")
     located = {g.site.name: g for g in graph_sites(model, cap, kinds)}
     names = list(located) if sites is None else list(sites)
     unknown = [n for n in names if n not in located]

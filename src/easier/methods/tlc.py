@@ -53,7 +53,7 @@ import torch
 from torch import fx, nn
 
 from ..capture import Capture, default_example, flat_inputs
-from ..errors import ConfigError, SiteError, StateError, TraceError
+from ..errors import ConfigError, SiteError, StateError
 from ..linearize import linearize
 from ..sites import KINDS, GraphSite, graph_sites
 from .base import Context, Method, Step, register_method
@@ -171,11 +171,7 @@ def collapse_plans(
     """
     if example_input is None and batches and default_example(model) is None:
         example_input = batches[0][0]
-    try:
-        cap = capture_for(model, example_input, "TLC")
-    except TraceError as exc:
-        raise TraceError(f"TLC finds each site's BN on the torch.export graph, but {exc}; use a "
-                         "method that needs no graph (e.g. easier, layer-folding)") from exc
+    cap = capture_for(model, example_input, "TLC", "TLC finds each site's BN")
     located = {g.site.name: g for g in graph_sites(model, cap, kinds)}
     unknown = [s for s in sites if s not in located]
     if unknown:
