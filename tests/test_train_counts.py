@@ -45,11 +45,9 @@ class BNNet(nn.Module):
         return self.head(self.act2(self.fc2(self.act1(self.bn(self.fc1(x))))))
 
 
-def test_counts_use_batch_statistics_in_train_mode():
-    torch.manual_seed(0)
-    m = BNNet()
-    xs = [torch.randn(16, 5) + 3.0 for _ in range(3)]  # shifted: stale running stats differ
-    counts = TrainCounts(xs[0][:2])
+def _train_mode_report(m: nn.Module, xs: list[torch.Tensor], **options):
+    """Counts over ``xs`` as fine_tune takes them: hooks attached, train mode, one step each."""
+    counts = TrainCounts(xs[0][:2], **options)
     handle = counts.attach(m)
     m.train()
     with torch.no_grad():
@@ -57,7 +55,14 @@ def test_counts_use_batch_statistics_in_train_mode():
             m(x)
             counts(m)
     handle.remove()
-    rep = counts.report()
+    return counts.report()
+
+
+def test_counts_use_batch_statistics_in_train_mode():
+    torch.manual_seed(0)
+    m = BNNet()
+    xs = [torch.randn(16, 5) + 3.0 for _ in range(3)]  # shifted: stale running stats differ
+    rep = _train_mode_report(m, xs)
     # brute force, batch by batch, with each batch's own mean and biased variance
     z1s, z2s = [], []
     with torch.no_grad():
@@ -79,14 +84,7 @@ def test_window_keeps_only_the_last_batches():
     torch.manual_seed(1)
     m = BNNet().train()
     xs = [torch.randn(8, 5) * (i + 1) for i in range(4)]
-    counts = TrainCounts(xs[0][:2], window=2)
-    handle = counts.attach(m)
-    with torch.no_grad():
-        for x in xs:
-            m(x)
-            counts(m)
-    handle.remove()
-    rep = counts.report()
+    rep = _train_mode_report(m, xs, window=2)
     assert rep.batches == 2
     with torch.no_grad():
         z = []
