@@ -30,7 +30,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..capture import capture, flat_inputs
 from ..errors import DataError, FoldError, TraceError
 
-__all__ = ["call_counts", "node_dtype", "node_shape", "only_user", "prepare"]
+__all__ = ["call_counts", "node_dtype", "node_shape", "only_user", "prepare", "prepare_graph"]
 
 _aten = torch.ops.aten
 _CONV = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}
@@ -340,12 +340,20 @@ def prepare(model: nn.Module, example_input: Any) -> tuple[fx.GraphModule, list[
         raise FoldError(f"fold needs a captured graph: {exc}. Remove what export cannot follow "
                         "from forward() (see the torch.export docs), or fold with plan='none'."
                         ) from exc
-    gm = cap.gm
+    return prepare_graph(cap.gm, example_input, type(model).__name__)
+
+
+def prepare_graph(gm: fx.GraphModule, example_input: Any, name: str = "the model"
+                  ) -> tuple[fx.GraphModule, list[str]]:
+    """:func:`prepare` on an existing capture ``gm`` (modified in place): lift, check, BN-fold.
+
+    Lets a caller edit one capture many ways (e.g. bypass an activation) without re-exporting.
+    """
     _lift(gm)
     finish(gm)
     for p in gm.parameters():
         if not torch.isfinite(p).all():
-            raise FoldError(f"{type(model).__name__} has NaN or Inf weights; folding would "
+            raise FoldError(f"{name} has NaN or Inf weights; folding would "
                             "spread them. Check the checkpoint or the fine-tune that made it.")
     try:
         with torch.no_grad():

@@ -51,6 +51,7 @@ __all__ = [
     "chain_flops",
     "chain_signature",
     "layer_flops",
+    "make_candidate",
     "plan_fold",
     "register_mode",
 ]
@@ -235,22 +236,16 @@ def _undecided(gm: fx.GraphModule, chain: Chain) -> ChainDecision:
     )
 
 
-def _decision(gm: fx.GraphModule, chain: Chain, mode: _Mode, cfg: LatencyConfig,
-              sizes: tuple[int, ...]) -> ChainDecision:
-    d = _undecided(gm, chain)
-    if not chain_is_exact(gm, chain):
-        d.reason = PADDING_REASON
-        return d
+def make_candidate(gm: fx.GraphModule, chain: Chain, cfg: LatencyConfig,
+                   sizes: tuple[int, ...]) -> Candidate:
+    """The chain unmerged and merged, ready to be priced in FLOPs or timed (nothing is timed
+    yet). The merge is exact only when :func:`chain_is_exact`; timing does not need it to be."""
     merged = merge_chain(gm, chain)
-    if chain.kind == "conv":
-        d.kernel, d.stride = list(merged.kernel_size), list(merged.stride)
-        d.padding, d.groups = list(merged.padding), merged.groups
-    d.flops_after = layer_flops(merged, node_shape(chain.end))
     shortcut = gm.get_submodule(str(chain.shortcut.target)) if chain.shortcut else None
-    cand = Candidate(
+    return Candidate(
         chain=chain,
-        flops_before=d.flops_before,
-        flops_after=d.flops_after,
+        flops_before=chain_flops(gm, chain),
+        flops_after=layer_flops(merged, node_shape(chain.end)),
         unmerged=_ChainRunner([gm.get_submodule(m) for m in chain.modules], chain.residual,
                               shortcut),
         merged=merged,
@@ -260,6 +255,20 @@ def _decision(gm: fx.GraphModule, chain: Chain, mode: _Mode, cfg: LatencyConfig,
         sizes=sizes,
         signature=chain_signature(gm, chain),
     )
+
+
+def _decision(gm: fx.GraphModule, chain: Chain, mode: _Mode, cfg: LatencyConfig,
+              sizes: tuple[int, ...]) -> ChainDecision:
+    d = _undecided(gm, chain)
+    if not chain_is_exact(gm, chain):
+        d.reason = PADDING_REASON
+        return d
+    cand = make_candidate(gm, chain, cfg, sizes)
+    merged = cand.merged
+    if chain.kind == "conv":
+        d.kernel, d.stride = list(merged.kernel_size), list(merged.stride)
+        d.padding, d.groups = list(merged.padding), merged.groups
+    d.flops_after = cand.flops_after
     merge, d.reason = mode.decide(cand)
     d.decision = "merge" if merge else "keep"
     d.inconclusive = cand.inconclusive

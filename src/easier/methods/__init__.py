@@ -1,6 +1,15 @@
 """Depth-reduction methods behind one interface: ``reduce(..., method=NAME)``."""
 
-from . import controls, easier, egp, lacoot, layer_folding, nepenthe, tlc  # noqa: F401  (registers the methods)
+from . import (  # noqa: F401  (registers the methods)
+    controls,
+    easier,
+    easier_latency,
+    egp,
+    lacoot,
+    layer_folding,
+    nepenthe,
+    tlc,
+)
 from .base import (
     Context,
     Method,
