@@ -192,3 +192,21 @@ def test_options_are_validated_and_recorded():
     m = create_method("easier-latency", pool=0.25, cost="flops", batch_sizes=[1, 64])
     assert m.options() == {"pool": 0.25, "cost": "flops", "batch_sizes": [1, 64],
                            "lookahead": True}
+
+
+def test_loop_runs_resumes_and_folds(tmp_path, one_thread):
+    """Through reduce(): a killed run resumes to the same history; the kept model folds."""
+    from _harness import crash_at, history_rows, tiny_run
+
+    full = tiny_run(tmp_path / "full", EasierLatency(cost="flops"), max_removals=3)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_run(tmp_path / "cut", crash_at(EasierLatency, 2, cost="flops"), max_removals=3)
+    resumed = tiny_run(tmp_path / "cut", EasierLatency(cost="flops"), resume=True,
+                       max_removals=3)
+    assert history_rows(tmp_path / "cut") == history_rows(tmp_path / "full")
+    assert resumed.linearized == full.linearized and len(full.linearized) == 3
+    savings = [h["fold_saving"] for h in full.history[1:]]
+    assert all(isinstance(s, dict) and s for s in savings)  # recorded per iteration
+    x = torch.randn(2, 3, 8, 8)
+    folded = easier.fold(full.model.eval(), x, plan="all")
+    torch.testing.assert_close(folded(x), full.model(x), rtol=1e-4, atol=1e-5)
