@@ -171,6 +171,25 @@ def test_identical_chains_are_timed_once_and_get_identical_decisions():
     assert [j.chain_id for j in timer.jobs if j.what == "chain"] == [first.chain_id]
 
 
+def test_memo_carries_chain_decisions_to_a_later_plan():
+    """Folding every iteration of a run: a chain decided in an earlier plan is not re-timed."""
+    x = torch.randn(1, 8, 8, 8)
+    one = fold_ready(nn.Sequential(conv_pair(8)).eval(), x)
+    two = fold_ready(nn.Sequential(conv_pair(8), conv_pair(8)).eval(), x)
+    flips = iter([0.5, 1.5, 0.5, 1.5])
+
+    def ratio(job):
+        return next(flips) if job.what == "chain" else 0.9
+
+    timer, memo = NoisyTimer(ratio, noise=0.02), {}
+    first = plan_fold(one, x, "latency", latency=LatencyConfig(timer=timer), memo=memo)
+    later = plan_fold(two, x, "latency", latency=LatencyConfig(timer=timer), memo=memo)
+    assert len([j for j in timer.jobs if j.what == "chain"]) == 1  # timed in the first plan only
+    assert first.chains[0].decision == "merge"
+    assert [c.decision for c in later.chains] == ["merge", "merge"]
+    assert len(memo) == 1
+
+
 def test_plan_holds_for_every_named_batch_size():
     x = torch.randn(1, 8, 8, 8)
     ready = fold_ready(conv_pair(8).eval(), x)

@@ -304,12 +304,16 @@ def plan_fold(
     latency: LatencyConfig | None = None,
     min_run_time: float | None = None,
     margin: float | None = None,
+    memo: dict[str, ChainDecision] | None = None,
 ) -> FoldPlan:
     """Return the FoldPlan that :func:`easier.fold` would apply to ``model`` in ``mode``.
 
     The "latency" mode times with ``latency`` (a :class:`LatencyConfig`); ``batch_sizes``,
     ``min_run_time`` (seconds per timed callable) and ``margin`` override its fields. The plan
-    records the batch sizes it was timed for. ``model`` is not modified.
+    records the batch sizes it was timed for. ``model`` is not modified. ``memo`` (a dict kept
+    by the caller, used with one mode and config) carries chain decisions across calls: a chain
+    with the layers and shapes of one decided before is not timed again (folding every iteration
+    of a run).
     """
     if mode not in MODES:
         raise ConfigError(f"unknown fold plan mode {mode!r}; choose one of {sorted(MODES)}")
@@ -321,7 +325,7 @@ def plan_fold(
         sizes = cfg.batch_sizes or (1,)
     gm, bn_folded = prepare(model, example_input)
     plan = FoldPlan(mode=mode, bn_folded=bn_folded, num_threads=torch.get_num_threads())
-    decided: dict[str, ChainDecision] = {}
+    decided: dict[str, ChainDecision] = {} if memo is None else memo
     for chain in find_chains(gm):
         sig = chain_signature(gm, chain)
         if sig in decided and chain_is_exact(gm, chain):
