@@ -97,9 +97,20 @@ SCRIPTS = (
         "test top-1 before fine-tuning (BN re-estimated) and after, with bootstrap intervals "
         "of the paired differences. Target: an answer, whichever it is.",
     ),
+    Script(
+        "latency_method",
+        "bench_latency_method.py",
+        "Removing what makes it faster: easier-latency against easier and random",
+        "MobileNetV2 and ResNet-18 (width 0.25) on mnist5k, 3 seeds, one dense model per seed "
+        "shared by every method: per iteration, test top-1 against the measured speed-up of "
+        "the folded model over the dense one (batch 1, paired rounds) and against FLOPs. "
+        "Target: the best speed-up within 1 point of dense accuracy, per method, reported as "
+        "found.",
+    ),
 )
 # fold_models uses the reproduction's run
-RUN_ORDER = ("entropy", "fold", "reproduction", "fold_models", "bert_fold", "entropy_order")
+RUN_ORDER = ("entropy", "fold", "reproduction", "fold_models", "bert_fold", "entropy_order",
+             "latency_method")
 
 
 def run_script(script: Script, args: list[str], out: Path | None) -> tuple[int, str, float]:

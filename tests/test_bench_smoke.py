@@ -339,3 +339,38 @@ def test_entropy_order_statistics_against_hand_values():
              "pre_ft_test_acc": 40.0}]
     assert eo.by_k(hist, "pre_ft_test_acc") == {0: 90.0, 1: 70.0, 2: 40.0}
     assert eo.kept(hist) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# bench_latency_method
+
+
+def test_latency_method_quick_run_fronts(tmp_path):
+    bl = _bench("bench_latency_method")
+    summary, _ = bl.main(["--quick", "--methods", "easier,easier-latency",
+                               "--save", str(tmp_path), *ONE])
+    fronts = json.loads((tmp_path / "fronts.json").read_text())["resnet18"]
+    for name in ("easier", "easier-latency"):
+        pts = fronts[f"0/{name}"]
+        assert [p["removed"] for p in pts] == [0, 1, 2]  # one point per iteration
+        assert all(p["speedup"] > 0 and p["band"][0] <= p["band"][1] for p in pts)
+        row = next(r for r in summary.rows if r[1] == name)
+        best = max((p for p in pts if p["test_acc"] >= pts[0]["test_acc"] - 1.0),
+                   key=lambda p: p["speedup"])
+        assert row[3].startswith(f"{best['speedup']:.2f} ")
+    # --load re-times the saved points without training
+    again = bl.main(["--load", str(tmp_path), "--quick", "--methods", "easier,easier-latency",
+                     *ONE])
+    assert [r[:3] for r in again[0].rows] == [r[:3] for r in summary.rows]
+
+
+def test_latency_method_pareto_against_brute_force():
+    bl = _bench("bench_latency_method")
+    rng = np.random.default_rng(0)
+    pts = [{"test_acc": float(a), "ms": float(m)}
+           for a, m in zip(rng.integers(0, 5, 40), rng.integers(0, 5, 40), strict=True)]
+    front = bl.pareto(pts)
+    for p in pts:  # on the front iff no point is at least as good on both and better on one
+        dominated = any((q["test_acc"] >= p["test_acc"] and q["ms"] <= p["ms"])
+                        and (q["test_acc"], q["ms"]) != (p["test_acc"], p["ms"]) for q in pts)
+        assert (p in front) == (not dominated)
