@@ -25,10 +25,10 @@ from torch import fx, nn
 from ..capture import capture
 from ..errors import ConfigError
 from ..sites import KINDS, graph_sites
+from .candidates import chain_signature, make_candidate
 from .chains import find_chains
 from .graph import prepare_graph
 from .latency import LatencyConfig, judge
-from .plan import chain_signature, make_candidate
 
 __all__ = ["COSTS", "ChainPrice", "FoldSavings", "SiteGraph"]
 
