@@ -73,12 +73,14 @@ def settings(quick: bool) -> dict[str, dict[str, Any]]:
                              "pretrain": FineTune(epochs=1, lr=0.05, batch_size=64),
                              "finetune": FineTune(epochs=1, lr=0.01, batch_size=64,
                                                   max_steps=2)}}
-    ft = FineTune(epochs=1, lr=0.01, batch_size=64, max_steps=40)
+    ft = FineTune(epochs=1, lr=0.01, batch_size=64, max_steps=25)
     return {
-        "mobilenet_v2": {"model": "mobilenet_v2", "width": 0.25, "data": "mnist5k", "k": 10,
-                         "pretrain": FineTune(epochs=4, lr=0.05, batch_size=64), "finetune": ft},
+        "mobilenet_v2": {"model": "mobilenet_v2", "width": 0.25, "data": "mnist5k", "k": 8,
+                         "image_size": 16, "pretrain": FineTune(epochs=3, lr=0.05, batch_size=64),
+                         "finetune": ft},
         "resnet18": {"model": "resnet18", "width": 0.25, "data": "mnist5k", "k": 8,
-                     "pretrain": FineTune(epochs=3, lr=0.05, batch_size=64), "finetune": ft},
+                     "image_size": 16, "pretrain": FineTune(epochs=3, lr=0.05, batch_size=64),
+                     "finetune": ft},
     }
 
 
@@ -87,7 +89,7 @@ def train_points(key: str, cfg: dict[str, Any], seeds: list[int], methods: list[
     """Phase 1: every (seed, method) run; each point = (record, removed, val/test top-1)."""
     out: dict[str, Any] = {}
     for seed in seeds:
-        splits = data.load(cfg["data"], seed=seed)
+        splits = data.load(cfg["data"], seed=seed, image_size=cfg.get("image_size"))
         seed_everything(seed)
 
         def build(splits: Any = splits) -> nn.Module:
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> list[Table]:
             if args.train_only:
                 return []
     for key, runs in results.items():
-        splits = data.load(cfgs[key]["data"], seed=0)
+        splits = data.load(cfgs[key]["data"], seed=0, image_size=cfgs[key].get("image_size"))
         example = torch.stack([splits.val[i][0] for i in range(2)])
         time_points(key, runs, example, 5 if args.quick else args.rounds, print)
     out = tables(results, methods, drop=1.0)
