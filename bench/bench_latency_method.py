@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> list[Table]:
     ap.add_argument("--save", type=Path, help="keep the trained points here (points.pt)")
     ap.add_argument("--train-only", action="store_true",
                     help="with --save: stop after training (time later with --load)")
-    ap.add_argument("--load", type=Path, help="time the points saved by --save (no training)")
+    ap.add_argument("--load", type=Path, nargs="+",
+                    help="time the points saved by --save (no training); several dirs merge")
     ap.add_argument("--plot", type=Path, default=None, help="write the fronts figure here")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # timing: one thread, side by side; training is CPU-light anyway
@@ -244,7 +245,9 @@ def main(argv: list[str] | None = None) -> list[Table]:
     print(header([1], f"load average {Path('/proc/loadavg').read_text().split()[:3]}"))
     t0 = time.perf_counter()
     if args.load:
-        results = torch.load(args.load / "points.pt", weights_only=True)
+        results = {}
+        for d in args.load:
+            results.update(torch.load(d / "points.pt", weights_only=True))
     else:
         results = {k: train_points(k, c, list(range(1 if args.quick else args.seeds)), methods,
                                    print) for k, c in cfgs.items()}
