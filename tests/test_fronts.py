@@ -1,7 +1,11 @@
 """Per-iteration models (RunConfig(keep_iterations=True)) and the accuracy/latency fronts."""
 
 import copy
+import csv
 import importlib
+import itertools
+import random
+import shutil
 
 import pytest
 import torch
@@ -10,7 +14,15 @@ from torch.utils.data import TensorDataset
 
 from _harness import crash_at
 from easier import RunConfig, StopRule
-from easier.errors import StateError
+from easier.errors import ConfigError, StateError
+from easier.fronts import (
+    FrontConfig,
+    fold_point,
+    front_run,
+    measure_front,
+    pareto_indices,
+    read_front,
+)
 from easier.loop import reduce
 from easier.methods.easier import Easier
 from easier.state import RunDir, load_iteration, saved_iterations
@@ -41,10 +53,10 @@ def toy_data(n=96, seed=0):
 FT = FineTune(epochs=1, lr=0.05, batch_size=32)
 
 
-def run(out, method, *, resume=False, delta=100.0, run_all=False, keep=True):
+def run(out, method, *, resume=False, delta=100.0, run_all=False, keep=True, most=3):
     torch.manual_seed(0)
     return reduce(Net(), toy_data(), toy_data(48, 1), finetune=FT, method=method, out=out,
-                  resume=resume, stop=StopRule(delta=delta, max_removals=3, run_all=run_all),
+                  resume=resume, stop=StopRule(delta=delta, max_removals=most, run_all=run_all),
                   run=RunConfig(seed=0, keep_iterations=keep, verbose=False))
 
 
@@ -82,18 +94,20 @@ def test_every_iteration_is_kept_bit_identical_and_marked(tmp_path, monkeypatch)
 
 
 def test_runs_keep_no_iterations_unless_asked(tmp_path):
-    run(tmp_path / "r", "easier", keep=False)
+    run(tmp_path / "r", "easier", keep=False, most=1)
     assert saved_iterations(tmp_path / "r") == []
     with pytest.raises(StateError, match="keep_iterations"):
         load_iteration(tmp_path / "r", 0, Net())
+    with pytest.raises(StateError, match="keep_iterations"):
+        measure_front(tmp_path / "r", FrontConfig(plan="all"), model=Net())
 
 
 def test_resumed_run_keeps_the_same_iterations(tmp_path):
-    whole = run(tmp_path / "whole", "easier")
+    whole = run(tmp_path / "whole", "easier", most=2)
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "cut", crash_at(Easier, 2))
+        run(tmp_path / "cut", crash_at(Easier, 2), most=2)
     assert saved_iterations(tmp_path / "cut") == [0, 1]
-    run(tmp_path / "cut", "easier", resume=True)
+    run(tmp_path / "cut", "easier", resume=True, most=2)
     n = len(whole.history)
     assert saved_iterations(tmp_path / "whole") == saved_iterations(tmp_path / "cut") == list(
         range(n))
@@ -103,11 +117,120 @@ def test_resumed_run_keeps_the_same_iterations(tmp_path):
         assert all(torch.equal(a[name], b[name]) for name in a)
 
 
-def test_a_changed_iteration_file_is_refused(tmp_path):
-    run(tmp_path / "r", "easier")
+# --- fronts ---------------------------------------------------------------------------------
+
+DIMS = (8, 24, 24, 24, 3)  # Net's layer widths; site rK sits after layer K
+SITES = ("r1", "r2", "r3")
+
+
+def hand_flops(removed):
+    """FLOPs per sample of Net with ``removed`` ReLUs, every linear chain merged (plan "all"):
+    each run of layers between two kept ReLUs is one in x out matrix."""
+    cuts = [0] + [i + 1 for i, s in enumerate(SITES) if s not in removed] + [len(DIMS) - 1]
+    return sum(2 * DIMS[a] * DIMS[b] for a, b in itertools.pairwise(cuts))
+
+
+def flop_timer(calls):
+    """A fake timer: one call costs its FLOPs / 1000 ms, times a load drift per round that hits
+    both models alike (so only a paired ratio is exact)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def timer(job, fns):
+        calls.append(job)
+        costs = []
+        for fn in fns:
+            with FlopCounterMode(display=False) as fc:
+                fn()
+            costs.append(fc.get_total_flops() / 1e3)
+        return [[c * (1 + 0.7 * (r % 3)) for r in range(job.rounds)] for c in costs]
+
+    return timer
+
+
+@pytest.fixture(scope="module")
+def kept_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("front") / "r"
+    return out, run(out, "easier")
+
+
+def test_fold_of_every_point_matches_its_model(kept_run):
+    out, res = kept_run
+    cfg = FrontConfig(plan="all")
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(3))
+    for h in res.history:
+        model = load_iteration(out, h["iteration"], Net()).model.eval()
+        folded, plan, note = fold_point(model, x, cfg)
+        assert (plan, note) == ("all", None)
+        y = torch.randn(7, 8, dtype=torch.float64)
+        with torch.no_grad():
+            want = model.double()(y)
+            got = folded.double()(y)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # merged in float32
+        # every linear chain merged: one weight layer per run between kept ReLUs
+        assert sum(isinstance(m, nn.Linear) for m in folded.modules()) == 4 - len(h["removed"])
+
+
+def test_front_speedups_are_the_fake_timers(kept_run):
+    out, res = kept_run
+    calls = []
+    front = measure_front(out, FrontConfig(plan="all", batch_sizes=(1, 3), rounds=6,
+                                           timer=flop_timer(calls)), model=Net())
+    assert [p.iteration for p in front.points] == [h["iteration"] for h in res.history]
+    assert sorted((j.iteration, j.batch_size) for j in calls) == sorted(
+        (h["iteration"], b) for h in res.history for b in (1, 3))
+    dense = hand_flops(())
+    for p, h in zip(front.points, res.history, strict=True):
+        assert p.flops == hand_flops(h["removed"]) and p.depth == 4 - len(h["removed"])
+        assert (p.val_acc, p.accepted, p.removed) == (h["val_acc"], h["accepted"],
+                                                      len(h["removed"]))
+        for b in (1, 3):
+            s, lo, hi = p.speedup(b)
+            assert s == pytest.approx(dense / hand_flops(h["removed"]))
+            assert lo == pytest.approx(s) and hi == pytest.approx(s)  # the drift cancels
+            # the medians are not paired: each is the drifting middle round's cost
+            assert p.timings[b].before_ms == pytest.approx(b * dense / 1e3 * 1.7)
+
+
+def test_front_files_round_trip(kept_run, tmp_path):
+    out, _ = kept_run
+    front = front_run(out, FrontConfig(plan="flops", timer=flop_timer([])), model=Net())
+    assert read_front(out) == front
+    rows = list(csv.DictReader((out / "front.csv").open()))
+    assert [int(r["iteration"]) for r in rows] == [p.iteration for p in front.points]
+    on = {p.iteration for p in front.pareto()}
+    assert {int(r["iteration"]) for r in rows if r["pareto_b1"] == "True"} == on
+    for r, p in zip(rows, front.points, strict=True):
+        assert float(r["speedup_b1"]) == pytest.approx(p.speedup(1)[0])
+
+
+@pytest.mark.parametrize("bad", [{"plan": "fastest"}, {"batch_sizes": ()},
+                                 {"batch_sizes": (0,)}, {"rounds": 2}, {"min_run_time": 0}])
+def test_front_config_rejects_bad_values(bad):
+    with pytest.raises(ConfigError):
+        FrontConfig(**bad)
+
+
+def test_a_changed_iteration_file_is_refused(kept_run, tmp_path):
+    shutil.copytree(kept_run[0], tmp_path / "r")
     path = RunDir(tmp_path / "r").iteration_file(1)
     data = bytearray(path.read_bytes())
     data[-20] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(StateError, match="corrupt"):
         load_iteration(tmp_path / "r", 1, Net())
+
+
+def dominated(p, q):
+    """q dominates p: at least as accurate and as cheap, better in one."""
+    return q[0] >= p[0] and q[1] <= p[1] and (q[0] > p[0] or q[1] < p[1])
+
+
+def test_pareto_indices_match_brute_force():
+    rng = random.Random(0)
+    for trial in range(300):
+        n = rng.randint(0, 12)
+        pts = [(float(rng.randint(0, 5)), float(rng.randint(0, 5))) for _ in range(n)]
+        want = {i for i, p in enumerate(pts) if not any(dominated(p, q) for q in pts)}
+        got = pareto_indices(pts)
+        assert set(got) == want and len(got) == len(want), (trial, pts)
+        assert [pts[i][1] for i in got] == sorted(pts[i][1] for i in got)
