@@ -4,6 +4,7 @@ import copy
 import csv
 import importlib
 import itertools
+import json
 import random
 import shutil
 
@@ -14,6 +15,7 @@ from torch.utils.data import TensorDataset
 
 from _harness import crash_at
 from easier import RunConfig, StopRule
+from easier.cli import main
 from easier.errors import ConfigError, StateError
 from easier.fronts import (
     FrontConfig,
@@ -234,3 +236,47 @@ def test_pareto_indices_match_brute_force():
         got = pareto_indices(pts)
         assert set(got) == want and len(got) == len(want), (trial, pts)
         assert [pts[i][1] for i in got] == sorted(pts[i][1] for i in got)
+
+
+# --- easier compare --fronts ----------------------------------------------------------------
+
+TINY = ["--model", "convnet", "--width", "0.25", "--data", "digits", "--quiet",
+        "--pretrain-epochs", "1", "--epochs", "1", "--plan", "flops", "--threads", "1"]
+
+
+def test_cli_compare_fronts_end_to_end(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", *TINY, "--methods", "easier,random", "--max-removals", "1",
+                 "--delta", "100", "--fronts", "--front-batch", "1,2", "--out", str(out)]) == 0
+    assert "fronts.png" in capsys.readouterr().out
+    assert (out / "fronts.png").read_bytes()[:4] == b"\x89PNG"
+    md = (out / "comparison.md").read_text()
+    for name in ("easier", "random"):
+        hist = [json.loads(x) for x in (out / name / "history.jsonl").read_text().splitlines()]
+        rows = list(csv.DictReader((out / name / "front.csv").open()))
+        assert [int(r["iteration"]) for r in rows] == [h["iteration"] for h in hist] == [0, 1]
+        assert [float(r["val_acc"]) for r in rows] == [h["val_acc"] for h in hist]
+        assert all(float(r["speedup_b1"]) > 0 and float(r["speedup_b2"]) > 0 for r in rows)
+        assert [int(r["removed"]) for r in rows] == [0, 1]
+        for b in (1, 2):  # the marks agree with a brute-force dominance check of the rows
+            pts = [(float(r["test_acc"] or r["val_acc"]), float(r[f"folded_ms_b{b}"]))
+                   for r in rows]
+            assert [r[f"pareto_b{b}"] == "True" for r in rows] == [
+                not any(dominated(p, q) for q in pts) for p in pts]
+        assert md.count(f"| {name} | ") == 1 + len(rows)  # its summary row + one per iteration
+    # a front of the run directory reads back with the library
+    front = read_front(out / "easier")
+    assert front.plan == "flops" and front.batch_sizes == (1, 2)
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--fronts", "--front-batch", "1,x"], "'x' is not an integer"),
+    (["--fronts", "--front-batch", "0"], "must be an integer >= 1"),
+    (["--front-batch", "4"], "add --fronts"),
+])
+def test_cli_bad_front_options_exit_2(tmp_path, capsys, extra, says):
+    out = tmp_path / "cmp"
+    assert main(["compare", *TINY, "--methods", "easier", "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and err.startswith("easier: error:") and "\n" not in err
+    assert not (out / "easier").exists()  # refused before any run
