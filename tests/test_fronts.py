@@ -62,6 +62,12 @@ def run(out, method, *, resume=False, delta=100.0, run_all=False, keep=True, mos
                   run=RunConfig(seed=0, keep_iterations=keep, verbose=False))
 
 
+@pytest.fixture(scope="module")
+def kept_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("front") / "r"
+    return out, run(out, "easier")
+
+
 def test_every_iteration_is_kept_bit_identical_and_marked(tmp_path, monkeypatch):
     # scripted accuracies: iteration 2 falls below the floor (rejected), --all goes on to 3;
     # each evaluated model is copied as the loop holds it in memory
@@ -104,17 +110,16 @@ def test_runs_keep_no_iterations_unless_asked(tmp_path):
         measure_front(tmp_path / "r", FrontConfig(plan="all"), model=Net())
 
 
-def test_resumed_run_keeps_the_same_iterations(tmp_path):
-    whole = run(tmp_path / "whole", "easier", most=2)
+def test_resumed_run_keeps_the_same_iterations(kept_run, tmp_path):
+    whole, res = kept_run
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "cut", crash_at(Easier, 2), most=2)
+        run(tmp_path / "cut", crash_at(Easier, 2))
     assert saved_iterations(tmp_path / "cut") == [0, 1]
-    run(tmp_path / "cut", "easier", resume=True, most=2)
-    n = len(whole.history)
-    assert saved_iterations(tmp_path / "whole") == saved_iterations(tmp_path / "cut") == list(
-        range(n))
+    run(tmp_path / "cut", "easier", resume=True)
+    n = len(res.history)
+    assert saved_iterations(whole) == saved_iterations(tmp_path / "cut") == list(range(n))
     for k in range(n):
-        a = load_iteration(tmp_path / "whole", k, Net()).model.state_dict()
+        a = load_iteration(whole, k, Net()).model.state_dict()
         b = load_iteration(tmp_path / "cut", k, Net()).model.state_dict()
         assert all(torch.equal(a[name], b[name]) for name in a)
 
@@ -147,12 +152,6 @@ def flop_timer(calls):
         return [[c * (1 + 0.7 * (r % 3)) for r in range(job.rounds)] for c in costs]
 
     return timer
-
-
-@pytest.fixture(scope="module")
-def kept_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("front") / "r"
-    return out, run(out, "easier")
 
 
 def test_fold_of_every_point_matches_its_model(kept_run):
@@ -259,7 +258,7 @@ def test_cli_compare_fronts_end_to_end(tmp_path, capsys):
         assert all(float(r["speedup_b1"]) > 0 and float(r["speedup_b2"]) > 0 for r in rows)
         assert [int(r["removed"]) for r in rows] == [0, 1]
         for b in (1, 2):  # the marks agree with a brute-force dominance check of the rows
-            pts = [(float(r["test_acc"] or r["val_acc"]), float(r[f"folded_ms_b{b}"]))
+            pts = [(float(r["test_acc"] or r["val_acc"]), -float(r[f"speedup_b{b}"]))
                    for r in rows]
             assert [r[f"pareto_b{b}"] == "True" for r in rows] == [
                 not any(dominated(p, q) for q in pts) for p in pts]
@@ -280,3 +279,16 @@ def test_cli_bad_front_options_exit_2(tmp_path, capsys, extra, says):
     err = capsys.readouterr().err.strip()
     assert says in err and err.startswith("easier: error:") and "\n" not in err
     assert not (out / "easier").exists()  # refused before any run
+
+
+def test_compare_refuses_to_resume_fronts_of_a_run_that_kept_none(tmp_path):
+    from easier.compare import compare
+
+    out = tmp_path / "cmp"
+    run(out / "easier", "easier", keep=False, most=1)
+    before = sorted(p.name for p in (out / "easier").iterdir())
+    with pytest.raises(ConfigError, match="without fronts"):
+        compare(Net, toy_data(), toy_data(48, 1), methods=["random", "easier"], out=out,
+                resume=True, fronts=True, finetune=FT)
+    assert not (out / "random").exists()  # refused before any method ran
+    assert sorted(p.name for p in (out / "easier").iterdir()) == before

@@ -152,8 +152,8 @@ def write_comparison(out: Path, rows: list[dict[str, Any]]) -> None:
                  "One row per iteration (rejected ones too: kept = no). Each model is folded "
                  "and timed against the dense one (iteration 0, folded the same way) in paired "
                  "interleaved rounds; speed-up = dense / folded with its noise band; "
-                 "front = on the method's Pareto front (accuracy up, latency down). Per-method "
-                 "detail: `METHOD/front.csv`.\n\n" + fronts_table(fronts) + "\n")
+                 "front = on the method's Pareto front (accuracy up, paired latency down). "
+                 "Per-method detail: `METHOD/front.csv`.\n\n" + fronts_table(fronts) + "\n")
     atomic_write_text(out / "comparison.md", text)
     fig = comparison_figure(rows)
     if fig is not None:
@@ -243,38 +243,48 @@ def fronts_table(fronts: dict[str, Front]) -> str:
 
 def fronts_figure(fronts: dict[str, Front]) -> Any:
     """A matplotlib Figure (None without matplotlib): accuracy against the folded model's
-    latency at the first timed batch size, and against its FLOPs per sample; one line per
-    method through its iterations, the dense point a star, rejected iterations hollow, the
-    method's Pareto points ringed."""
+    latency relative to the dense one (paired, at the first timed batch size; the bars are the
+    noise band; the top axis converts at the median dense latency), and against FLOPs per
+    sample. One line per method through its iterations: the dense point a star, rejected
+    iterations hollow, the method's Pareto points ringed in black."""
     from .report import pyplot
 
     plt = pyplot()
     if plt is None:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     b = next(iter(fronts.values())).batch_sizes[0]
     for name, front in fronts.items():
-        color = None
-        for ax, by, cost in ((axes[0], "latency", lambda p: p.latency_ms(b)),
-                             (axes[1], "flops", lambda p: p.flops)):
-            pts = front.points
-            (line,) = ax.plot([cost(p) for p in pts], [p.accuracy for p in pts], "-", lw=1,
-                              alpha=0.6, color=color, label=name)
+        pts, color = front.points, None
+        for ax, by in ((axes[0], "latency"), (axes[1], "flops")):
+            xs = [p.timings[b].ratio if by == "latency" else p.flops for p in pts]
+            ys = [p.accuracy for p in pts]
+            (line,) = ax.plot(xs, ys, "-", lw=1, alpha=0.6, color=color, label=name)
             color = line.get_color()
-            for p in pts:
-                ax.scatter(cost(p), p.accuracy, s=120 if p.iteration == 0 else 28,
-                           marker="*" if p.iteration == 0 else "o", zorder=3,
+            if by == "latency":
+                ax.errorbar(xs, ys, xerr=[[x - p.timings[b].ratio_lo for x, p in zip(
+                    xs, pts, strict=True)], [p.timings[b].ratio_hi - x for x, p in zip(
+                        xs, pts, strict=True)]], fmt="none", ecolor=color, alpha=0.35, lw=1)
+            for x, y, p in zip(xs, ys, pts, strict=True):
+                ax.scatter(x, y, s=130 if p.iteration == 0 else 28, zorder=3,
+                           marker="*" if p.iteration == 0 else "o",
                            facecolors=color if p.accepted else "none", edgecolors=color)
-            best = front.pareto(by, b)
-            ax.scatter([cost(p) for p in best], [p.accuracy for p in best], s=110,
+            best = {p.iteration for p in front.pareto(by, b)}
+            ax.scatter([x for x, p in zip(xs, pts, strict=True) if p.iteration in best],
+                       [p.accuracy for p in pts if p.iteration in best], s=110,
                        facecolors="none", edgecolors="black", linewidths=1.2, zorder=4)
-    threads = {f.num_threads for f in fronts.values()}
-    axes[0].set_xlabel(f"latency of the folded model (ms, batch {b}, "
-                       f"{'/'.join(map(str, sorted(threads)))} threads)")
-    axes[0].set_title("accuracy vs measured latency (★ dense, ○ rejected, ◯ black = front)")
+    dense_ms = sorted(p.timings[b].before_ms for f in fronts.values() for p in f.points)
+    ms = dense_ms[len(dense_ms) // 2]
+    axes[0].axvline(1.0, color="gray", ls=":", lw=1)
+    top = axes[0].secondary_xaxis("top", functions=(lambda r: r * ms, lambda t: t / ms))
+    top.set_xlabel(f"≈ ms at batch {b} (median dense {ms:.3g} ms)", fontsize=8)
+    threads = "/".join(map(str, sorted({f.num_threads for f in fronts.values()})))
+    axes[0].set_xlabel(f"latency of the folded model / the dense one (paired, batch {b}, "
+                       f"{threads} threads; bars: noise band)")
+    axes[0].set_title("accuracy vs measured latency (★ dense, ○ rejected, black ring = front)",
+                      fontsize=10, pad=36)
     axes[1].set_xlabel("FLOPs per sample of the folded model")
-    axes[1].set_xscale("log")
-    axes[1].set_title("accuracy vs FLOPs")
+    axes[1].set_title("accuracy vs FLOPs", fontsize=10)
     for ax in axes:
         ax.set_ylabel("top-1 accuracy (%) (test if available)")
         ax.grid(alpha=0.3)

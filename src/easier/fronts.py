@@ -183,19 +183,22 @@ class Front:
     missing: tuple[int, ...] = ()  # evaluated iterations whose model the run did not keep
 
     def pareto(self, by: str = "latency", batch_size: int | None = None) -> list[FrontPoint]:
-        """The points no other beats on both accuracy and cost (``by`` "latency" at
-        ``batch_size``, default the first timed, or "flops"), by increasing cost."""
-        cost = self._cost(by, batch_size)
-        return [self.points[i] for i in pareto_indices([(p.accuracy, cost(p))
-                                                        for p in self.points])]
+        """The points no other beats on both accuracy and cost, by increasing cost.
 
-    def _cost(self, by: str, batch_size: int | None) -> Callable[[FrontPoint], float]:
+        ``by="latency"``: the paired latency relative to the dense reference (folded / dense,
+        the inverse speed-up) at ``batch_size`` (default the first timed): unlike absolute
+        milliseconds, it does not drift with the machine's load between points. ``"flops"``:
+        FLOPs per sample.
+        """
         if by == "flops":
-            return lambda p: p.flops
-        if by != "latency":
+            costs = [p.flops for p in self.points]
+        elif by == "latency":
+            b = self.batch_sizes[0] if batch_size is None else batch_size
+            costs = [p.timings[b].ratio for p in self.points]
+        else:
             raise ConfigError(f"pareto by={by!r}: 'latency' or 'flops'")
-        b = self.batch_sizes[0] if batch_size is None else batch_size
-        return lambda p: p.latency_ms(b)
+        pairs = [(p.accuracy, c) for p, c in zip(self.points, costs, strict=True)]
+        return [self.points[i] for i in pareto_indices(pairs)]
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": "easier.front/1", "plan": self.plan,
@@ -286,7 +289,8 @@ def measure_front(run_dir: str | Path, config: FrontConfig | None = None, *,
 
 def front_csv(front: Front) -> str:
     """One row per point; per batch size B: dense and folded ms (median, IQR), the speed-up
-    and its band, and whether the point is on the latency front; then the FLOPs front."""
+    and its band, and whether the point is on the (relative) latency front; then the FLOPs
+    front."""
     on = {b: {p.iteration for p in front.pareto("latency", b)} for b in front.batch_sizes}
     on_flops = {p.iteration for p in front.pareto("flops")}
     per_b = ("dense_ms", "dense_iqr_ms", "folded_ms", "folded_iqr_ms", "speedup",
