@@ -17,6 +17,7 @@ from _harness import crash_at
 from easier import RunConfig, StopRule
 from easier.cli import main
 from easier.errors import ConfigError, StateError
+from easier.fold import LatencyConfig
 from easier.fronts import (
     FrontConfig,
     fold_point,
@@ -190,6 +191,13 @@ def test_front_speedups_are_the_fake_timers(kept_run):
             assert lo == pytest.approx(s) and hi == pytest.approx(s)  # the drift cancels
             # the medians are not paired: each is the drifting middle round's cost
             assert p.timings[b].before_ms == pytest.approx(b * dense / 1e3 * 1.7)
+    # the fronts: brute-force dominance over (accuracy, hand-counted cost)
+    for by, cost in (("latency", lambda h: hand_flops(h["removed"]) / dense),
+                     ("flops", lambda h: hand_flops(h["removed"]))):
+        pts = [(h["val_acc"], cost(h)) for h in res.history]
+        want = [h["iteration"] for h, p in zip(res.history, pts, strict=True)
+                if not any(dominated(p, q) for q in pts)]
+        assert sorted(p.iteration for p in front.pareto(by)) == want
 
 
 def test_front_files_round_trip(kept_run, tmp_path):
@@ -292,3 +300,19 @@ def test_compare_refuses_to_resume_fronts_of_a_run_that_kept_none(tmp_path):
                 resume=True, fronts=True, finetune=FT)
     assert not (out / "random").exists()  # refused before any method ran
     assert sorted(p.name for p in (out / "easier").iterdir()) == before
+
+
+@pytest.mark.parametrize("merged_is_faster", [True, False])
+def test_front_latency_plan_uses_the_injected_fold_timer(kept_run, merged_is_faster):
+    out, res = kept_run
+    fast, slow = [1.0] * 7, [2.0] * 7
+
+    def fold_timer(job, fns):  # [unmerged, merged] for a chain, [BN-folded, folded] for a model
+        return [slow, fast] if merged_is_faster else [fast, slow]
+
+    front = measure_front(out, FrontConfig(plan="latency", latency=LatencyConfig(
+        batch_sizes=(1,), timer=fold_timer), timer=flop_timer([])), model=Net())
+    for p, h in zip(front.points, res.history, strict=True):
+        merged_depth = 4 - len(h["removed"])
+        assert p.depth == (merged_depth if merged_is_faster else 4)
+        assert p.speedup(1)[0] == pytest.approx(hand_flops(()) / p.flops)
