@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import platform
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -282,8 +283,12 @@ def measure_front(run_dir: str | Path, config: FrontConfig | None = None, *,
             log(f"front {run.path.name} iter {k}: {point.accuracy:.2f}% | "
                 f"{point.latency_ms(b):.3g} ms at batch {b}, {s:.2f}x the dense "
                 f"(band {lo:.2f}..{hi:.2f}) | {point.merged} merged")
-    return Front(tuple(points), cfg.plan, cfg.batch_sizes, torch.get_num_threads(),
-                 f"{platform.machine()} {platform.processor() or platform.system()}",
+    if missing and log is not None:
+        log(f"front {run.path.name}: iterations {missing} were not kept (run without "
+            "keep_iterations before a resume); they are not drawn")
+    machine = (f"{platform.platform()} ({platform.processor() or platform.machine()}), "
+               f"{os.cpu_count()} CPUs")
+    return Front(tuple(points), cfg.plan, cfg.batch_sizes, torch.get_num_threads(), machine,
                  tuple(missing))
 
 
