@@ -316,3 +316,14 @@ def test_front_latency_plan_uses_the_injected_fold_timer(kept_run, merged_is_fas
         merged_depth = 4 - len(h["removed"])
         assert p.depth == (merged_depth if merged_is_faster else 4)
         assert p.speedup(1)[0] == pytest.approx(hand_flops(()) / p.flops)
+
+
+def test_iterations_not_kept_are_listed_not_drawn(kept_run, tmp_path):
+    shutil.copytree(kept_run[0], tmp_path / "r")
+    for k in (2, 3):  # as if the run was resumed without keep_iterations after iteration 1
+        RunDir(tmp_path / "r").iteration_file(k).unlink()
+    lines = []
+    front = measure_front(tmp_path / "r", FrontConfig(plan="all", timer=flop_timer([])),
+                          model=Net(), log=lines.append)
+    assert [p.iteration for p in front.points] == [0, 1] and front.missing == (2, 3)
+    assert "[2, 3] were not kept" in lines[-1]
