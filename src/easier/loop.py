@@ -35,7 +35,7 @@ from .outcome import near_chance
 from .rundir import RunDir, lock_run_dir_ranks
 from .settings import EntropyConfig, RunConfig, StopRule, from_legacy
 from .sites import find_sites
-from .state import model_record, rebuild, save_model
+from .state import model_record, rebuild, save_iteration, save_model
 from .train import FineTune, TrainResult, evaluate, fine_tune, make_loader, seed_everything
 
 if TYPE_CHECKING:
@@ -170,7 +170,7 @@ def _reduce(model: nn.Module, train: Any, val: Any, method: str | Method, test: 
         "input_shape": list(example.shape[1:]) if isinstance(example, torch.Tensor) else None,
         "model_spec": getattr(model, "easier_spec", None), **dict(run.extra),
     }
-    rundir = RunDir(out) if out is not None else None
+    rundir = RunDir(out, keep_iterations=run.keep_iterations) if out is not None else None
     saved = None
     if rundir is not None:
         # every rank checks (and reads) before rank 0 writes, so a refusal raises everywhere
@@ -375,6 +375,8 @@ def _save(run: RunDir | None, history: list[dict[str, Any]], baseline: dict[str,
         return
     from .report import write_reports
 
+    if run.keep_iterations and not history[-1].get("failed"):  # a failed one has no model
+        save_iteration(run, history[-1], current)
     run.write_state({
         "history": history, "baseline": baseline, "stop_code": stop[0], "stop_reason": stop[1],
         "rejected": rejected, "current": model_record(current),

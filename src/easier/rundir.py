@@ -36,7 +36,8 @@ try:  # POSIX; elsewhere run directories are not locked
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["LOCK_FILE", "STATE_FORMAT", "RunDir", "lock_run_dir", "lock_run_dir_ranks"]
+__all__ = ["ITERATIONS", "LOCK_FILE", "STATE_FORMAT", "RunDir", "lock_run_dir",
+           "lock_run_dir_ranks"]
 
 STATE_FORMAT = "easier.state/1"
 LOCK_FILE = ".easier.lock"
@@ -117,15 +118,21 @@ def lock_run_dir_ranks(path: str | Path, info: Any) -> Iterator[None]:
         yield
 
 
+ITERATIONS = "iterations"  # the per-iteration models of a run that keeps them
+
+
 class RunDir:
     """A run directory: config.json, history.jsonl, state.pt (+ state.prev.pt), summary, model.
 
     ``open`` refuses to reuse a directory that holds another run, and ``resume`` refuses a
     directory whose config differs from the current one, naming the keys that differ.
+    ``keep_iterations``: the run also keeps every evaluated iteration's model in
+    ``iterations/`` (see :func:`easier.state.save_iteration`).
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, keep_iterations: bool = False):
         self.path = Path(path)
+        self.keep_iterations = keep_iterations
 
     # paths
     @property
@@ -142,6 +149,10 @@ class RunDir:
 
     def file(self, name: str) -> Path:
         return self.path / name
+
+    def iteration_file(self, iteration: int) -> Path:
+        """Where iteration ``iteration``'s model is kept (``iterations/iter_007.pt``)."""
+        return self.path / ITERATIONS / f"iter_{iteration:03d}.pt"
 
     def exists(self) -> bool:
         return self.config_path.exists() or self.state_path.exists()

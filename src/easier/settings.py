@@ -106,7 +106,10 @@ class RunConfig:
     ``verbose`` logs one line per iteration (site removed, val top-1, kept or rejected, time)
     to ``log`` when given, else to the ``easier`` logger (to stderr when the application has
     configured no logging); ``progress`` adds per-batch progress bars. ``extra`` adds entries
-    (e.g. model and data names) to the run's config.json.
+    (e.g. model and data names) to the run's config.json. ``keep_iterations`` also saves every
+    evaluated iteration's model, rejected ones included, as ``iterations/iter_KKK.pt`` in the
+    run directory (:func:`easier.state.load_iteration`), so each can be folded and timed later
+    (:mod:`easier.fronts`); it costs one checkpoint per iteration on disk.
     """
 
     seed: int = 0
@@ -117,6 +120,7 @@ class RunConfig:
     progress: bool = False
     log: Callable[[str], None] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    keep_iterations: bool = False
 
     def __post_init__(self) -> None:
         _count("RunConfig", "seed", self.seed, 0, optional=False)
@@ -125,7 +129,7 @@ class RunConfig:
         except (RuntimeError, TypeError) as exc:
             raise ConfigError(f"RunConfig.device={self.device!r}: not a torch device "
                               "(e.g. 'cpu', 'cuda', 'cuda:1')") from exc
-        for name in ("amp", "verbose", "progress"):
+        for name in ("amp", "verbose", "progress", "keep_iterations"):
             _flag("RunConfig", name, getattr(self, name))
         key = self.input_key
         if key is not None and not isinstance(key, str) and not (

@@ -8,7 +8,9 @@ and their lock live in :mod:`easier.rundir`. Both are importable from here too, 
 
 from __future__ import annotations
 
+import copy
 import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from .atomic import (
 )
 from .errors import StateError
 from .linearize import apply_edits, edits_of
-from .rundir import LOCK_FILE, STATE_FORMAT, RunDir, lock_run_dir
+from .rundir import ITERATIONS, LOCK_FILE, STATE_FORMAT, RunDir, lock_run_dir
 
 __all__ = [
     "CHECKSUMS",
@@ -35,16 +37,20 @@ __all__ = [
     "MODEL_FORMAT",
     "STATE_FORMAT",
     "RunDir",
+    "SavedIteration",
     "atomic_torch_save",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
+    "load_iteration",
     "load_model",
     "lock_run_dir",
     "model_record",
     "rebuild",
     "remove_stale_temporaries",
+    "save_iteration",
     "save_model",
+    "saved_iterations",
     "verify_file",
 ]
 
@@ -101,17 +107,84 @@ def load_model(path: str | Path, model: nn.Module | None = None, *,
     ``model`` is the base architecture for models that are not from ``easier.models``.
     ``weights_only=False`` allows full pickles: only for files you trust.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise StateError(f"no checkpoint at {path}")
-    data = read_verified(path)
-    try:
-        record = torch.load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
-    except Exception as exc:
-        raise StateError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    record = _read_record(Path(path), weights_only)
     if isinstance(record, nn.Module):  # a full pickle, only reachable with weights_only=False
         return record
     if isinstance(record, dict) and record.get("format") != MODEL_FORMAT and model is not None:
         model.load_state_dict(record, strict=True)  # a plain state_dict
         return model
     return rebuild(record, model)
+
+
+def _read_record(path: Path, weights_only: bool = True) -> Any:
+    """What ``path`` holds, checked against its recorded sha256 first."""
+    if not path.is_file():
+        raise StateError(f"no checkpoint at {path}")
+    data = read_verified(path)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
+    except Exception as exc:
+        raise StateError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# the models of every iteration (RunConfig(keep_iterations=True))
+
+_MARKS = ("iteration", "accepted", "meets_threshold")
+
+
+@dataclass(frozen=True)
+class SavedIteration:
+    """One iteration's model as the loop evaluated it, with whether the loop kept it."""
+
+    iteration: int
+    accepted: bool
+    meets_threshold: bool
+    removed: tuple[str, ...]
+    model: nn.Module
+
+
+def save_iteration(run: RunDir, record: dict[str, Any], model: nn.Module) -> None:
+    """Keep the model of history record ``record`` as ``iterations/iter_KKK.pt``.
+
+    Rejected iterations are kept too, marked ``accepted=False``: a front shows what each
+    removal cost, not only what the loop returned. Called under the run's writer lock, before
+    the state that records the iteration is written, so a resumed run finds every iteration
+    it recorded (a killed iteration runs again and writes its file again).
+    """
+    path = run.iteration_file(int(record["iteration"]))
+    remove_stale_temporaries(path.parent)
+    atomic_torch_save({**model_record(model), **{k: record[k] for k in _MARKS},
+                       "removed": list(record["removed"])}, path)
+
+
+def saved_iterations(run_dir: str | Path) -> list[int]:
+    """The iterations whose model a run directory keeps, in order."""
+    d = Path(run_dir) / ITERATIONS
+    found = []
+    for p in d.glob("iter_*.pt") if d.is_dir() else ():
+        stem = p.stem.removeprefix("iter_")
+        if stem.isdigit():
+            found.append(int(stem))
+    return sorted(found)
+
+
+def load_iteration(run_dir: str | Path, iteration: int,
+                   model: nn.Module | None = None) -> SavedIteration:
+    """Iteration ``iteration``'s model of a run that kept them (``weights_only=True``).
+
+    ``model`` is the dense base architecture for models that are not from ``easier.models``
+    (left unchanged: a copy is rebuilt). StateError when the file is missing or corrupt.
+    """
+    path = RunDir(run_dir).iteration_file(iteration)
+    if not path.is_file():
+        raise StateError(f"{path} does not exist: the run kept no model for iteration "
+                         f"{iteration}; run it with RunConfig(keep_iterations=True) "
+                         "(easier compare --fronts does)")
+    record = _read_record(path)
+    if not isinstance(record, dict) or any(k not in record for k in _MARKS):
+        raise StateError(f"{path} is not an iteration model written by easier")
+    built = rebuild(record, copy.deepcopy(model) if model is not None else None)
+    return SavedIteration(int(record["iteration"]), bool(record["accepted"]),
+                          bool(record["meets_threshold"]), tuple(record.get("removed", ())),
+                          built)

@@ -105,10 +105,22 @@ def compare_methods(args: argparse.Namespace) -> tuple[list[str], dict[str, dict
     return methods, opts
 
 
+def compare_fronts(args: argparse.Namespace) -> Any:
+    """The fronts' settings (False without --fronts), checked before anything runs."""
+    from ..fronts import FrontConfig
+
+    if args.front_batch is not None and not args.fronts:
+        raise ConfigError("--front-batch times the fronts: add --fronts")
+    if not args.fronts:
+        return False
+    return FrontConfig(plan=args.plan, batch_sizes=args.front_batch or (1,))
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from ..compare import compare, comparison_table
 
     methods, opts = compare_methods(args)
+    fronts = compare_fronts(args)
     out = out_dir(args, "compare", args.model, args.data, f"s{args.seed}")
     info = join(args)
     with locked(out, info):
@@ -116,11 +128,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         rows = compare(env["make_model"], env["splits"].train, env["splits"].val,
                        methods=methods, out=out, method_options=opts, plan=args.plan,
-                       resume=args.resume, **env["kwargs"])
+                       resume=args.resume, fronts=fronts, **env["kwargs"])
     print()
     print(comparison_table(rows))
+    extra = ", fronts.png and METHOD/front.csv" if fronts else ""
     print(f"\nwall time {time.perf_counter() - t0:.1f}s; wrote {out}/comparison.md, "
-          "comparison.csv, comparison.png")
+          f"comparison.csv, comparison.png{extra}")
     return 0
 
 

@@ -196,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method-option", action="append", default=[], metavar="METHOD:KEY=VALUE",
                    help="an option of one method, e.g. lacoot:lam=5 (repeatable)")
     c.add_argument("--out", default=None, help="output directory (one run directory per method)")
+    c.add_argument("--fronts", action="store_true",
+                   help="keep every iteration's model, fold each with --plan and time it against "
+                        "the dense one: METHOD/front.csv and fronts.png (accuracy vs latency "
+                        "and FLOPs)")
+    c.add_argument("--front-batch", type=batch_sizes, default=None, metavar="B[,B…]",
+                   help="batch sizes the fronts are timed at (default: 1)")
     c.set_defaults(func=commands.cmd_compare)
 
     e = add("entropy", help="print the site entropy table of a checkpoint")
