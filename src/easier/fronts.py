@@ -33,7 +33,7 @@ from torch import nn
 from .atomic import read_verified
 from .capture import call_model
 from .errors import ConfigError, FoldError, StateError
-from .fold import MODES, LatencyConfig, fold
+from .fold import MODES, LatencyConfig, fold, plan_fold
 from .measurement import measure
 from .state import RunDir, atomic_write_text, load_iteration, lock_run_dir, saved_iterations
 from .timing import MIN_RUNS, Comparison, compare_samples, paired_samples, resize_batch
@@ -215,12 +215,14 @@ class Front:
                    tuple(d.get("missing", ())))
 
 
-def fold_point(model: nn.Module, example: torch.Tensor,
-               cfg: FrontConfig) -> tuple[nn.Module, str, str | None]:
+def fold_point(model: nn.Module, example: torch.Tensor, cfg: FrontConfig,
+               memo: dict[str, Any] | None = None) -> tuple[nn.Module, str, str | None]:
     """The folded (and verified) model, the plan applied, and why it fell back to BN folding
-    only (None when it did not)."""
+    only (None when it did not). ``memo`` carries chain decisions between the points of a run,
+    so each kind of chain is timed once (:func:`easier.fold.plan_fold`)."""
     try:
-        return fold(model, example, plan=cfg.plan, latency=cfg.fold_latency()), cfg.plan, None
+        plan = plan_fold(model, example, cfg.plan, latency=cfg.fold_latency(), memo=memo)
+        return fold(model, example, plan=plan), cfg.plan, None
     except FoldError as exc:  # e.g. a run without fold_ready: its merges are inexact
         return fold(model, example, plan="none"), "none", f"plan {cfg.plan} failed: {exc}"
 
@@ -258,6 +260,7 @@ def measure_front(run_dir: str | Path, config: FrontConfig | None = None, *,
     example = torch.randn(2, *shape, generator=gen)  # batch 2: a one-sample capture pins it
     dense: nn.Module | None = None
     points, missing = [], []
+    memo: dict[str, Any] = {}
     for h in state["history"]:
         k = int(h["iteration"])
         if h.get("failed"):
@@ -266,7 +269,7 @@ def measure_front(run_dir: str | Path, config: FrontConfig | None = None, *,
             missing.append(k)
             continue
         reduced = load_iteration(run.path, k, model).model.eval()
-        folded, plan, note = fold_point(reduced, example, cfg)
+        folded, plan, note = fold_point(reduced, example, cfg, memo)
         dense = folded if dense is None else dense
         cost = measure(folded, example, latency=False)
         timings = {b: _paired(cfg, PointJob(k, b, cfg.rounds, cfg.min_run_time), dense, folded,
