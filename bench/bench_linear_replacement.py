@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from _common import Table, add_common_args, header, write_out
-from bench_entropy_order import MLP6, settings
+from bench_entropy_order import settings
 
 import easier
 from easier import data
@@ -31,14 +31,6 @@ from easier.train import evaluate, fine_tune, make_loader, seed_everything
 
 FIT_BATCHES = 8
 BN_BATCHES = 8
-
-
-def _setups(quick: bool) -> dict[str, dict[str, Any]]:
-    cfgs = settings(quick)
-    if quick:
-        cfgs["mlp6"]["build"] = lambda s: MLP6(s.num_classes, s.in_channels * s.image_size ** 2,
-                                               hidden=16, depth=2)
-    return cfgs
 
 
 def _drops(model: torch.nn.Module, splits: Any, dense: float) -> dict[str, dict[str, float]]:
@@ -78,7 +70,7 @@ def main(argv: list[str] | None = None) -> list[Table]:
     summary = Table("Mean single-site drop (points) and sites where affine beats identity",
                     ["model", "sites", *variants, "affine < identity (BN)"],
                     formats={v: ".1f" for v in variants})
-    for key, cfg in _setups(args.quick).items():
+    for key, cfg in settings(args.quick).items():
         rows = []
         for seed in seeds:
             splits = data.load(cfg["data"], seed=seed)
