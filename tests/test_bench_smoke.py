@@ -374,3 +374,27 @@ def test_latency_method_pareto_against_brute_force():
         dominated = any((q["test_acc"] >= p["test_acc"] and q["ms"] <= p["ms"])
                         and (q["test_acc"], q["ms"]) != (p["test_acc"], p["ms"]) for q in pts)
         assert (p in front) == (not dominated)
+
+
+# bench_linear_replacement, bench_entropy_floor
+
+
+def test_linear_replacement_quick_rows_per_site():
+    lr = _bench("bench_linear_replacement")
+    table, summary = lr.main(["--quick", *ONE])
+    rows = [dict(zip(table.columns, r, strict=True)) for r in table.rows]
+    assert [r["site"] for r in rows] == ["body.3", "body.6"]  # every site of the quick MLP once
+    for r in rows:
+        for v in ("identity stale", "affine stale", "identity BN", "affine BN"):
+            assert r["dense"] - 100.0 <= r[v] <= r["dense"], v  # a drop from the dense top-1
+    (model, sites, *_means, wins), = summary.rows  # fmt: skip
+    assert model == "mlp6" and sites == 2 and wins.endswith("/2")
+
+
+def test_entropy_floor_quick_counts_agree_and_shares_are_positive():
+    ef = _bench("bench_entropy_floor")
+    (table,) = ef.main(["--quick", *ONE, "--models", "resnet18"])  # asserts equal counts first
+    row = dict(zip(table.columns, table.rows[0], strict=True))
+    assert row["model"] == "resnet18" and row["sites"] == 17
+    for c in table.columns[2:]:
+        assert _positive(row[c]), c

@@ -100,6 +100,28 @@ def test_help_shows_defaults(capsys):
     assert main(["reduce", "--help"]) == 0
     text = capsys.readouterr().out
     assert "(default: 0.25)" in text and "(default: 1.0)" in text and "--dist-timeout" in text
+    assert "--linearize {identity,affine}" in text
+    assert " ".join(text.split("--linearize {identity,affine}\n")[1].split()[:30]).count(
+        "(default: identity)") == 1
+
+
+def test_affine_linearization_is_recorded_resumed_and_folded(tmp_path, run_dir, capsys):
+    from easier.state import load_model
+
+    # a run without the flag records no key: run directories made before it resume as identity
+    assert "linearize" not in json.loads((run_dir / "config.json").read_text())
+    out = tmp_path / "affine"
+    args = ["reduce", *TINY, "--max-removals", "1", "--delta", "100", "--out", str(out)]
+    assert main([*args, "--linearize", "affine"]) == 0
+    assert json.loads((out / "config.json").read_text())["linearize"] == "affine"
+    model = load_model(out / "model.pt")  # weights_only=True
+    site = json.loads((out / "summary.json").read_text())["linearized"][0]
+    assert any(k.startswith(f"{site}.affine.") for k in model.state_dict())
+    assert main(["fold", str(out), "--plan", "all"]) == 0
+    err = float(capsys.readouterr().out.split("max |error|")[1].split()[0].strip(":,"))
+    assert err < 1e-4
+    assert main([*args, "--max-removals", "2", "--resume"]) == 2  # identity now: refused
+    assert "linearize" in capsys.readouterr().err
 
 
 def test_disk_full_while_writing_reports_is_one_line_exit_1(tmp_path, capsys, monkeypatch):

@@ -239,3 +239,25 @@ def test_inf_and_nan_are_caught_unless_check_is_off():
             easier.measure_entropy(Act(), [z])
     nst = easier.measure_entropy(Act(), [z], check_finite=False).neurons("act")
     assert nst.zeros.tolist() == [0, 1, 0]  # the NaN is excluded like a zero
+
+
+@pytest.mark.parametrize("shape,axis", [((9, 5, 2, 3), 1), ((7, 3, 12, 12), 1),
+                                        ((6, 4, 5), -1), ((11, 6), 1), ((5, 2, 8, 9), 2)])
+def test_counts_equal_brute_force_over_layouts_and_chunks(monkeypatch, shape, axis):
+    """Both reduction orders (few / many positions), channel-last tokens, a moved axis, exact
+    zeros, and batches split into several chunks: counts equal a comparison loop."""
+    from easier import counters
+    from easier.sites import Site
+
+    monkeypatch.setattr(counters, "_CHUNK", 50)  # several chunks per batch
+    torch.manual_seed(0)
+    counter = counters.SiteCounter(Site("s", "relu", "module", "s", 0), "channel", axis, "exact")
+    zs = [torch.randn(shape).round(decimals=1) for _ in range(2)]  # ~4% exact zeros
+    for z in zs:
+        counter(z)
+    z = torch.cat(zs).movedim(axis, -1).reshape(-1, shape[axis])
+    on = [sum(1 for v in z[:, c].tolist() if v > 0) for c in range(z.shape[1])]
+    off = [sum(1 for v in z[:, c].tolist() if v < 0) for c in range(z.shape[1])]
+    assert counter.on.tolist() == on and counter.off.tolist() == off
+    assert counter.seen.tolist() == [z.shape[0]] * z.shape[1]
+    assert int(counter.bad) == 0 and (z == 0).any()

@@ -243,7 +243,12 @@ def test_options_are_checked():
         create_method("tlc", select="best")
     with pytest.raises(easier.ConfigError, match="batches"):
         create_method("tlc", batches=0)
-    assert create_method("tlc", batches=None).options() == {"batches": None, "select": "joint"}
+    with pytest.raises(easier.ConfigError, match="bn_batches"):
+        create_method("tlc", bn_batches=-1)
+    assert create_method("tlc", batches=None).options() == {"batches": None, "select": "joint",
+                                                            "bn_batches": 4}
+    # without BN re-estimation the options are those recorded before it existed (runs resume)
+    assert create_method("tlc", bn_batches=0).options() == {"batches": 1, "select": "joint"}
 
 
 def test_loop_stops_at_the_first_drop(monkeypatch):
@@ -260,7 +265,7 @@ def test_loop_stops_at_the_first_drop(monkeypatch):
     assert "88.00 < baseline 90.00" in res.stop_reason
 
 
-def run(out, method="tlc", resume=False, max_removals=3):
+def run(out, method="tlc", resume=False, max_removals=4):
     return tiny_run(out, method, resume=resume, max_removals=max_removals)
 
 

@@ -32,6 +32,7 @@ __all__ = ["ESTIMATORS", "NEURONS", "Scratch", "SiteCounter", "binary_entropy", 
 ESTIMATORS = ("exact", "reference")
 _CHUNK = 1 << 18  # elements counted at a time: a 1 MiB float32 temporary, cache-sized
 NEURONS = ("channel", "element")
+_INNER = 64  # positions per channel from which a chunk is reduced over positions first
 
 
 def binary_entropy(p: torch.Tensor) -> torch.Tensor:
@@ -123,17 +124,29 @@ class SiteCounter(nn.Module):
             # Counting through sign() costs one temporary and two read-only reductions: much
             # cheaper than comparisons to bool tensors, whose reductions are slow on CPU. The
             # batch is counted in chunks, so the temporary stays small (and in cache); sums of
-            # +-1/0 are exact in float32 while a chunk has < 2**24 values per channel.
+            # +-1/0 are exact in float32 while a chunk has < 2**24 values per channel. Each
+            # chunk is viewed as (rows, C, positions) and reduced in two steps, each over one
+            # axis: positions first when they are many (contiguous inner sums), rows first when
+            # they are few (a 4x4 map); one reduction over (0, 2) at once is ~1.5x slower.
+            # The finiteness check is one whole-chunk min/max (NaN and Inf both show in it)
+            # instead of a per-channel sum.
+            c = z.shape[1]
             rows = max(1, _CHUNK // max(1, z[:1].numel()))
             for start in range(0, z.shape[0], rows):
                 zc = z[start:start + rows]
-                if self.strict_finite:  # NaN and Inf propagate into a plain per-channel sum
-                    self.bad += (~torch.isfinite(zc.sum(dim=dims))).sum()  # type: ignore[operator]
-                acc = torch.float32 if zc.numel() // zc.shape[1] < 2**24 else torch.float64
-                sgn = self.scratch.take(zc)
-                torch.sign(zc, out=sgn)
-                diff = sgn.sum(dim=dims, dtype=acc)  # on - off
-                both = sgn.abs_().sum(dim=dims, dtype=acc)  # on + off
+                flat = zc.reshape(zc.shape[0], c, -1)
+                if self.strict_finite:
+                    lo, hi = torch.aminmax(flat)
+                    self.bad += (~torch.isfinite(lo - hi)).long()  # type: ignore[operator]
+                acc = torch.float32 if flat.numel() // c < 2**24 else torch.float64
+                sgn = self.scratch.take(flat)
+                torch.sign(flat, out=sgn)
+                if sgn.shape[2] >= _INNER:
+                    diff = sgn.sum(2, dtype=acc).sum(0)  # on - off
+                    both = sgn.abs_().sum(2, dtype=acc).sum(0)  # on + off
+                else:
+                    diff = sgn.sum(0, dtype=acc).sum(1)
+                    both = sgn.abs_().sum(0, dtype=acc).sum(1)
                 on = ((both + diff) / 2).round().long()
                 self.on += on  # type: ignore[operator]
                 self.off += both.round().long() - on  # type: ignore[operator]
@@ -163,7 +176,7 @@ class SiteCounter(nn.Module):
         if self.bad is not None and int(self.bad) > 0:
             raise NonFiniteError(
                 f"site {self.site.name!r}: NaN or Inf pre-activations in {int(self.bad)} "
-                "channel-batch(es); "
+                "chunk(s) of a batch; "
                 "the entropy would be meaningless. Check the model's weights and inputs (e.g. "
                 "normalisation, a diverged fine-tune) before measuring."
             )

@@ -13,6 +13,9 @@ parameter and buffer name, so it trains exactly as before (BN statistics, dropou
 * a functional site ``scope:op@k``: the ``scope`` module gets forward hooks that run its
   forward under a ``TorchFunctionMode`` returning the input of its k-th ``op`` call.
 
+``mode="affine"`` makes a site compute ``a * z + b`` per channel instead of ``z`` (an
+:class:`easier.switches.Affine` whose ``a``, ``b`` come from :func:`easier.affine.fit_affine`).
+
 Every edit returns a copy and appends a plain-data record to ``model.easier_edits``;
 :func:`apply_edits` replays such a list on a fresh base model, which is how checkpoints are
 rebuilt under ``weights_only=True``. Methods may register their own edits with
@@ -34,10 +37,14 @@ from .errors import ConfigError, SiteError, StateError, TraceError
 from .padding import conv_paddings, relocate
 from .sites import KINDS, graph_sites, module_kind
 from .switches import (
+    AFFINE_ATTR,
     EAGER_OPS,
+    MODES,
+    Affine,
     CallSwitch,
     Linearized,
     Rule,
+    add_affine,
     ensure_reset_hook,
     parse_site,
     set_module,
@@ -46,8 +53,9 @@ from .switches import (
     switch_of,
 )
 
-__all__ = ["CallSwitch", "Linearized", "Rule", "apply_edits", "edits_of", "linearize",
-           "linearized_sites", "register_edit", "replace_with_identity", "set_site_rule"]
+__all__ = ["MODES", "Affine", "CallSwitch", "Linearized", "Rule", "apply_edits", "edits_of",
+           "linearize", "linearized_sites", "register_edit", "replace_with_identity",
+           "set_site_rule"]
 
 _EDITS = "easier_edits"  # list of edit records, kept on every edited module
 _CARRIED = ("easier_spec",)  # attributes a copy keeps
@@ -112,6 +120,8 @@ def linearize(
     fold_ready: bool = False,
     kinds: Sequence[str] = KINDS,
     capture: bool = True,
+    mode: str = "identity",
+    fits: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Return a copy of ``model`` in which the named activation sites compute the identity.
 
@@ -130,8 +140,12 @@ def linearize(
     ``example_input``) also moves the zero padding of each conv chain that a removed activation
     joins to the chain's first conv: that changes the function at the image borders (fine-tuning
     adapts to it) and makes the later :func:`easier.fold` of the chain exact.
+    ``mode="affine"`` replaces each site by the per-channel map ``a * z + b`` given in ``fits``
+    (``{site: AffineFit}`` from :func:`easier.affine.fit_affine` on this model); ``a`` and
+    ``b`` become trainable parameters of the copy, and the fold merges them exactly.
     """
     names = list(sites)
+    shapes = _affine_shapes(names, mode, fits)
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise SiteError(f"site(s) {dup} given more than once")
@@ -167,10 +181,49 @@ def linearize(
         else:
             shared |= {p for p, n in _module_calls(model, example_input, modules).items() if n > 1}
     shared &= modules
-    new = _apply_linearize(copy.deepcopy(model), names, padding, shared)
+    new = _apply_linearize(copy.deepcopy(model), names, padding, shared, shapes)
     edit = {"op": "linearize", "sites": names, "fold_ready": bool(fold_ready),
             "padding": padding, "shared": sorted(shared)}
+    if shapes:  # identity records stay as before, so old checkpoints and new ones compare equal
+        edit.update(mode="affine", shapes=shapes)
+        _set_fits(new, fits or {}, names)
     return record_edit(new, model, edit)
+
+
+def _affine_shapes(names: list[str], mode: str, fits: dict[str, Any] | None
+                   ) -> dict[str, list[int]]:
+    """{site: parameter shape} for an affine linearization; {} for the identity."""
+    if mode not in MODES:
+        raise ConfigError(f"linearize mode={mode!r}; valid modes: {list(MODES)}")
+    if mode == "identity":
+        return {}
+    missing = [n for n in names if n not in (fits or {})]
+    if missing:
+        raise ConfigError(f"linearize(mode='affine') needs fits for {missing}: pass "
+                          "fits=easier.affine.fit_affine(model, data, sites)")
+    return {n: list(fits[n].a.shape) for n in names}  # type: ignore[index]
+
+
+def _affines(model: nn.Module, names: list[str]) -> dict[str, Affine]:
+    """The :class:`Affine` of each named (affine-linearized) site of ``model``."""
+    out: dict[str, Affine] = {}
+    for name in names:
+        path, op, call = parse_site(name)
+        scope = model.get_submodule(path)
+        if op is not None:
+            out[name] = switch_of(scope).affine[(op, call)]
+        elif isinstance(scope, Linearized):
+            out[name] = scope.affine  # type: ignore[assignment]
+        else:
+            out[name] = getattr(scope, AFFINE_ATTR)[str(call)]
+    return out
+
+
+@torch.no_grad()
+def _set_fits(model: nn.Module, fits: dict[str, Any], names: list[str]) -> None:
+    for name, affine in _affines(model, names).items():
+        affine.a.copy_(fits[name].a.reshape(affine.a.shape))
+        affine.b.copy_(fits[name].b.reshape(affine.b.shape))
 
 
 def _later_calls(names: Iterable[str]) -> set[str]:
@@ -204,46 +257,62 @@ def _module_calls(model: nn.Module, example_input: Any, paths: Iterable[str]) ->
 
 
 def _apply_linearize(new: nn.Module, names: list[str], padding: dict[str, list[int]],
-                     shared: set[str]) -> nn.Module:
+                     shared: set[str], shapes: dict[str, list[int]] | None = None) -> nn.Module:
     """Switch the named sites off in ``new`` (in place) and set relocated paddings.
 
     ``shared`` lists activation modules called more than once per forward: they get a
-    :class:`CallSwitch`, every other module site a :class:`Linearized`.
+    :class:`CallSwitch`, every other module site a :class:`Linearized`. A site in ``shapes``
+    gets an :class:`Affine` of that shape (values set by the caller, or loaded).
     """
+    shapes = shapes or {}
+    ref = next((p for p in new.parameters() if p.is_floating_point()), None)
+    like = {} if ref is None else {"dtype": ref.dtype, "device": ref.device}
     for name in names:
         path, op, call = parse_site(name)
         scope = site_module(new, path, name)
+        shape = shapes.get(name)
         if op is not None:
             if op not in set(EAGER_OPS.values()):
                 raise SiteError(f"site {name!r}: unknown op {op!r}")
-            switch_of(scope).skip.setdefault(op, set()).add(call)
+            sw = switch_of(scope)
+            sw.skip.setdefault(op, set()).add(call)
+            if shape is not None:
+                sw.affine[(op, call)] = add_affine(scope, f"{op}_{call}", shape, **like)
             ensure_reset_hook(new)
             continue
         kind = module_kind(scope)
         if kind is None:
             raise SiteError(f"site {name!r}: module {path!r} ({type(scope).__name__}) is not an "
                             "activation module")
-        if isinstance(scope, CallSwitch):
-            scope.calls.add(call)
-        elif isinstance(scope, Linearized):
+        if isinstance(scope, Linearized):
             raise SiteError(f"site {name!r} is already linearized")
-        elif path not in shared:
-            set_module(new, path, Linearized(scope, kind))
-        else:
-            set_module(new, path, CallSwitch(scope, kind, [call]))
+        if not isinstance(scope, CallSwitch) and path not in shared:
+            set_module(new, path, Linearized(scope, kind, None if shape is None
+                                             else Affine(shape, **like)))
+            continue
+        if not isinstance(scope, CallSwitch):
+            scope = CallSwitch(scope, kind)
+            set_module(new, path, scope)
             ensure_reset_hook(new)
+        scope.calls.add(call)
+        if shape is not None:
+            add_affine(scope, str(call), shape, **like)
     conv_paddings(new, padding)
     return new
 
 @register_edit("linearize")
 def _replay_linearize(model: nn.Module, sites: list[str], fold_ready: bool = False,
                       padding: dict[str, list[int]] | None = None,
-                      shared: list[str] | None = None) -> nn.Module:
+                      shared: list[str] | None = None, mode: str = "identity",
+                      shapes: dict[str, list[int]] | None = None) -> nn.Module:
+    # a record without mode/shapes (every checkpoint before affine mode) is the identity
     new = _apply_linearize(copy.deepcopy(model), list(sites), dict(padding or {}),
-                           set(shared or ()))
-    return record_edit(new, model, {"op": "linearize", "sites": list(sites),
-                                    "fold_ready": bool(fold_ready), "padding": padding or {},
-                                    "shared": list(shared or [])})
+                           set(shared or ()), dict(shapes or {}) if mode == "affine" else None)
+    edit = {"op": "linearize", "sites": list(sites), "fold_ready": bool(fold_ready),
+            "padding": padding or {}, "shared": list(shared or [])}
+    if mode == "affine":
+        edit.update(mode="affine", shapes=dict(shapes or {}))
+    return record_edit(new, model, edit)
 
 
 @register_edit("identity")

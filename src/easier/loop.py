@@ -169,6 +169,7 @@ def _reduce(model: nn.Module, train: Any, val: Any, method: str | Method, test: 
         "kinds": list(kinds), "sites": all_sites, "units": all_units, "unit": strategy.unit,
         "input_shape": list(example.shape[1:]) if isinstance(example, torch.Tensor) else None,
         "model_spec": getattr(model, "easier_spec", None), **dict(run.extra),
+        **({} if entropy.linearize == "identity" else {"linearize": entropy.linearize}),
     }
     rundir = RunDir(out, keep_iterations=run.keep_iterations) if out is not None else None
     saved = None
@@ -239,6 +240,7 @@ def _reduce(model: nn.Module, train: Any, val: Any, method: str | Method, test: 
                       device=device, kinds=kinds, fold_ready=entropy.fold_ready,
                       batch_size=finetune.batch_size, entropy_batches=entropy.batches,
                       input_key=input_key, progress=run.progress, example=example,
+                      linearize_mode=entropy.linearize,
                       max_k=(None if stop.max_removals is None
                              else stop.max_removals - len(removed)))
         step = strategy.step(ctx)

@@ -20,6 +20,7 @@ import torch
 
 from .errors import ConfigError
 from .sites import KINDS
+from .switches import MODES as LINEARIZE_MODES
 
 __all__ = ["EntropyConfig", "RunConfig", "StopRule", "from_legacy"]
 
@@ -77,11 +78,15 @@ class EntropyConfig:
     ``batches`` caps the batches of ``train_eval`` per entropy pass (None: all of it); ``kinds``
     selects the activation kinds that are sites (see :data:`easier.KINDS`); ``fold_ready``
     relocates zero padding when a site is linearized so that the result can be folded exactly.
+    ``linearize`` is what a removed site computes: ``"identity"`` (the paper) or ``"affine"``,
+    the per-channel least-squares ``a * z + b`` fitted to the activation on training batches
+    (see :mod:`easier.affine`); both fold exactly.
     """
 
     batches: int | None = None
     kinds: tuple[str, ...] = KINDS
     fold_ready: bool = True
+    linearize: str = "identity"
 
     def __post_init__(self) -> None:
         _count("EntropyConfig", "batches", self.batches, 1)
@@ -96,6 +101,9 @@ class EntropyConfig:
                               + f"; valid kinds: {list(KINDS)}")
         object.__setattr__(self, "kinds", kinds)
         _flag("EntropyConfig", "fold_ready", self.fold_ready)
+        if self.linearize not in LINEARIZE_MODES:
+            raise ConfigError(f"EntropyConfig.linearize={self.linearize!r}: valid modes: "
+                              f"{list(LINEARIZE_MODES)}")
 
 
 @dataclass(frozen=True)

@@ -24,13 +24,37 @@ from torch.overrides import TorchFunctionMode
 from .errors import SiteError
 from .sites import SWITCH_ATTR, module_kind
 
-__all__ = ["EAGER_OPS", "CallSwitch", "Linearized", "Rule", "ensure_reset_hook", "parse_site",
-           "set_module", "set_site_rule", "site_module", "switch_of"]
+__all__ = ["AFFINE_ATTR", "EAGER_OPS", "MODES", "Affine", "CallSwitch", "Linearized", "Rule",
+           "add_affine", "ensure_reset_hook", "parse_site", "set_module", "set_site_rule",
+           "site_module", "switch_of"]
+
+MODES = ("identity", "affine")  # what a linearized site computes: z, or a*z + b per channel
+AFFINE_ATTR = "easier_affine"  # child ModuleDict of the affine replacements of a switch or scope
+
+
+class Affine(nn.Module):
+    """``a * z + b`` per channel: the least-squares linear stand-in for an activation.
+
+    ``a`` and ``b`` are trainable parameters already shaped to broadcast along the site's channel
+    axis (``(C, 1, 1)`` for a conv map, ``(C,)`` for features or tokens), so the captured graph
+    holds one ``mul`` and one ``add`` by a per-channel parameter, which the fold merges into the
+    conv/linear before it exactly. Trainable, because a fine-tune may improve the fit like any
+    other weight and the fold absorbs whatever values they end with.
+    """
+
+    def __init__(self, shape: tuple[int, ...] | list[int], **like: Any):
+        super().__init__()
+        self.a = nn.Parameter(torch.ones(tuple(shape), **like))  # like: dtype=, device=
+        self.b = nn.Parameter(torch.zeros(tuple(shape), **like))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.a + self.b
+
 
 class Linearized(nn.Module):
-    """An activation module switched to the identity; keeps the original's parameters."""
+    """An activation module switched to the identity (or to ``affine``); keeps its parameters."""
 
-    def __init__(self, original: nn.Module, kind: str):
+    def __init__(self, original: nn.Module, kind: str, affine: Affine | None = None):
         super().__init__()
         self.easier_kind = kind
         self.easier_linearized = True
@@ -39,9 +63,10 @@ class Linearized(nn.Module):
             self.register_parameter(name, p)
         for name, b in original.named_buffers(recurse=False):
             self.register_buffer(name, b)
+        self.affine = affine
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return x
+        return x if self.affine is None else self.affine(x)
 
     def extra_repr(self) -> str:
         return f"was {self.original_type}"
@@ -54,7 +79,8 @@ Rule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class CallSwitch(nn.Module):
     """An activation module whose calls (0-based, per forward) are overridden one by one.
 
-    A call in ``calls`` is the identity; a call with a rule in ``rules`` returns
+    A call in ``calls`` is the identity, or ``a * x + b`` when it has an :class:`Affine` in the
+    ``easier_affine`` child (keyed by the call number); a call with a rule in ``rules`` returns
     ``rule(x, act(x))`` (e.g. Layer Folding's slope mix); any other call is the module's own. The
     wrapped module is not a child: its parameters and buffers are registered on the switch under
     their own names, so the state_dict keys stay those of the dense model (``act.weight``, not
@@ -92,7 +118,8 @@ class CallSwitch(nn.Module):
         i, self.count = self.count, self.count + 1
         self.seen = max(self.seen, self.count)
         if i in self.calls:
-            return x
+            affine = getattr(self, AFFINE_ATTR, None)
+            return affine[str(i)](x) if affine is not None and str(i) in affine else x
         inner = self.inner
         inner._parameters.update(self._parameters)  # .to() / load may have replaced tensors
         inner._buffers.update(self._buffers)
@@ -130,6 +157,7 @@ class _Switch:
     def __init__(self) -> None:
         self.skip: dict[str, set[int]] = {}
         self.rules: dict[tuple[str, int], Rule] = {}  # (op, call) -> rule(x, op(x))
+        self.affine: dict[tuple[str, int], Affine] = {}  # skipped calls that return a*x+b
         self.count: dict[str, int] = {}
         self.depth = 0
         self.modes: list[TorchFunctionMode] = []
@@ -156,7 +184,9 @@ class _Override(TorchFunctionMode):
                 i = sw.count.get(op, 0)
                 sw.count[op] = i + 1
                 if i in sw.skip.get(op, ()):
-                    return args[0] if args else kwargs.get("input")
+                    x = args[0] if args else kwargs.get("input")
+                    affine = sw.affine.get((op, i))
+                    return x if affine is None else affine(x)
                 rule = sw.rules.get((op, i))
                 if rule is not None and args:
                     x = args[0]
@@ -202,6 +232,20 @@ def _reset_counts(root: nn.Module, args: Any) -> None:
 def ensure_reset_hook(root: nn.Module) -> None:
     if _reset_counts not in root._forward_pre_hooks.values():
         root.register_forward_pre_hook(_reset_counts)
+
+
+def add_affine(owner: nn.Module, key: str, shape: tuple[int, ...] | list[int], **like: Any
+               ) -> Affine:
+    """A new :class:`Affine` kept in ``owner``'s ``easier_affine`` child under ``key``.
+
+    A child, so ``a`` and ``b`` are in the state_dict (``act.easier_affine.0.a``) and train.
+    """
+    store = getattr(owner, AFFINE_ATTR, None)
+    if store is None:
+        store = nn.ModuleDict()
+        owner.add_module(AFFINE_ATTR, store)
+    store[key] = Affine(shape, **like)
+    return store[key]  # type: ignore[return-value]
 
 
 def switch_of(scope: nn.Module) -> _Switch:

@@ -114,6 +114,10 @@ def run_args(r: argparse.ArgumentParser) -> None:
                    help="measure entropy on at most this many batches (default: all)")
     r.add_argument("--no-fold-ready", action="store_true",
                    help="do not move conv padding when linearizing (fold becomes inexact)")
+    r.add_argument("--linearize", default="identity", choices=["identity", "affine"],
+                   help="what a removed activation becomes: the identity (the paper) or the "
+                        "per-channel least-squares a*z+b fitted on training batches (both fold "
+                        "exactly)")
     r.add_argument("--no-fold", action="store_true", help="do not fold at the end")
     r.add_argument("--plan", default="latency", choices=PLANS, help="what folding optimises")
     r.add_argument("--resume", action="store_true", help="continue the run in --out")

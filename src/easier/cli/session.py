@@ -136,7 +136,8 @@ def setup(args: argparse.Namespace, info: Any) -> dict[str, Any]:
                          max_iterations=args.max_iterations, run_all=args.all,
                          one_shot=args.one_shot),
         "entropy": EntropyConfig(batches=args.entropy_batches,
-                                 fold_ready=not args.no_fold_ready),
+                                 fold_ready=not args.no_fold_ready,
+                                 linearize=getattr(args, "linearize", "identity")),
         "run": RunConfig(seed=args.seed, device=dev, amp=args.amp, progress=not args.quiet,
                          log=say, extra=config),
     }

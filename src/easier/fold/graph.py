@@ -13,7 +13,8 @@ parameters, so the merge rules read layers, not op signatures:
 * dropout in eval, ``clone``, ``alias``, ``detach`` -> dropped; ``aten.add.Tensor`` -> ``+``.
 
 Then every BN whose input is a single-use conv/linear is folded into it, and so is an elementwise
-scale by a per-channel parameter (ConvNeXt's layer scale). Node shapes are recorded.
+scale by a per-channel parameter (ConvNeXt's layer scale) and an added per-channel parameter
+(what an affine-linearized site ``a * z + b`` leaves). Node shapes are recorded.
 """
 
 from __future__ import annotations
@@ -258,9 +259,31 @@ def _scale_of(gm: fx.GraphModule, node: fx.Node, layer: fx.Node) -> torch.Tensor
         return None
     other = node.args[1] if node.args[0] is layer else node.args[0]
     p = _param(gm, other)
-    mod = gm.get_submodule(str(layer.target))
     shape = node_shape(layer)
     if p is None or shape is None or not p.is_floating_point():
+        return None
+    return _per_channel(gm, p, layer)
+
+
+def _offset_of(gm: fx.GraphModule, node: fx.Node, layer: fx.Node) -> torch.Tensor | None:
+    """The per-output-channel term of ``node = layer + param``, if it is one.
+
+    An affine-linearized site (``a * z + b``) leaves such an add once its scale is folded.
+    """
+    if node.target not in (_aten.add.Tensor, operator.add) or len(node.args) != 2 or node.kwargs:
+        return None
+    other = node.args[1] if node.args[0] is layer else node.args[0]
+    p = _param(gm, other)
+    if p is None or not p.is_floating_point():
+        return None
+    return _per_channel(gm, p, layer)
+
+
+def _per_channel(gm: fx.GraphModule, p: torch.Tensor, layer: fx.Node) -> torch.Tensor | None:
+    """``p`` as a vector over ``layer``'s output channels, when it broadcasts as one."""
+    mod = gm.get_submodule(str(layer.target))
+    shape = node_shape(layer)
+    if shape is None or p.dim() > len(shape):  # it would broadcast the output to a new rank
         return None
     if isinstance(mod, nn.Linear):
         ok = p.dim() >= 1 and p.shape[-1] == mod.out_features and p.numel() == p.shape[-1]
@@ -272,7 +295,7 @@ def _scale_of(gm: fx.GraphModule, node: fx.Node, layer: fx.Node) -> torch.Tensor
 
 
 def _fold_affine(gm: fx.GraphModule) -> list[str]:
-    """Fold BNs and per-channel scales into the single-use conv/linear before them."""
+    """Fold BNs, per-channel scales and offsets into the single-use conv/linear before them."""
     counts = call_counts(gm)
     folded = []
     for node in list(gm.graph.nodes):
@@ -283,7 +306,8 @@ def _fold_affine(gm: fx.GraphModule) -> list[str]:
                 continue
             if bn.running_mean is None:
                 continue  # no running statistics: it normalises with batch statistics
-        elif node.op == "call_function" and node.target in (_aten.mul.Tensor, operator.mul):
+        elif node.op == "call_function" and node.target in (_aten.mul.Tensor, operator.mul,
+                                                              _aten.add.Tensor, operator.add):
             bn = None
             src = next((a for a in node.args if isinstance(a, fx.Node) and a.op == "call_module"),
                        None)
@@ -306,6 +330,14 @@ def _fold_affine(gm: fx.GraphModule) -> list[str]:
                 continue
             _fold_bn_into(layer, bn)
             label = f"{src.target}<-{node.target}"
+        elif node.target in (_aten.add.Tensor, operator.add):
+            offset = _offset_of(gm, node, src)
+            if offset is None:
+                continue
+            with torch.no_grad():
+                bias = offset if layer.bias is None else layer.bias + offset
+                layer.bias = nn.Parameter(bias.to(layer.weight.dtype))
+            label = f"{src.target}<-offset"
         else:
             scale = _scale_of(gm, node, src)
             if scale is None:

@@ -61,6 +61,9 @@ class Context:
     report: EntropyReport | None = None  # set by entropy(); recorded in the history
     max_k: int | None = None  # units the budget still allows (max_removals); None = no limit
     example: Any = None  # one model input (on the device): what captures are made on
+    linearize_mode: str = "identity"  # what a removed site computes (EntropyConfig.linearize)
+    fit_batches: int = 8  # training batches an affine fit reads
+    fits: dict[int, dict[str, Any]] = field(default_factory=dict)  # id(model) -> affine fits
 
     def entropy(self, model: nn.Module | None = None, **options: Any) -> EntropyReport:
         """Entropy of the remaining sites on the training images (cached for ``ctx.model``)."""
@@ -85,17 +88,39 @@ class Context:
         return rep
 
     def linearize(self, sites: Sequence[str], model: nn.Module | None = None, *,
-                  fold_ready: bool | None = None) -> nn.Module:
+                  fold_ready: bool | None = None, capture: bool = True) -> nn.Module:
         """``ctx.model`` (or ``model``) with these sites linearized, padding moved if fold_ready.
 
         ``fold_ready`` overrides the run's setting (None): scoring a candidate with ``False``
         measures the removal alone, without the border change that padding relocation makes.
+        ``capture=False`` (needs ``fold_ready=False``) skips the capture, to score candidates
+        fast. In the run's ``affine`` mode the sites get their least-squares ``a * z + b``.
         """
         ready = self.fold_ready if fold_ready is None else fold_ready
         target = self.model if model is None else model
         example = to_device(self.example, model_device(target))
-        return linearize(target, list(sites), example_input=example,
-                         fold_ready=ready and example is not None, kinds=self.kinds)
+        fits = self.affine_fits(target) if self.linearize_mode == "affine" else None
+        return linearize(target, list(sites), example_input=example if capture else None,
+                         fold_ready=ready and capture and example is not None, kinds=self.kinds,
+                         capture=capture, mode=self.linearize_mode, fits=fits)
+
+    def affine_fits(self, model: nn.Module | None = None) -> dict[str, Any]:
+        """Least-squares ``a * z + b`` of every site of ``model`` (cached per model object).
+
+        Fitted on the first ``fit_batches`` unshuffled training batches, so every rank of a
+        distributed run fits the same values.
+        """
+        from ..affine import fit_affine
+        from ..train import make_loader
+
+        target = self.model if model is None else model
+        if id(target) not in self.fits:
+            if self.train_eval is None:
+                raise ConfigError("affine linearization fits on training data: pass train_eval")
+            loader = make_loader(self.train_eval, self.batch_size, shuffle=False)
+            self.fits[id(target)] = fit_affine(target, loader, max_batches=self.fit_batches,
+                                               input_key=self.input_key, kinds=self.kinds)
+        return self.fits[id(target)]
 
     def val_batches(self, n: int | None = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The first ``n`` validation batches (all when None), on the device."""

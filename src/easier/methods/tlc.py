@@ -54,7 +54,7 @@ from torch import fx, nn
 
 from ..capture import Capture, default_example, flat_inputs
 from ..errors import ConfigError, SiteError, StateError
-from ..linearize import linearize
+from ..recalibrate import reestimate_bn
 from ..sites import KINDS, GraphSite, graph_sites
 from .base import Context, Method, Step, register_method
 from .graph_walk import capture_for, layer_calls, module_of, norm_input, pass_input
@@ -276,12 +276,19 @@ class TLC(Method):
 
     ``batches`` is how many validation batches score the candidates (1 as in the reference;
     None for all); ``select`` is ``"joint"`` (the reference rule) or ``"lowest"``.
+    ``bn_batches`` training batches re-estimate the BN statistics of every collapsed candidate
+    before its loss is taken (:func:`easier.recalibrate.reestimate_bn`): a loss gap measured
+    with the dense model's statistics mostly measures how stale they are. 0 scores as the
+    reference does (and as runs made before this option did).
     """
 
     name = "tlc"
     description = "BN-guided collapse, lowest validation-loss gap first (TLC, Liao et al.)"
 
-    def __init__(self, batches: int | None = 1, select: str = "joint"):
+    def __init__(self, batches: int | None = 1, select: str = "joint", bn_batches: int = 4):
+        if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 0:
+            raise ConfigError(f"bn_batches={bn_batches!r}: must be an integer >= 0")
+        self.bn_batches = bn_batches
         if select not in SELECT:
             raise ConfigError(f"select={select!r}; valid: {list(SELECT)}")
         if batches is not None and (
@@ -294,7 +301,9 @@ class TLC(Method):
         self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
 
     def options(self) -> dict[str, Any]:
-        return {"batches": self.batches, "select": self.select}
+        # bn_batches=0 is recorded as before the option existed, so those runs still resume
+        return {"batches": self.batches, "select": self.select,
+                **({"bn_batches": self.bn_batches} if self.bn_batches else {})}
 
     def prepare(self, model: nn.Module) -> nn.Module:
         self.masks, self._on_device = {}, {}  # a fresh run starts without masks
@@ -304,11 +313,14 @@ class TLC(Method):
         self, ctx: Context, plans: dict[str, Collapse], sites: list[str], fold_ready: bool | None
     ) -> nn.Module:
         if fold_ready is False:  # a candidate, scored only: switched by name, no capture (fast)
-            model = linearize(ctx.model, sites, kinds=ctx.kinds, capture=False)
+            model = ctx.linearize(sites, fold_ready=False, capture=False)
         else:
             model = ctx.linearize(sites, fold_ready=fold_ready)
         for s in sites:
             apply_masks(model, plans[s].masks)
+        if fold_ready is False and self.bn_batches and ctx.train_eval is not None:
+            reestimate_bn(model, ctx.train_eval, batches=self.bn_batches,
+                          batch_size=ctx.batch_size, input_key=ctx.input_key)
         return model
 
     def step(self, ctx: Context) -> Step:
