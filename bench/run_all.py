@@ -107,10 +107,26 @@ SCRIPTS = (
         "Target: the best speed-up within 1 point of dense accuracy, per method, reported as "
         "found.",
     ),
+    Script(
+        "entropy_floor",
+        "bench_entropy_floor.py",
+        "Entropy pass: where the time goes",
+        "The instrumented pass with the previous and current counters, the counters alone, and "
+        "the memory-traffic floor (one read and write of every pre-activation), each as a share "
+        "of one plain forward, side by side. Target: <= 1.05x a plain forward, or the floor.",
+    ),
+    Script(
+        "linear_replacement",
+        "bench_linear_replacement.py",
+        "Linear replacement: identity vs affine",
+        "Single-site test top-1 drop before any fine-tuning, identity vs the per-channel "
+        "least-squares affine map, with stale and re-estimated BN statistics (mlp6, cnn5 on "
+        "mnist5k). Target: affine no worse than identity; the default changes only if it wins.",
+    ),
 )
 # fold_models uses the reproduction's run
-RUN_ORDER = ("entropy", "fold", "reproduction", "fold_models", "bert_fold", "entropy_order",
-             "latency_method")
+RUN_ORDER = ("entropy", "entropy_floor", "fold", "reproduction", "fold_models", "bert_fold",
+             "entropy_order", "linear_replacement", "latency_method")
 
 
 def run_script(script: Script, args: list[str], out: Path | None) -> tuple[int, str, float]:
