@@ -97,9 +97,20 @@ SCRIPTS = (
         "test top-1 before fine-tuning (BN re-estimated) and after, with bootstrap intervals "
         "of the paired differences. Target: an answer, whichever it is.",
     ),
+    Script(
+        "time_to_result",
+        "bench_time_to_result.py",
+        "Time to result",
+        "Today's fixed fine-tune budget after each removal against early stop (fine-tune until "
+        "a validation subset is back within delta) and early stop with distillation from the "
+        "dense model, from the same pretrained model per seed: fine-tune steps, wall time, "
+        "sites removed within delta, kept val/test top-1. Target: the same or more sites "
+        "removed at the same delta with <= 0.5x the fine-tuning steps.",
+    ),
 )
 # fold_models uses the reproduction's run
-RUN_ORDER = ("entropy", "fold", "reproduction", "fold_models", "bert_fold", "entropy_order")
+RUN_ORDER = ("entropy", "fold", "reproduction", "fold_models", "bert_fold", "entropy_order",
+             "time_to_result")
 
 
 def run_script(script: Script, args: list[str], out: Path | None) -> tuple[int, str, float]:
