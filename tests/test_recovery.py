@@ -195,3 +195,33 @@ def test_cli_flags_default_to_recovery_defaults_and_are_checked(capsys):
         assert main(["reduce", *bad]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("easier: error:") and bad[0] in err and "\n" not in err
+
+
+class DictNet(nn.Module):
+    """Takes keyword inputs and returns a Hugging Face ModelOutput, like an HF classifier."""
+
+    def __init__(self, seed):
+        super().__init__()
+        self.net = mlp(seed)
+
+    def forward(self, pixel_values, scale):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        return SequenceClassifierOutput(logits=self.net(pixel_values * scale))
+
+
+def test_distill_and_subset_check_take_dict_batches_and_model_outputs():
+    from easier.recovery import read_subset, subset_accuracy
+
+    x, y = data(64, seed=1).tensors
+    rows = [{"pixel_values": x[i], "scale": torch.tensor([2.0]), "label": y[i]} for i in range(64)]
+    teacher, student = DictNet(7).eval(), DictNet(0)
+    batch = {"pixel_values": x[:8], "scale": torch.full((8,), 2.0)[:, None]}
+    s = student(**batch).logits
+    want = distill_loss(s, teacher.net(x[:8] * 2.0), y[:8], weight=0.5, temperature=2.0)
+    got = Distill(teacher, 0.5, 2.0)(s, y[:8], batch)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
+    subset = read_subset(rows, 2, 16, "cpu", None)  # the first 2 batches of 16, in order
+    assert [len(b[1]) for b in subset] == [16, 16] and torch.equal(subset[1][1], y[16:32])
+    assert subset_accuracy(student, subset) == pytest.approx(
+        subset_acc_by_hand(student.net, x[:32] * 2.0, y[:32]))
