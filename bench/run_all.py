@@ -123,10 +123,20 @@ SCRIPTS = (
         "least-squares affine map, with stale and re-estimated BN statistics (mlp6, cnn5 on "
         "mnist5k). Target: affine no worse than identity; the default changes only if it wins.",
     ),
+    Script(
+        "time_to_result",
+        "bench_time_to_result.py",
+        "Time to result",
+        "Today's fixed fine-tune budget after each removal against early stop (fine-tune until "
+        "a validation subset is back within delta) and early stop with distillation from the "
+        "dense model, from the same pretrained model per seed: fine-tune steps, wall time, "
+        "sites removed within delta, kept val/test top-1. Target: the same or more sites "
+        "removed at the same delta with <= 0.5x the fine-tuning steps.",
+    ),
 )
 # fold_models uses the reproduction's run
 RUN_ORDER = ("entropy", "entropy_floor", "fold", "reproduction", "fold_models", "bert_fold",
-             "entropy_order", "linear_replacement", "latency_method")
+             "entropy_order", "linear_replacement", "time_to_result", "latency_method")
 
 
 def run_script(script: Script, args: list[str], out: Path | None) -> tuple[int, str, float]:

@@ -398,3 +398,29 @@ def test_entropy_floor_quick_counts_agree_and_shares_are_positive():
     assert row["model"] == "resnet18" and row["sites"] == 17
     for c in table.columns[2:]:
         assert _positive(row[c]), c
+
+
+# bench_time_to_result
+
+
+def test_time_to_result_quick_tables(tmp_path):
+    tt = _bench("bench_time_to_result")
+    out = tmp_path / "t.md"
+    summary, per_seed = tt.main(["--quick", *ONE, "--out", str(out)])
+    assert summary.column("variant") == list(tt.VARIANTS)
+    assert per_seed.column("variant") == list(tt.VARIANTS)
+    ft = tt.QUICK["default"].finetune
+    steps = dict(zip(per_seed.column("variant"), per_seed.column("steps"), strict=True))
+    per_iter = dict(zip(per_seed.column("variant"), per_seed.column("steps per iteration"),
+                        strict=True))
+    for variant, cell in per_iter.items():
+        counts = [int(c) for c in cell.split()]
+        assert sum(counts) == steps[variant] and len(counts) == 2  # quick: max_removals 2
+        # today's loop runs the budget; an early stop ends at a check (every 2 steps)
+        assert all(c == ft.max_steps if variant == tt.BASELINE else c % 2 == 0 and c <= 6
+                   for c in counts)
+    ratios = dict(zip(summary.column("variant"), summary.column("steps vs today"), strict=True))
+    for variant, r in ratios.items():
+        assert r == pytest.approx(steps[variant] / steps[tt.BASELINE])
+    text = out.read_text()
+    assert "### Time to result: default" in text and "load average" in text

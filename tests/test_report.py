@@ -12,7 +12,8 @@ HISTORY = [
      "seconds": {"total": 1.5}},
     {"iteration": 1, "chosen": ["relu2"], "removed": ["relu2"],
      "entropy": {"relu1": 0.9, "relu2": 0.125, "relu3": 0.5}, "train_acc": 94.0,
-     "val_acc": 89.25, "test_acc": None, "accepted": True, "seconds": {"step": 1.0, "total": 3.0}},
+     "val_acc": 89.25, "test_acc": None, "accepted": True, "seconds": {"step": 1.0, "total": 3.0},
+     "finetune_steps": 40},
     {"iteration": 2, "chosen": ["relu3"], "removed": ["relu2", "relu3"],
      "entropy": {"relu1": 0.8, "relu3": 0.4375}, "train_acc": None, "val_acc": 80.0,
      "test_acc": 79.0, "accepted": False, "seconds": 2.0},
@@ -25,9 +26,9 @@ def test_table_has_one_row_per_iteration_with_its_values():
     rows = history_table(HISTORY, BASE).splitlines()
     assert len(rows) == 2 + 3
     cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows[2:]]
-    assert cells[0] == ["0", "0", "dense", "–", "95.00", "90.00", "89.50", "yes"]
-    assert cells[1] == ["1", "1", "relu2", "0.125", "94.00", "89.25", "–", "yes"]
-    assert cells[2] == ["2", "2", "relu3", "0.438", "–", "80.00", "79.00", "no"]
+    assert cells[0] == ["0", "0", "dense", "–", "95.00", "90.00", "89.50", "yes", "–", "1.5"]
+    assert cells[1] == ["1", "1", "relu2", "0.125", "94.00", "89.25", "–", "yes", "40", "3.0"]
+    assert cells[2] == ["2", "2", "relu3", "0.438", "–", "80.00", "79.00", "no", "–", "2.0"]
 
 
 def test_csv_rows_match_the_history():
@@ -37,6 +38,7 @@ def test_csv_rows_match_the_history():
     assert [r["chosen"] for r in rows] == ["", "relu2", "relu3"]
     assert [r["seconds"] for r in rows] == ["1.5", "3.0", "2.0"]  # the total, or the number
     assert [r["accepted"] for r in rows] == ["True", "True", "False"]
+    assert [r["finetune_steps"] for r in rows] == ["", "40", ""]
     assert rows[1]["test_acc"] == "" and rows[0]["params"] == "100"
 
 

@@ -22,6 +22,7 @@ from .linearize import linearize, linearized_sites, replace_with_identity
 from .loop import ReduceResult, reduce
 from .measurement import Measurement, compare_table, measure
 from .padding import fold_ready
+from .recovery import Recovery
 from .settings import EntropyConfig, RunConfig, StopRule
 from .sites import KINDS, EasierWarning, Site, find_sites
 from .state import load_model, save_model
@@ -44,6 +45,7 @@ __all__ = [
     "NeuronStats",
     "NoSitesError",
     "NonFiniteError",
+    "Recovery",
     "ReduceResult",
     "RunConfig",
     "Site",

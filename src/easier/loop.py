@@ -32,6 +32,7 @@ from .errors import ConfigError, NonFiniteError
 from .linearize import linearized_sites
 from .methods import Context, Method, create_method
 from .outcome import near_chance
+from .recovery import Recovery, load_teacher, recovery_hooks, teacher_of
 from .rundir import RunDir, lock_run_dir_ranks
 from .settings import EntropyConfig, RunConfig, StopRule, from_legacy
 from .sites import find_sites
@@ -41,7 +42,7 @@ from .train import FineTune, TrainResult, evaluate, fine_tune, make_loader, seed
 if TYPE_CHECKING:
     from .run_outputs import FoldOptions
 
-__all__ = ["EntropyConfig", "ReduceResult", "RunConfig", "StopRule", "reduce"]
+__all__ = ["EntropyConfig", "Recovery", "ReduceResult", "RunConfig", "StopRule", "reduce"]
 
 _LOG = logging.getLogger("easier")
 
@@ -100,6 +101,7 @@ def reduce(
     finetune: FineTune | None = None,
     pretrain: FineTune | None = None,
     fold: str | FoldOptions | None = None,
+    recovery: Recovery | None = None,
     **legacy: Any,
 ) -> ReduceResult:
     """Run a depth-reduction method end to end and return the reduced model.
@@ -115,6 +117,8 @@ def reduce(
     killed run. ``fold`` (a plan: "latency", "flops", "all", "none", or a
     :class:`~easier.run_outputs.FoldOptions` naming the batch sizes the plan must hold for) folds
     the kept model at the end and writes folded.pt2, fold_plan.json and fold.md to ``out``.
+    ``recovery`` (:class:`~easier.recovery.Recovery`) stops each fine-tune once a validation
+    subset is back within ``delta`` and/or distils from the dense model.
 
     The keywords of easier <= 0.1 (``delta=``, ``max_removals=``, ``seed=``, ``device=``...)
     still work, with a DeprecationWarning naming the config field that replaces each: they map
@@ -127,7 +131,7 @@ def reduce(
 
     with _writer_lock(out, get_info()):
         return _reduce(model, train, val, method, test, train_eval, out, resume, stop, entropy,
-                       run, finetune or FineTune(), pretrain, fold)
+                       run, finetune or FineTune(), pretrain, fold, recovery or Recovery())
 
 
 @contextlib.contextmanager
@@ -144,7 +148,8 @@ def _writer_lock(out: str | Path | None, info: Any) -> Iterator[None]:
 def _reduce(model: nn.Module, train: Any, val: Any, method: str | Method, test: Any,
             train_eval: Any, out: str | Path | None, resume: bool, stop: StopRule,
             entropy: EntropyConfig, run: RunConfig, finetune: FineTune,
-            pretrain: FineTune | None, fold: str | FoldOptions | None) -> ReduceResult:
+            pretrain: FineTune | None, fold: str | FoldOptions | None,
+            recovery: Recovery) -> ReduceResult:
     from .data.checks import check_datasets  # empty splits, bad labels, NaN inputs: DataError
     from .distributed import barrier, get_info
 
@@ -170,6 +175,8 @@ def _reduce(model: nn.Module, train: Any, val: Any, method: str | Method, test: 
         "input_shape": list(example.shape[1:]) if isinstance(example, torch.Tensor) else None,
         "model_spec": getattr(model, "easier_spec", None), **dict(run.extra),
         **({} if entropy.linearize == "identity" else {"linearize": entropy.linearize}),
+        # None when off, as in run directories written before it existed: those still resume
+        "recovery": recovery.to_dict() if recovery.active else None,
     }
     rundir = RunDir(out, keep_iterations=run.keep_iterations) if out is not None else None
     saved = None
@@ -198,6 +205,7 @@ def _reduce(model: nn.Module, train: Any, val: Any, method: str | Method, test: 
         if stop_code == "limit" or (stop_code == "rejected" and stop.run_all):
             stop_reason = stop_code = None  # a larger budget, or --all, continues the run
         strategy.load_state_dict(saved.get("method_state") or {})
+        teacher = load_teacher(rundir, base, device) if recovery.active and rundir else None
         say(f"resumed {out} after iteration {history[-1]['iteration']}")
     else:
         current = prepared.to(device)
@@ -218,12 +226,15 @@ def _reduce(model: nn.Module, train: Any, val: Any, method: str | Method, test: 
                   "failed": None}
         history.append(record)
         accepted = current
+        teacher = teacher_of(current, rundir, write=info.is_main) if recovery.active else None
         say(_status(record, baseline, delta))
         warning = near_chance(baseline["val_acc"], _num_classes(current, example))
         if warning:  # now, not after minutes of removals that cannot mean anything
             say(warning)
         _save(rundir, history, baseline, current, accepted, (None, None), False, cfg, strategy)
 
+    hooks = recovery_hooks(recovery, teacher, val, delta=delta, batch_size=finetune.batch_size,
+                           device=device, input_key=input_key)
     while stop_reason is None:
         k = history[-1]["iteration"] + 1
         removed = list(history[-1]["removed"])
@@ -248,15 +259,19 @@ def _reduce(model: nn.Module, train: Any, val: Any, method: str | Method, test: 
         t_step = time.perf_counter() - t0
         seed_everything(seed + k)
         t1 = time.perf_counter()
+        check = hooks.stop_check()
         ft = (fine_tune(candidate, train, finetune, seed=seed + 1000 * k, desc=f"iter {k}",
-                        **train_kw) if strategy.finetune else TrainResult())
+                        loss_fn=hooks.loss_fn, stop_check=check, **train_kw)
+              if strategy.finetune else TrainResult())
         t_ft = time.perf_counter() - t1
         record = {"iteration": k, "chosen": step.chosen, "removed": removed + step.chosen,
                   "entropy": ctx.report.as_dict() if ctx.report is not None else None,
                   "scores": step.scores, "reason": step.reason, **step.info,
                   "train_loss": None if ft.steps == 0 else ft.loss,
                   "train_acc": None if ft.steps == 0 else ft.accuracy,
-                  "finetune_epochs": ft.epochs, "finetune_steps": ft.steps, "failed": ft.failed}
+                  "finetune_epochs": ft.epochs, "finetune_steps": ft.steps, "failed": ft.failed,
+                  "finetune_stopped_early": ft.stopped_early,
+                  "early_stop_checks": None if check is None else [list(c) for c in check.checks]}
         if ft.failed:
             record.update(accepted=False, meets_threshold=False,
                           seconds={"step": t_step, "finetune": t_ft, "total": t_step + t_ft})

@@ -27,20 +27,29 @@ def _chosen(h: dict[str, Any]) -> str:
 def history_table(history: list[dict[str, Any]], baseline: dict[str, Any]) -> str:
     """Markdown table: one row per iteration (accuracy per number of removed sites)."""
     rows = ["| iter | removed | chosen | H (bits) | train acc | val acc | test acc "
-            "| accepted |", "|---:|---:|---|---:|---:|---:|---:|:---:|"]
+            "| accepted | ft steps | s |", "|---:|---:|---|---:|---:|---:|---:|:---:|---:|---:|"]
     for h in history:
         ent = h.get("entropy") or {}
         hs = ", ".join(f"{ent[c]:.3f}" for c in h["chosen"] if c in ent) or "–"
         rows.append(
             f"| {h['iteration']} | {len(h['removed'])} | {_chosen(h)} | "
             f"{hs} | {_fmt(h.get('train_acc'))} | {_fmt(h.get('val_acc'))} | "
-            f"{_fmt(h.get('test_acc'))} | {'yes' if h['accepted'] else 'no'} |"
+            f"{_fmt(h.get('test_acc'))} | {'yes' if h['accepted'] else 'no'} | "
+            f"{_fmt(h.get('finetune_steps'), 'd')} | {_fmt(_total_seconds(h), '.1f')} |"
         )
     return "\n".join(rows)
 
 
+def _total_seconds(h: dict[str, Any]) -> float | None:
+    secs = h.get("seconds")
+    if isinstance(secs, dict):
+        return secs.get("total", sum(secs.values()))
+    return secs
+
+
 def history_csv(history: list[dict[str, Any]]) -> str:
-    """CSV, one row per iteration: accuracies, costs, wall time per phase (``seconds_PHASE``;
+    """CSV, one row per iteration: accuracies, costs, optimizer steps of the fine-tune, wall
+    time per phase (``seconds_PHASE``;
     ``seconds`` is the total) and every measured site entropy (``H:SITE``, bits; empty where
     the site was not measured that iteration)."""
     sites: list[str] = []
@@ -48,7 +57,8 @@ def history_csv(history: list[dict[str, Any]]) -> str:
         sites += [s for s in (h.get("entropy") or {}) if s not in sites]
     cols = ["iteration", "removed", "chosen", "train_loss", "train_acc", "val_loss", "val_acc",
             "test_loss", "test_acc", "accepted", "params", "flops", "depth", "activations",
-            "seconds", *(f"seconds_{p}" for p in PHASES), "failed", *(f"H:{s}" for s in sites)]
+            "finetune_steps", "seconds", *(f"seconds_{p}" for p in PHASES), "failed",
+            *(f"H:{s}" for s in sites)]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(cols)
@@ -57,8 +67,8 @@ def history_csv(history: list[dict[str, Any]]) -> str:
         row["removed"] = len(h["removed"])
         row["chosen"] = " ".join(h["chosen"])
         secs = h.get("seconds")
+        row["seconds"] = _total_seconds(h)
         if isinstance(secs, dict):
-            row["seconds"] = secs.get("total", sum(secs.values()))
             row.update({f"seconds_{p}": secs.get(p) for p in PHASES})
         row.update({f"H:{s}": v for s, v in (h.get("entropy") or {}).items()})
         w.writerow(["" if row.get(c) is None else row.get(c) for c in cols])

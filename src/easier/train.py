@@ -78,7 +78,8 @@ class FineTune:
 
 @dataclass
 class TrainResult:
-    """What a call of :func:`fine_tune` did. ``failed`` holds the reason when it stopped early."""
+    """What a call of :func:`fine_tune` did. ``failed`` holds the reason when it failed;
+    ``stopped_early`` is True when ``stop_check`` ended it before the budget."""
 
     epochs: int = 0
     steps: int = 0
@@ -86,6 +87,7 @@ class TrainResult:
     loss: float = math.nan
     accuracy: float = math.nan
     failed: str | None = None
+    stopped_early: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -138,6 +140,8 @@ def fine_tune(
     amp: bool = False,
     progress: bool = False,
     desc: str = "train",
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor] | None = None,
+    stop_check: Callable[[nn.Module, int], bool] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place with a fresh optimizer and schedule; stop at the first NaN loss.
 
@@ -149,7 +153,9 @@ def fine_tune(
     model is wrapped in DistributedDataParallel and each rank trains on its DistributedSampler
     shard; the reported loss and accuracy are summed over ranks. ``amp=True`` trains under
     bfloat16 autocast (no loss scaling needed); on CUDA, 4-D inputs and the model use
-    channels_last, which suits tensor cores.
+    channels_last, which suits tensor cores. ``loss_fn(logits, y, x)`` replaces the
+    cross-entropy (e.g. distillation, :mod:`easier.recovery`); ``stop_check(model, steps)``
+    runs after every optimizer step and ends training early when it returns True.
     """
     res = TrainResult()
     if cfg.epochs == 0 or cfg.max_steps == 0:
@@ -160,7 +166,7 @@ def fine_tune(
     try:
         return _fit(model, data, cfg, res, t0, seed=seed, device=device, input_key=input_key,
                     regularizer=regularizer, after_step=after_step, progress=progress, desc=desc,
-                    amp=amp)
+                    amp=amp, loss_fn=loss_fn, stop_check=stop_check)
     finally:
         if handle is not None:
             handle.remove()
@@ -170,7 +176,8 @@ def _fit(model: nn.Module, data: Dataset | DataLoader, cfg: FineTune, res: Train
          *, seed: int, device: torch.device | str, input_key: str | None,
          regularizer: Callable[[nn.Module], torch.Tensor] | None,
          after_step: Callable[[nn.Module], None] | None, progress: bool,
-         desc: str, amp: bool = False) -> TrainResult:
+         desc: str, amp: bool = False, loss_fn: Any = None, stop_check: Any = None
+         ) -> TrainResult:
     info = get_info()
     cuda = torch.device(device).type == "cuda"
     if cuda:
@@ -187,7 +194,7 @@ def _fit(model: nn.Module, data: Dataset | DataLoader, cfg: FineTune, res: Train
         return _epochs(net, model, loader_for, cfg, res, t0, info=info, device=device,
                        input_key=input_key, regularizer=regularizer, after_step=after_step,
                        progress=progress, desc=desc, reduce_accuracy=reduce_accuracy,
-                       amp=amp, channels_last=cuda)
+                       amp=amp, channels_last=cuda, loss_fn=loss_fn, stop_check=stop_check)
     finally:
         del net  # a DDP wrapper alive at process exit can abort gloo
 
@@ -197,7 +204,8 @@ def _epochs(net: nn.Module, model: nn.Module, loader_for: Callable[[int], Any], 
             input_key: str | None, regularizer: Callable[[nn.Module], torch.Tensor] | None,
             after_step: Callable[[nn.Module], None] | None, progress: bool, desc: str,
             reduce_accuracy: Callable[..., tuple[float, float]], amp: bool = False,
-            channels_last: bool = False) -> TrainResult:
+            channels_last: bool = False, loss_fn: Any = None,
+            stop_check: Any = None) -> TrainResult:
     dev_type = torch.device(device).type
     opt = _optimizer(model, cfg)
     first = loader_for(0)
@@ -216,7 +224,8 @@ def _epochs(net: nn.Module, model: nn.Module, loader_for: Callable[[int], Any], 
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=amp):
                 logits = logits_of(call_model(net, x))
-                loss = F.cross_entropy(logits.float(), y)
+                loss = (F.cross_entropy(logits.float(), y) if loss_fn is None
+                        else loss_fn(logits.float(), y, x))
             if regularizer is not None:
                 loss = loss + regularizer(model)
             if not all_finite(loss, info):
@@ -240,13 +249,16 @@ def _epochs(net: nn.Module, model: nn.Module, loader_for: Callable[[int], Any], 
             seen += len(y)
             if cfg.max_steps is not None and res.steps >= cfg.max_steps:
                 break
+            if stop_check is not None and stop_check(model, res.steps):
+                res.stopped_early = True
+                break
         res.epochs = epoch + 1
         if info.enabled:
             res.loss, res.accuracy = reduce_accuracy(total_loss, correct, seen, info)
         else:
             res.loss, res.accuracy = total_loss / max(seen, 1), 100.0 * correct / max(seen, 1)
         res.history.append({"epoch": epoch + 1, "loss": res.loss, "accuracy": res.accuracy})
-        if cfg.max_steps is not None and res.steps >= cfg.max_steps:
+        if res.stopped_early or (cfg.max_steps is not None and res.steps >= cfg.max_steps):
             break
     res.seconds = time.perf_counter() - t0
     return res

@@ -108,6 +108,7 @@ def run_args(r: argparse.ArgumentParser) -> None:
                    help="fine-tune optimizer (default: the recipe's)")
     r.add_argument("--max-steps", type=POS_INT, default=None,
                    help="cap optimizer steps per fine-tune")
+    recovery_args(r)
     r.add_argument("--checkpoint", default=None,
                    help=f"start from these trained weights: {CHECKPOINT_HELP}")
     r.add_argument("--entropy-batches", type=POS_INT, default=None,
@@ -132,6 +133,32 @@ def run_args(r: argparse.ArgumentParser) -> None:
                    help="under torchrun: how long a rank waits for the others before every rank "
                         "stops with an error (default: 900; the run stays resumable)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1]."""
+    v = NONNEG_FLOAT(text)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a number in [0, 1]")
+    return v
+
+
+def recovery_args(r: argparse.ArgumentParser) -> None:
+    """Early stop and distillation of each fine-tune (easier.Recovery); defaults are its own."""
+    r.add_argument("--early-stop-every", type=POS_INT, default=None, metavar="N",
+                   help="stop each fine-tune once a validation subset is back within --delta "
+                        "of the dense model, checked every N optimizer steps (default: off, "
+                        "the full budget)")
+    r.add_argument("--early-stop-batches", type=POS_INT, default=4, metavar="B",
+                   help="the early-stop subset: the first B validation batches")
+    r.add_argument("--early-stop-margin", type=NONNEG_FLOAT, default=0.0, metavar="POINTS",
+                   help="ask the subset for this many points more than baseline - delta "
+                        "(default: 0)")
+    r.add_argument("--distill", type=fraction, default=0.0, metavar="W",
+                   help="weight of distillation from the dense model in the fine-tune loss, "
+                        "0..1 (default: 0, plain cross-entropy)")
+    r.add_argument("--distill-temperature", type=POS_FLOAT, default=4.0, metavar="T",
+                   help="softmax temperature of the distillation term")
 
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):

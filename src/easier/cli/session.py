@@ -100,6 +100,7 @@ def setup(args: argparse.Namespace, info: Any) -> dict[str, Any]:
     import torch
 
     from ..recipes import recipe
+    from ..recovery import Recovery
     from ..settings import EntropyConfig, RunConfig, StopRule
     from ..train import seed_everything
     from ..user import load_checkpoint, load_data
@@ -135,6 +136,10 @@ def setup(args: argparse.Namespace, info: Any) -> dict[str, Any]:
         "stop": StopRule(delta=args.delta, max_removals=args.max_removals,
                          max_iterations=args.max_iterations, run_all=args.all,
                          one_shot=args.one_shot),
+        "recovery": Recovery(early_stop_every=args.early_stop_every,
+                             early_stop_batches=args.early_stop_batches,
+                             early_stop_margin=args.early_stop_margin, distill=args.distill,
+                             temperature=args.distill_temperature),
         "entropy": EntropyConfig(batches=args.entropy_batches,
                                  fold_ready=not args.no_fold_ready,
                                  linearize=getattr(args, "linearize", "identity")),
