@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import random
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +30,7 @@ from .errors import ConfigError, NonFiniteError
 from .linearize import linearized_sites
 from .methods import Context, Method, create_method
 from .outcome import near_chance
+from .progress import status_line, talker
 from .recovery import Recovery, load_teacher, recovery_hooks, teacher_of
 from .rundir import RunDir, lock_run_dir_ranks
 from .settings import EntropyConfig, RunConfig, StopRule, from_legacy
@@ -44,7 +43,6 @@ if TYPE_CHECKING:
 
 __all__ = ["EntropyConfig", "Recovery", "ReduceResult", "RunConfig", "StopRule", "reduce"]
 
-_LOG = logging.getLogger("easier")
 
 # Budgets a resumed run may change: a run stopped by a limit continues when the limit grows.
 _BUDGET_KEYS = ("max_removals", "max_iterations", "run_all")
@@ -157,7 +155,7 @@ def _reduce(model: nn.Module, train: Any, val: Any, method: str | Method, test: 
     check_datasets(train, val, test=test, train_eval=train_eval, model=model, input_key=input_key)
     strategy = create_method(method)
     info = get_info()
-    say = _talker(run, info.is_main)  # only rank 0 talks and writes
+    say = talker(run.verbose, run.log, info.is_main)  # only rank 0 talks and writes
     device = torch.device(run.device)
     train_eval = train if train_eval is None else train_eval
     example = to_device(_example(val, input_key), device)
@@ -227,7 +225,7 @@ def _reduce(model: nn.Module, train: Any, val: Any, method: str | Method, test: 
         history.append(record)
         accepted = current
         teacher = teacher_of(current, rundir, write=info.is_main) if recovery.active else None
-        say(_status(record, baseline, delta))
+        say(status_line(record, baseline, delta))
         warning = near_chance(baseline["val_acc"], _num_classes(current, example))
         if warning:  # now, not after minutes of removals that cannot mean anything
             say(warning)
@@ -292,7 +290,7 @@ def _reduce(model: nn.Module, train: Any, val: Any, method: str | Method, test: 
         current = candidate
         if record["accepted"]:
             accepted = candidate
-        say(_status(record, baseline, delta))
+        say(status_line(record, baseline, delta))
         if not ok and not rejected:
             rejected = True
             if not stop.run_all:
@@ -335,21 +333,6 @@ def _limit(stop: StopRule, k: int, n_removed: int, remaining: list[str],
     return None, None
 
 
-def _talker(run: RunConfig, main: bool) -> Callable[[str], None]:
-    """Where the per-iteration lines go: ``run.log``, the ``easier`` logger, or nowhere."""
-    if not run.verbose or not main:
-        return lambda _msg: None
-    return run.log or _log_line
-
-
-def _log_line(msg: str) -> None:
-    # a library adds no logging handler; with none configured the lines still reach the user
-    if _LOG.hasHandlers():
-        _LOG.info(msg)
-    else:
-        print(msg, file=sys.stderr, flush=True)
-
-
 @torch.no_grad()
 def _num_classes(model: nn.Module, example: Any) -> int:
     """Width of the model's logits on one example batch (1 when it is not a classifier)."""
@@ -367,19 +350,6 @@ def _evaluate_all(model: nn.Module, val: Any, test: Any, device: torch.device,
         out["test_loss"], out["test_acc"] = evaluate(model, test, device=device,
                                                      input_key=input_key)
     return out
-
-
-def _status(rec: dict[str, Any], baseline: dict[str, Any], delta: float) -> str:
-    what = (", ".join(rec["chosen"]) if rec["chosen"] else
-            "dense baseline" if rec["iteration"] == 0 else f"none removed ({rec.get('reason')})")
-    ent = rec.get("entropy") or {}
-    if rec["chosen"] and ent:
-        what += " (H=" + ", ".join(f"{ent[c]:.3f}" for c in rec["chosen"]) + ")"
-    mark = "ok" if rec["accepted"] else "REJECTED"
-    test = f" | test {rec['test_acc']:.2f}%" if rec.get("test_acc") is not None else ""
-    secs = rec["seconds"]["total"]
-    return (f"iter {rec['iteration']:>2} | {what} | val {rec['val_acc']:.2f}% "
-            f"(floor {baseline['val_acc'] - delta:.2f}) {mark}{test} | {secs:.1f}s")
 
 
 def _save(run: RunDir | None, history: list[dict[str, Any]], baseline: dict[str, Any],

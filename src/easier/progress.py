@@ -1,4 +1,5 @@
-"""Progress of a loop over batches: a tqdm bar on a terminal, periodic plain lines elsewhere.
+"""What a run shows while it runs: progress bars (a tqdm bar on a terminal, periodic plain lines
+elsewhere) and the one line per iteration.
 
 A bar redrawn into a file (a log, CI output, ``nohup``) writes every update; when stderr is not
 a terminal a line is printed every ``interval`` seconds instead (``$EASIER_PROGRESS_SECONDS``,
@@ -7,13 +8,16 @@ default 30), plus a closing line for a loop that printed one, so short loops sta
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TextIO, TypeVar
 
-__all__ = ["plain_progress", "progress"]
+__all__ = ["plain_progress", "progress", "status_line", "talker"]
+
+_LOG = logging.getLogger("easier")
 
 T = TypeVar("T")
 
@@ -49,3 +53,34 @@ def plain_progress(iterable: Iterable[T], *, desc: str, units: str = "batches",
             last, printed = now, True
     if printed:
         print(f"{desc}: done, {i} {units} in {clock() - start:.0f} s", file=out, flush=True)
+
+
+def talker(verbose: bool, log: Callable[[str], None] | None, main: bool = True
+           ) -> Callable[[str], None]:
+    """Where a run's per-iteration lines go: ``log``, the ``easier`` logger, or nowhere (not
+    ``verbose``, or not the main rank)."""
+    if not verbose or not main:
+        return lambda _msg: None
+    return log or _log_line
+
+
+def _log_line(msg: str) -> None:
+    # a library adds no logging handler; with none configured the lines still reach the user
+    if _LOG.hasHandlers():
+        _LOG.info(msg)
+    else:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def status_line(rec: dict[str, Any], baseline: dict[str, Any], delta: float) -> str:
+    """One history record as the line a run prints: what was removed, val against the floor."""
+    what = (", ".join(rec["chosen"]) if rec["chosen"] else
+            "dense baseline" if rec["iteration"] == 0 else f"none removed ({rec.get('reason')})")
+    ent = rec.get("entropy") or {}
+    if rec["chosen"] and ent:
+        what += " (H=" + ", ".join(f"{ent[c]:.3f}" for c in rec["chosen"]) + ")"
+    mark = "ok" if rec["accepted"] else "REJECTED"
+    test = f" | test {rec['test_acc']:.2f}%" if rec.get("test_acc") is not None else ""
+    secs = rec["seconds"]["total"]
+    return (f"iter {rec['iteration']:>2} | {what} | val {rec['val_acc']:.2f}% "
+            f"(floor {baseline['val_acc'] - delta:.2f}) {mark}{test} | {secs:.1f}s")
