@@ -325,7 +325,8 @@ def test_without_logging_configured_the_lines_go_to_stderr(tmp_path):
         from test_reduce import Net, toy_data, FT
         from easier import StopRule, reduce
         torch.set_num_threads(1)
-        reduce(Net(), toy_data(60), toy_data(30), finetune=FT, stop=StopRule(max_removals=1))
+        reduce(Net(), toy_data(60), toy_data(30), finetune=FT,
+               stop=StopRule(max_removals=1, delta=100.0))
     """).format(tests=os.path.dirname(__file__))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120)
