@@ -40,3 +40,14 @@ class StateError(EasierError):
 
 class FoldError(EasierError):
     """A fold did not reproduce the original function within tolerance."""
+
+
+def check_fields(cls: type, d: dict) -> None:
+    """ConfigError naming every key of ``d`` that is not a field of dataclass ``cls`` (a config
+    read back from JSON: a typo or a newer easier's key must not be dropped silently)."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; valid: {sorted(known)}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ from torch import nn
 
 from .capture import call_model, logits_of, to_device
 from .entropy import batch_input
-from .errors import ConfigError, StateError
+from .errors import ConfigError, StateError, check_fields
 from .parallel.collectives import any_failed
 from .parallel.loaders import make_loader, targets
 from .rundir import RunDir
@@ -86,10 +86,7 @@ class Recovery:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recovery:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown Recovery field(s) {unknown}; valid: {sorted(known)}")
+        check_fields(cls, d)
         return cls(**d)
 
 

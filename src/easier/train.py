@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .capture import call_model, logits_of, to_device
 from .entropy import batch_input
-from .errors import ConfigError, NonFiniteError
+from .errors import ConfigError, NonFiniteError, check_fields
 from .parallel.collectives import all_finite, reduce_accuracy
 from .parallel.loaders import make_loader, shard_loader, targets
 from .parallel.passes import evaluate_distributed, wrap_ddp
@@ -69,10 +69,7 @@ class FineTune:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FineTune:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown FineTune field(s) {unknown}; valid: {sorted(known)}")
+        check_fields(cls, d)
         return cls(**d)
 
 
