@@ -19,8 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
+import easier
+from easier.methods import Context, Method, Step
 
 __all__ = [
+    "Delegate",
     "Table",
     "add_common_args",
     "header",
@@ -172,3 +177,44 @@ def ratio_cell(num: float | None, den: float | None) -> float | None:
     if num is None or den is None or den == 0:
         return None
     return num / den
+
+
+class Delegate(Method):
+    """A method that runs ``inner`` unchanged: subclass it and override :meth:`step` to record
+    something per iteration (a benchmark probe) without changing what the method does."""
+
+    def __init__(self, inner: Method):
+        self.inner = inner
+        self.name, self.unit, self.finetune = inner.name, inner.unit, inner.finetune
+
+    @property  # type: ignore[override]
+    def example(self) -> Any:
+        return self.inner.example
+
+    @example.setter
+    def example(self, value: Any) -> None:
+        self.inner.example = value
+
+    def options(self) -> dict[str, Any]:
+        return self.inner.options()
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return self.inner.prepare(model)
+
+    def units(self, model: nn.Module, kinds: Any = easier.KINDS) -> list[str]:
+        return self.inner.units(model, kinds)
+
+    def regularizer(self) -> Any:
+        return self.inner.regularizer()
+
+    def after_step(self, model: nn.Module) -> None:
+        self.inner.after_step(model)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+    def step(self, ctx: Context) -> Step:
+        return self.inner.step(ctx)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import Table, add_common_args, header, write_out
+from _common import Delegate, Table, add_common_args, header, write_out
 from torch import nn
 
 import easier
@@ -81,7 +81,7 @@ class CNN5(nn.Module):
         return self.head(torch.flatten(self.pool(self.body(x)), 1))
 
 
-class Probe(Method):
+class Probe(Delegate):
     """Wraps an order: records pre-fine-tune test top-1 (BN re-estimated) in the history.
 
     For EASIER with ``entropy_during='train-epoch'`` it also records the site the default
@@ -89,37 +89,8 @@ class Probe(Method):
     """
 
     def __init__(self, inner: Method, test: Any):
-        self.inner, self.test = inner, test
-        self.name, self.unit, self.finetune = inner.name, inner.unit, inner.finetune
-
-    @property  # type: ignore[override]
-    def example(self) -> Any:
-        return self.inner.example
-
-    @example.setter
-    def example(self, value: Any) -> None:
-        self.inner.example = value
-
-    def options(self) -> dict[str, Any]:
-        return self.inner.options()
-
-    def prepare(self, model: nn.Module) -> nn.Module:
-        return self.inner.prepare(model)
-
-    def units(self, model: nn.Module, kinds: Any = easier.KINDS) -> list[str]:
-        return self.inner.units(model, kinds)
-
-    def regularizer(self) -> Any:
-        return self.inner.regularizer()
-
-    def after_step(self, model: nn.Module) -> None:
-        self.inner.after_step(model)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state)
+        super().__init__(inner)
+        self.test = test
 
     def step(self, ctx: Context) -> Step:
         eval_choice = None

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import Table, add_common_args, header, write_out
+from _common import Delegate, Table, add_common_args, header, write_out
 from torch import nn
 
 import easier
@@ -44,23 +44,12 @@ from easier.train import FineTune, fine_tune, seed_everything
 METHODS = "easier,easier-latency,random"
 
 
-class Snapshots(Method):
+class Snapshots(Delegate):
     """Runs ``inner`` and keeps the model each iteration starts from (= the previous result)."""
 
     def __init__(self, inner: Method):
-        self.inner, self.models = inner, []
-        self.name, self.unit, self.finetune = inner.name, inner.unit, inner.finetune
-
-    @property  # type: ignore[override]
-    def example(self) -> Any:
-        return self.inner.example
-
-    @example.setter
-    def example(self, value: Any) -> None:
-        self.inner.example = value
-
-    def options(self) -> dict[str, Any]:
-        return self.inner.options()
+        super().__init__(inner)
+        self.models: list[dict[str, Any]] = []
 
     def step(self, ctx: Context) -> Step:
         self.models.append(model_record(ctx.model))
