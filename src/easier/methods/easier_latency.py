@@ -73,11 +73,14 @@ class EasierLatency(Method):
         gain = {s: single(s) for s in candidates}
         if self.lookahead:
             order = ctx.remaining
+            pairs: dict[frozenset[str], float] = {}  # a pair of candidates is priced once
             for s in candidates:
                 i = order.index(s)
                 for t in order[max(0, i - 1): i] + order[i + 1: i + 2]:
-                    both = self.savings.saving(graph, [s, t]) - base
-                    synergy = both - single(s) - single(t)
+                    key = frozenset((s, t))
+                    if key not in pairs:
+                        pairs[key] = self.savings.saving(graph, [s, t]) - base
+                    synergy = pairs[key] - single(s) - single(t)
                     gain[s] = max(gain[s], single(s) + synergy / 2)
         return gain
 
