@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
 import time
@@ -98,11 +99,38 @@ def load_avg() -> str:
         return "?"
 
 
+def read_rows(path: str | None) -> list[dict[str, Any]]:
+    """Rows saved by earlier runs (one JSON object per line); none if there is no file."""
+    if not path or not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def append_row(path: str | None, row: dict[str, Any]) -> None:
+    """Append one finished row and flush it, so an interrupted benchmark loses at most one run."""
+    if not path:
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def run_setting(name: str, s: Setting, seeds: list[int], variants: dict[str, dict[str, Any]],
-                every: int, log: Any = print) -> list[dict[str, Any]]:
-    """One row per (seed, variant): steps, seconds, sites kept, accuracies."""
-    rows = []
+                every: int, log: Any = print, rows_file: str | None = None
+                ) -> list[dict[str, Any]]:
+    """One row per (seed, variant): steps, seconds, sites kept, accuracies.
+
+    With ``rows_file``, rows already saved there for this setting are reused (the benchmark
+    resumes, or is split over processes) and each new row is appended as soon as it finishes.
+    """
+    rows = [r for r in read_rows(rows_file) if r["setting"] == name]
+    done = {(r["seed"], r["variant"]) for r in rows}
     for seed in seeds:
+        todo = {v: kw for v, kw in variants.items() if (seed, v) not in done}
+        if not todo:
+            continue
         splits = data.load(s.data, seed=seed, image_size=s.image_size)
         shape = {"num_classes": splits.num_classes, "in_channels": splits.in_channels,
                  "width": s.width, "image_size": splits.image_size}
@@ -113,7 +141,7 @@ def run_setting(name: str, s: Setting, seeds: list[int], variants: dict[str, dic
         pre = fine_tune(dense, splits.train, s.pretrain, seed=seed, desc="pretrain")
         log(f"{name} seed {seed}: pretrained in {time.perf_counter() - t0:.0f}s "
             f"(train acc {pre.accuracy:.1f}%), load {load_avg()}")
-        for variant, kwargs in variants.items():
+        for variant, kwargs in todo.items():
             kwargs = dict(kwargs)
             rec = kwargs.get("recovery")
             if rec is not None and rec.early_stop and rec.early_stop_every != every:
@@ -134,8 +162,10 @@ def run_setting(name: str, s: Setting, seeds: list[int], variants: dict[str, dic
                    "removed": len(kept["removed"]), "val": kept["val_acc"],
                    "test": kept["test_acc"], "dense_val": res.baseline["val_acc"],
                    "dense_test": res.baseline["test_acc"],
-                   "per_iter": [h.get("finetune_steps") for h in res.history[1:]]}
+                   "per_iter": [h.get("finetune_steps") for h in res.history[1:]],
+                   "load": load_avg()}
             rows.append(row)
+            append_row(rows_file, row)
             log(f"{name} seed {seed} {variant:>20}: {row['removed']} removed, "
                 f"{row['steps']} steps {row['per_iter']}, {secs:.0f}s, val {row['val']:.2f} "
                 f"test {row['test']:.2f} (dense {row['dense_val']:.2f}/{row['dense_test']:.2f}), "
@@ -198,6 +228,10 @@ def main(argv: list[str] | None = None) -> list[Table]:
                     help=f"comma-separated subset of {list(VARIANTS)} (default: all)")
     ap.add_argument("--every", type=int, default=None,
                     help=f"early-stop check interval in steps (default {EVERY}; quick: 2)")
+    ap.add_argument("--rows", default=None,
+                    help="JSON-lines file of finished runs: appended as each run ends, and runs "
+                         "already in it are not run again (resume, or split the benchmark over "
+                         "processes and build the tables from all of them)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -215,8 +249,9 @@ def main(argv: list[str] | None = None) -> list[Table]:
     out: list[Table] = []
     for name in names:
         s = table[name]
-        rows = run_setting(name, s, seeds, variants, every)
-        out += tables(name, s, rows)
+        rows = run_setting(name, s, seeds, variants, every, rows_file=args.rows)
+        if rows:
+            out += tables(name, s, rows)
     head = header(
         sorted({table[n].finetune.batch_size for n in names}),
         f"settings {', '.join(names)}; seeds {', '.join(map(str, seeds))}; early stop every "

@@ -96,6 +96,16 @@ def test_bad_options_are_one_line_exit_2_before_any_output(tmp_path, capsys, bad
     assert not out.exists()  # refused before anything was written
 
 
+@pytest.mark.parametrize("argv, owner", [(["fold", "RUN", "--threads", "1"], "easier fold"),
+                                         (["reduce", "--epoch", "2"], "easier reduce"),
+                                         (["--bogus"], "easier")])
+def test_an_unknown_option_names_the_command_it_was_given_to(capsys, argv, owner):
+    assert main(argv) == 2
+    line = one_line_error(capsys)
+    assert line.endswith(f"(see {owner} --help)"), line
+    assert "easier: error: easier:" not in line  # the program's name is said once
+
+
 def test_help_shows_defaults(capsys):
     assert main(["reduce", "--help"]) == 0
     text = capsys.readouterr().out

@@ -160,7 +160,7 @@ def measure(
                 problem = spread_problem(med, iqr, runs)
                 if problem:
                     warnings.warn(f"latency of {type(model).__name__} at batch {b} "
-                                  f"({med:.3g} ms) is not reliable: it {problem}; measure on a "
+                                  f"({med:.3g} ms) is not reliable: {problem}; measure on a "
                                   "quieter machine or with a longer min_run_time",
                                   EasierWarning, stacklevel=2)
                 lats.append(Latency(int(b), med, iqr, runs, noisy=problem is not None))

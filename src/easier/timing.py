@@ -60,7 +60,7 @@ def _stats(times: Sequence[float]) -> tuple[float, float]:
 def spread_problem(median_ms: float, iqr_ms: float, runs: int) -> str | None:
     """Why a latency should not be trusted (too few runs, too wide a spread), or None."""
     if runs < MIN_RUNS:
-        return f"rests on {runs} timed run(s) (< {MIN_RUNS})"
+        return f"it rests on {runs} timed run(s) (< {MIN_RUNS})"
     if median_ms > 0 and iqr_ms > SPREAD_WARN * median_ms:
         return (f"its spread (IQR {iqr_ms:.3g} ms) exceeds {SPREAD_WARN:.0%} of its median "
                 f"({median_ms:.3g} ms): the machine was busy")

@@ -178,9 +178,19 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         kwargs.setdefault("formatter_class", Help)
         super().__init__(*args, **kwargs)
+        self.commands: dict[str, argparse.ArgumentParser] = {}
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:
+        """As argparse, but an unknown option is reported by the subcommand it was given to."""
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:
+            owner = self.commands.get(getattr(ns, "command", None) or "", self)
+            owner.error(f"unrecognized arguments: {' '.join(extra)}")
+        return ns
 
     def error(self, message: str) -> Any:  # type: ignore[override]
-        print(f"easier: error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        where = "" if self.prog == "easier" else f"{self.prog}: "
+        print(f"easier: error: {where}{message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
 
@@ -200,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, **kwargs: Any) -> argparse.ArgumentParser:
         s = sub.add_parser(name, **kwargs)
+        p.commands[name] = s
         debug_flag(s, argparse.SUPPRESS)  # `easier --debug CMD` and `easier CMD --debug`
         return s
 
