@@ -13,6 +13,8 @@ size; a model that pins its batch size is captured again for each new input shap
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,8 +25,8 @@ from torch.utils import _pytree as pytree
 
 from .errors import ConfigError, TraceError
 
-__all__ = ["Capture", "as_call", "call_model", "capture", "default_example", "eval_mode",
-           "flat_inputs", "logits_of", "node_scope", "to_device"]
+__all__ = ["Capture", "as_call", "call_model", "capture", "copy_graph", "default_example",
+           "eval_mode", "flat_inputs", "logits_of", "node_scope", "to_device"]
 
 
 class eval_mode:
@@ -198,6 +200,18 @@ def _plain(gm: fx.GraphModule) -> fx.GraphModule:
     out = fx.GraphModule(gm, gm.graph)
     out.recompile()
     return out
+
+
+def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy of a captured graph, without torch 2.13's own deprecation noise.
+
+    Copying an exported module copies its pytree specs, and torch's ``LeafSpec`` shim warns
+    (``isinstance(treespec, LeafSpec)`` is deprecated) on every copy: a warning about torch's
+    internals that a user can do nothing about, printed once per iteration otherwise.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+        return copy.deepcopy(gm)
 
 
 def flat_inputs(gm: fx.GraphModule, example_input: Any) -> list[Any]:

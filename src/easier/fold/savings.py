@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import fx, nn
 
-from ..capture import capture
+from ..capture import capture, copy_graph
 from ..errors import ConfigError
 from ..sites import KINDS, graph_sites
 from .candidates import chain_signature, make_candidate
@@ -91,7 +91,7 @@ class FoldSavings:
 
         Compare two calls (with and without a site) to get what that removal adds.
         """
-        gm = copy.deepcopy(graph.gm)
+        gm = copy_graph(graph.gm)
         nodes = {n.name: n for n in gm.graph.nodes}
         for name in sites:
             if name not in graph.sites:
