@@ -49,6 +49,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
                                                       early_stop_batches=BATCHES, distill=0.5,
                                                       temperature=4.0),
                                  "linearize": "affine"},
+    # stop only once the subset is within delta/2 (margin 0.5 pt): more headroom for the next
+    # removal than stopping right at the floor
+    "early stop (margin 0.5) + KD": {"recovery": Recovery(early_stop_every=EVERY,
+                                                          early_stop_batches=BATCHES,
+                                                          early_stop_margin=0.5, distill=0.5,
+                                                          temperature=4.0)},
 }
 BASELINE = "today (full budget)"
 

@@ -38,3 +38,26 @@ def test_block_between_markers_is_replaced_from_a_run(tmp_path):
     assert ("**3/17 activations removed, depth 18 → 16, 1.50× faster at batch 1 after folding, "
             "val −0.5 pts**") in text
     assert "kept iteration 1" in text
+
+
+def _command(readme: Path) -> str:
+    return subprocess.run([sys.executable, str(SCRIPT), "--readme", str(readme),
+                           "--print-command"], check=True, capture_output=True, text=True,
+                          timeout=120).stdout.strip()
+
+
+def test_the_command_run_is_the_one_the_readme_tells_users_to_type(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n```bash\npip install -e .\neasier reduce --model mlp  # comment\n```\n"
+                      "```bash\neasier reduce --model other\n```\n"
+                      "<!-- quickstart:begin -->\n<!-- quickstart:end -->\n")
+    assert _command(readme) == "easier reduce --model mlp"
+
+
+def test_the_real_quickstart_command_is_a_valid_reduce_invocation():
+    from easier.cli import build_parser
+
+    words = _command(SCRIPT.parent.parent / "README.md").split()
+    assert words[:2] == ["easier", "reduce"]
+    args = build_parser().parse_args(words[1:])  # exits 2 on an option that does not exist
+    assert args.command == "reduce"
