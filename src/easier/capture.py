@@ -17,13 +17,15 @@ import copy
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from .errors import ConfigError, TraceError
+
+G = TypeVar("G", fx.GraphModule, fx.Graph)
 
 __all__ = ["Capture", "as_call", "call_model", "capture", "copy_graph", "default_example",
            "eval_mode", "flat_inputs", "logits_of", "node_scope", "to_device"]
@@ -202,10 +204,10 @@ def _plain(gm: fx.GraphModule) -> fx.GraphModule:
     return out
 
 
-def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
-    """A deep copy of a captured graph, without torch 2.13's own deprecation noise.
+def copy_graph(gm: G) -> G:
+    """A deep copy of a captured graph (module or bare ``fx.Graph``), without torch's noise.
 
-    Copying an exported module copies its pytree specs, and torch's ``LeafSpec`` shim warns
+    Copying an exported graph copies its pytree specs, and torch 2.13's ``LeafSpec`` shim warns
     (``isinstance(treespec, LeafSpec)`` is deprecated) on every copy: a warning about torch's
     internals that a user can do nothing about, printed once per iteration otherwise.
     """
