@@ -253,3 +253,38 @@ def test_verdicts_from_hand_made_rounds():
     assert compare_samples(before, [9.8] * 7).verdict(0.03) == "inconclusive"
     with pytest.raises(ConfigError):
         compare_samples([1.0, 2.0], [1.0])
+
+
+class _Sleepy(nn.Module):
+    """A linear layer that also sleeps: slower by at least ``ms`` per call, whatever the load."""
+
+    def __init__(self, ms: float):
+        super().__init__()
+        self.fc, self.ms = nn.Linear(8, 4), ms
+
+    def forward(self, x):
+        import time
+
+        time.sleep(self.ms / 1e3)
+        return self.fc(x)
+
+
+def test_measure_pair_times_side_by_side_and_tells_a_real_slowdown():
+    from easier.measurement import measure_pair
+
+    fast, slow = _Sleepy(0.0), _Sleepy(3.0)
+    slow.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 8)
+    before, after, paired = measure_pair(fast, slow, x, batch_sizes=(1, 4), rounds=5,
+                                         min_run_time=0.1)
+    # the counts are measure()'s: the same architecture on both sides, FLOPs by hand 2*8*4*2
+    assert before.params == after.params == 8 * 4 + 4
+    assert before.flops == after.flops == 2 * 8 * 4 * 2
+    for b in (1, 4):
+        cmp = paired[b]
+        assert cmp.runs == 5 and cmp.ratio_lo > 1.0  # every round: the sleeper was slower
+        assert after.latency_ms(b) - before.latency_ms(b) >= 2.9
+        assert cmp.verdict() == "slower"
+    assert [lat.batch_size for lat in before.latency] == [1, 4]
+    with pytest.raises(ConfigError):
+        measure_pair(fast, slow, x, batch_sizes=(0,))

@@ -192,6 +192,10 @@ def test_options_are_validated_and_recorded():
     m = create_method("easier-latency", pool=0.25, cost="flops", batch_sizes=[1, 64])
     assert m.options() == {"pool": 0.25, "cost": "flops", "batch_sizes": [1, 64],
                            "lookahead": True}
+    # the CLI's `--method-option batch_sizes=64` arrives as a bare int (JSON)
+    from easier.cli.session import parse_options
+    one = create_method("easier-latency", **parse_options(["batch_sizes=64"]))
+    assert one.options()["batch_sizes"] == [64]
 
 
 def test_loop_runs_resumes_and_folds(tmp_path, one_thread):

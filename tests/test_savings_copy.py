@@ -6,6 +6,7 @@ capture's own weights are untouched after all of them.
 """
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -66,7 +67,7 @@ def test_shared_weight_copy_prices_like_a_full_copy(build, one_thread):
     graph = fs.graph(model, x, KINDS)
     before = {k: v.clone() for k, v in graph.gm.state_dict().items()}
     names = list(graph.sites)
-    sets = [[]] + [[s] for s in names] + [list(p) for p in zip(names, names[1:])]
+    sets = [[]] + [[s] for s in names] + [list(p) for p in itertools.pairwise(names)]
     for sites in sets[:40]:
         assert fs.saving(graph, sites) == _reference_saving(fs, graph, sites), sites
     after = graph.gm.state_dict()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -23,13 +23,23 @@ from torch.utils.flop_counter import FlopCounterMode
 from .capture import call_model, capture
 from .errors import ConfigError, NoSitesError, TraceError
 from .sites import EasierWarning
-from .timing import example_batch, resize_batch, spread_problem, time_call, time_side_by_side
+from .timing import (
+    Comparison,
+    compare_samples,
+    example_batch,
+    paired_samples,
+    resize_batch,
+    spread_problem,
+    time_call,
+    time_side_by_side,
+)
 
 __all__ = [
     "Latency",
     "Measurement",
     "compare_table",
     "measure",
+    "measure_pair",
     "time_call",
     "time_side_by_side",
     "weight_depth",
@@ -180,6 +190,49 @@ def measure(
         num_threads=torch.get_num_threads(),
         latency=tuple(lats),
     )
+
+
+def measure_pair(
+    before: nn.Module, after: nn.Module, example_input: Any, *,
+    batch_sizes: Sequence[int] = (1,), rounds: int = 9, min_run_time: float = 0.4,
+) -> tuple[Measurement, Measurement, dict[int, Comparison]]:
+    """:func:`measure` of two models whose latencies are timed side by side, round by round.
+
+    Timing one model and then the other lets a change in machine load between the two read as
+    a speedup (or a slowdown); interleaved rounds share it. Returns both measurements (each
+    latency is the median and IQR of that model's rounds, flagged noisy as :func:`measure` does)
+    and, per batch size, the paired :class:`~easier.timing.Comparison`: the per-round ratio
+    after/before and its sign-test noise band, which says whether the change is real.
+    """
+    if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
+        raise ConfigError(f"batch_sizes must be positive integers, got {batch_sizes}")
+    m_before = measure(before, example_input, latency=False)
+    m_after = measure(after, example_input, latency=False)
+    models = (before, after)
+    flags = {m: m.training for model in models for m in model.modules()}
+    lats: tuple[list[Latency], list[Latency]] = ([], [])
+    paired: dict[int, Comparison] = {}
+    try:
+        for model in models:
+            model.eval()
+        with torch.no_grad():
+            for b in batch_sizes:
+                batch_in = resize_batch(example_input, int(b))
+                samples = paired_samples(
+                    [lambda m=model, a=batch_in: call_model(m, a) for model in models],
+                    rounds=rounds, min_run_time=min_run_time)
+                cmp = compare_samples(*samples)
+                paired[int(b)] = cmp
+                for side, (med, iqr) in enumerate(((cmp.before_ms, cmp.before_iqr_ms),
+                                                   (cmp.after_ms, cmp.after_iqr_ms))):
+                    problem = spread_problem(med, iqr, cmp.runs)
+                    lats[side].append(Latency(int(b), med, iqr, cmp.runs,
+                                              noisy=problem is not None))
+    finally:
+        for m, t in flags.items():
+            m.training = t
+    return (replace(m_before, latency=tuple(lats[0])), replace(m_after, latency=tuple(lats[1])),
+            paired)
 
 
 def _human(x: float) -> str:

@@ -8,7 +8,7 @@ the kept model unfolded vs folded; the dense model is never timed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -34,7 +34,9 @@ class Side:
 class Outcome:
     """Dense vs returned, the number of removed units, and the fold's latencies.
 
-    ``latency`` maps a batch size to (ms unfolded, ms folded) medians of the kept model.
+    ``latency`` maps a batch size to (ms unfolded, ms folded) medians of the kept model;
+    ``band`` to the noise band (lo, hi) of the ratio folded/unfolded when the two were timed
+    side by side (a band that holds 1 means the timing could not tell them apart).
     """
 
     dense: Side
@@ -43,6 +45,7 @@ class Outcome:
     unit: str
     folded: bool
     latency: dict[int, tuple[float, float]]
+    band: dict[int, tuple[float, float]] = field(default_factory=dict)
 
 
 def nonzero_params(model: nn.Module) -> int:
@@ -58,6 +61,7 @@ def outcome(history: list[dict[str, Any]], fold: dict[str, Any] | None = None, *
     kept = next(h for h in reversed(history) if h["accepted"])
     dense_fps = kept_fps = None
     latency: dict[int, tuple[float, float]] = {}
+    band: dict[int, tuple[float, float]] = {}
     if fold is not None:
         before, after = fold["before"], fold["after"]
         # the history counts FLOPs at the loop's example batch; the fold measured the kept
@@ -68,6 +72,8 @@ def outcome(history: list[dict[str, Any]], fold: dict[str, Any] | None = None, *
         b = {lt["batch_size"]: lt["median_ms"] for lt in before.get("latency", ())}
         a = {lt["batch_size"]: lt["median_ms"] for lt in after.get("latency", ())}
         latency = {k: (b[k], a[k]) for k in sorted(b) if k in a}
+        band = {int(p["batch_size"]): (float(p["ratio_lo"]), float(p["ratio_hi"]))
+                for p in fold.get("paired", ()) if int(p["batch_size"]) in latency}
         cost = after
     else:
         cost = kept
@@ -75,7 +81,7 @@ def outcome(history: list[dict[str, Any]], fold: dict[str, Any] | None = None, *
                  h0.get("params"), dense_nonzero, dense_fps)
     returned = Side(kept.get("val_acc"), kept.get("test_acc"), cost.get("depth"),
                     cost.get("activations"), cost.get("params"), returned_nonzero, kept_fps)
-    return Outcome(dense, returned, len(kept["removed"]), unit, fold is not None, latency)
+    return Outcome(dense, returned, len(kept["removed"]), unit, fold is not None, latency, band)
 
 
 def _human(x: float | None) -> str:
@@ -101,11 +107,16 @@ def _change(a: float | None, b: float | None, kind: str) -> str:
     return f"×{b / a:.3g}" if a else "–"
 
 
-def speed(unfolded: float, folded: float) -> str:
-    """``1.25× faster`` or ``1.25× slower`` (never a factor below 1)."""
-    if folded <= unfolded:
-        return f"{unfolded / folded:.2f}× faster"
-    return f"{folded / unfolded:.2f}× slower"
+def speed(unfolded: float, folded: float, band: tuple[float, float] | None = None,
+          where: str = "") -> str:
+    """``1.25× faster`` or ``1.25× slower`` (never a factor below 1), then ``where``; with the
+    noise ``band`` of the ratio folded/unfolded, a change the timing cannot tell from noise
+    says so instead of being claimed."""
+    text = (f"{unfolded / folded:.2f}× faster" if folded <= unfolded else
+            f"{folded / unfolded:.2f}× slower") + where
+    if band is not None and band[0] <= 1.0 <= band[1]:
+        text += f" (within the timing noise: folded/unfolded {band[0]:.2f}–{band[1]:.2f})"
+    return text
 
 
 def outcome_table(o: Outcome) -> str:
@@ -132,8 +143,8 @@ def outcome_table(o: Outcome) -> str:
     lines += [f"| {name} | {a} | {b} | {c} |" for name, a, b, c in rows]
     for bs, (unfolded, folded) in o.latency.items():
         lines.append(f"\nlatency at batch {bs} (kept model, measured by the fold): "
-                     f"{unfolded:.3g} ms unfolded → {folded:.3g} ms folded "
-                     f"({speed(unfolded, folded)})")
+                     f"{unfolded:.3g} ms unfolded → {folded:.3g} ms folded: "
+                     f"{speed(unfolded, folded, o.band.get(bs))}")
     return "\n".join(lines)
 
 
@@ -148,7 +159,7 @@ def summary_line(o: Outcome) -> str:
         parts.append(f"depth {d.depth} → {r.depth}")
     if 1 in o.latency:
         unfolded, folded = o.latency[1]
-        parts.append(f"{speed(unfolded, folded)} at batch 1 after folding")
+        parts.append(speed(unfolded, folded, o.band.get(1), " at batch 1 after folding"))
     if d.val_acc is not None and r.val_acc is not None:
         parts.append(_minus(f"val {r.val_acc - d.val_acc:+.1f} pts"))
     return ", ".join(parts)

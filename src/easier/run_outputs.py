@@ -25,7 +25,7 @@ from torch import nn
 
 from .errors import FoldError
 from .fold import LatencyConfig, fold
-from .measurement import compare_table, measure
+from .measurement import compare_table, measure_pair
 from .state import RunDir, atomic_write, atomic_write_text, load_model, lock_run_dir, verify_file
 
 __all__ = ["FoldOptions", "fold_run", "load_folded"]
@@ -132,8 +132,8 @@ def fold_run(run_dir: str | Path, plan: str | FoldOptions = "latency", *,
         sizes = tuple(opts.plan_batch or batch_sizes)
         folded = fold(reduced, example, plan=opts.plan, latency=LatencyConfig(batch_sizes=sizes))
         fold_plan = folded.fold_plan  # type: ignore[attr-defined]
-        before = measure(reduced, example, batch_sizes=batch_sizes)
-        after = measure(folded, example, batch_sizes=batch_sizes)
+        # timed side by side: the ratio is what the fold bought, not a change in machine load
+        before, after, paired = measure_pair(reduced, folded, example, batch_sizes=batch_sizes)
         files: dict[str, bytes] = {}
         try:
             files[PROGRAM] = _export_program(folded, example)
@@ -153,12 +153,13 @@ def fold_run(run_dir: str | Path, plan: str | FoldOptions = "latency", *,
             atomic_write(run.file(name), lambda f, data=data: f.write(data))
         table = compare_table(before, after)
         run.write_json("fold_plan.json", fold_plan.to_dict())
+        pairs = [{"batch_size": b, **c.to_dict()} for b, c in paired.items()]
         run.write_json("fold_measure.json", {"before": before.to_dict(),
-                                             "after": after.to_dict()})
+                                             "after": after.to_dict(), "paired": pairs})
         title = FoldOptions(opts.plan, sizes) if fold_plan.batch_sizes else opts
         atomic_write_text(run.file("fold.md"), f"# fold (plan={title})\n\n{table}\n\n"
                           f"max |error| of the folded model: {fold_plan.max_abs_error:.3g}\n\n"
                           f"```\n{fold_plan}\n```\n")
     return {"plan": fold_plan.to_dict(), "before": before.to_dict(), "after": after.to_dict(),
-            "table": table, "files": sorted(files), "removed": stale}
+            "paired": pairs, "table": table, "files": sorted(files), "removed": stale}
 

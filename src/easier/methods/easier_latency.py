@@ -38,7 +38,7 @@ class EasierLatency(Method):
     description = "largest fold saving among the lowest-entropy sites"
 
     def __init__(self, pool: float = 0.5, cost: str = "latency",
-                 batch_sizes: tuple[int, ...] | list[int] = (1,), lookahead: bool = True,
+                 batch_sizes: int | tuple[int, ...] | list[int] = (1,), lookahead: bool = True,
                  latency: LatencyConfig | None = None):
         if not 0 < float(pool) <= 1:
             raise ConfigError(f"pool={pool!r}: the fraction of lowest-entropy sites priced, "
@@ -47,6 +47,8 @@ class EasierLatency(Method):
             raise ConfigError(f"cost={cost!r}; valid: {list(COSTS)}")
         self.pool = float(pool)
         self.cost = cost
+        if isinstance(batch_sizes, int):  # `--method-option batch_sizes=64`
+            batch_sizes = (batch_sizes,)
         self.batch_sizes = tuple(int(b) for b in batch_sizes)
         self.lookahead = bool(lookahead)
         self.savings = FoldSavings(cost, latency, self.batch_sizes)  # prices kept across iterations
