@@ -424,3 +424,19 @@ def test_time_to_result_quick_tables(tmp_path):
         assert r == pytest.approx(steps[variant] / steps[tt.BASELINE])
     text = out.read_text()
     assert "### Time to result: default" in text and "load average" in text
+
+
+def test_time_to_result_rows_file_resumes_without_rerunning(tmp_path, monkeypatch):
+    tt = _bench("bench_time_to_result")
+    rows = tmp_path / "rows.jsonl"
+    base = ["--quick", *ONE, "--rows", str(rows)]
+    first = tt.main([*base, "--variants", "today (full budget)"])
+    assert len(rows.read_text().splitlines()) == 1
+    calls = []
+    real = tt.easier.reduce
+    monkeypatch.setattr(tt.easier, "reduce", lambda *a, **k: calls.append(1) or real(*a, **k))
+    # the saved run is reused, only the new variant runs; the tables hold both
+    summary, per_seed = tt.main([*base, "--variants", "today (full budget),early stop"])
+    assert len(calls) == 1 and len(rows.read_text().splitlines()) == 2
+    assert per_seed.column("variant") == ["today (full budget)", "early stop"]
+    assert per_seed.rows[0] == first[1].rows[0]  # the first run's row, read back unchanged
