@@ -436,7 +436,7 @@ def test_time_to_result_rows_file_resumes_without_rerunning(tmp_path, monkeypatc
     real = tt.easier.reduce
     monkeypatch.setattr(tt.easier, "reduce", lambda *a, **k: calls.append(1) or real(*a, **k))
     # the saved run is reused, only the new variant runs; the tables hold both
-    summary, per_seed = tt.main([*base, "--variants", "today (full budget),early stop"])
+    _summary, per_seed = tt.main([*base, "--variants", "today (full budget),early stop"])
     assert len(calls) == 1 and len(rows.read_text().splitlines()) == 2
     assert per_seed.column("variant") == ["today (full budget)", "early stop"]
     assert per_seed.rows[0] == first[1].rows[0]  # the first run's row, read back unchanged
