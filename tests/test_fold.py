@@ -600,7 +600,12 @@ def test_fold_run_writes_pt2_first_and_every_file_checksummed(fold_dir):
         assert recorded[name][0] == hashlib.sha256((path / name).read_bytes()).hexdigest(), name
         assert verify_file(path / name) is True
     measured = _json.loads((path / "fold_measure.json").read_text())
-    assert all(lat["runs"] >= 5 for m in measured.values() for lat in m["latency"])
+    assert all(lat["runs"] >= 5 for side in ("before", "after")
+               for lat in measured[side]["latency"])
+    # timed side by side: one paired comparison per measured batch size, its band around it
+    sizes = [lat["batch_size"] for lat in measured["before"]["latency"]]
+    assert [p["batch_size"] for p in measured["paired"]] == sizes
+    assert all(p["ratio_lo"] <= p["ratio"] <= p["ratio_hi"] for p in measured["paired"])
     # the artifact loads without easier, with any batch size, and computes the reduced model
     program = torch.export.load(str(path / "folded.pt2")).module()
     for b in (1, 3):
