@@ -117,9 +117,43 @@ def test_recovery_settings_are_checked_naming_the_field():
                           ({"early_stop_every": True}, "early_stop_every")):
         with pytest.raises(ConfigError, match=f"Recovery.{field}="):
             Recovery(**kwargs)
+    with pytest.raises(ConfigError, match=r"Recovery\.finish_on_reject="):
+        Recovery(finish_on_reject=1)
     assert not Recovery().active and Recovery(distill=0.1).active
     three = Recovery(early_stop_every=3)
     assert Recovery.from_dict(three.to_dict()) == three
+    # recorded before finish_on_reject existed: resumes as it ran then
+    old = {k: v for k, v in three.to_dict().items() if k != "finish_on_reject"}
+    assert Recovery.from_dict(old).finish_on_reject is False
+
+
+def rigged_val(n=64):
+    """Validation data whose first 16 samples (the early-stop subset: one batch of 16) are
+    labelled like the training data and whose other 48 carry a label no model predicts for
+    them, so the subset says "recovered" while the full set can never be within delta."""
+    x, y = data(n, seed=1).tensors
+    y = y.clone()
+    y[16:] = (y[16:] + 1) % 3
+    return TensorDataset(x, y)
+
+
+@pytest.mark.parametrize("finish", [True, False])
+def test_a_removal_is_rejected_only_after_the_whole_budget(tmp_path, finish):
+    rec = Recovery(early_stop_every=2, early_stop_batches=1, finish_on_reject=finish)
+    budget = 2 * math.ceil(192 / 16)  # epochs x batches of the fine-tune below
+    res = reduce(mlp(), data(), rigged_val(), out=tmp_path / "r", recovery=rec,
+                 finetune=FineTune(epochs=2, lr=0.02, batch_size=16), pretrain=PRE,
+                 stop=StopRule(delta=1.0, max_removals=3), run=RunConfig(seed=1, verbose=False))
+    last = res.history[-1]
+    assert not last["accepted"] and last["finetune_stopped_early"]
+    first = last["early_stop_checks"][-1][0]  # the early stop's own step count
+    assert first < budget
+    if finish:
+        assert last["finetune_continued"] == budget - first
+        assert last["finetune_steps"] == budget
+        assert last["early_stop_val_acc"] < res.baseline["val_acc"] - 1.0
+    else:
+        assert "finetune_continued" not in last and last["finetune_steps"] == first
 
 
 REC = Recovery(early_stop_every=2, early_stop_batches=1, distill=0.5, temperature=2.0)
@@ -139,11 +173,14 @@ def test_steps_recorded_are_the_steps_that_ran(tmp_path):
     assert rows and all(r["finetune_steps"] <= 24 for r in rows)
     for r in rows:
         checks = r["early_stop_checks"]
-        assert [c[0] for c in checks] == list(range(2, r["finetune_steps"] + 1, 2))
+        first = r["finetune_steps"] - r.get("finetune_continued", 0)
+        assert [c[0] for c in checks] == list(range(2, first + 1, 2))
         # stopped early at a check, or else the whole budget ran
         if r["finetune_stopped_early"]:
-            assert checks and checks[-1][0] == r["finetune_steps"]
+            assert checks and checks[-1][0] == first
         else:
+            assert r["finetune_steps"] == 24
+        if r.get("finetune_continued"):  # rejected after the early stop: the budget was finished
             assert r["finetune_steps"] == 24
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
     assert cfg["recovery"] == REC.to_dict()
@@ -187,8 +224,9 @@ def test_cli_flags_default_to_recovery_defaults_and_are_checked(capsys):
     a = p.parse_args(["reduce"])
     got = Recovery(early_stop_every=a.early_stop_every, early_stop_batches=a.early_stop_batches,
                    early_stop_margin=a.early_stop_margin, distill=a.distill,
-                   temperature=a.distill_temperature)
+                   temperature=a.distill_temperature, finish_on_reject=a.early_stop_finish)
     assert got == Recovery()
+    assert p.parse_args(["reduce", "--no-early-stop-finish"]).early_stop_finish is False
     a = p.parse_args(["reduce", "--early-stop-every", "7", "--distill", "0.25"])
     assert (a.early_stop_every, a.distill) == (7, 0.25)
     for bad in (["--distill", "1.5"], ["--early-stop-every", "0"], ["--distill-temperature", "0"]):

@@ -50,7 +50,10 @@ class Recovery:
     ``early_stop_batches`` is the size of the validation subset, in fine-tune batches;
     ``early_stop_margin`` (points) asks the subset for that much more than ``baseline - delta``.
     ``distill`` is the weight w of the distillation term (0: plain cross-entropy) and
-    ``temperature`` its T.
+    ``temperature`` its T. ``finish_on_reject``: a fine-tune that stopped early but whose model
+    then fails the full validation check trains on for the rest of its budget and is checked
+    again before it is rejected, so early stop never rejects a removal sooner than the full
+    budget would have (the subset can say "recovered" when the full set does not).
     """
 
     early_stop_every: int | None = None
@@ -58,6 +61,7 @@ class Recovery:
     early_stop_margin: float = 0.0
     distill: float = 0.0
     temperature: float = 4.0
+    finish_on_reject: bool = True
 
     def __post_init__(self) -> None:
         for name, low, optional in (("early_stop_every", 1, True),
@@ -68,6 +72,9 @@ class Recovery:
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ConfigError(f"Recovery.{name}={v!r}: must be an integer >= {low}"
                                   + (" or None" if optional else ""))
+        if not isinstance(self.finish_on_reject, bool):
+            raise ConfigError(f"Recovery.finish_on_reject={self.finish_on_reject!r}: must be "
+                              "True or False")
         _number("early_stop_margin", self.early_stop_margin, low=0.0)
         _number("distill", self.distill, low=0.0, high=1.0)
         _number("temperature", self.temperature, low=0.0, strict=True)
@@ -84,10 +91,18 @@ class Recovery:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def steps_left(self, ft: Any) -> int:
+        """Optimizer steps of the budget still to train before a removal may be rejected: the
+        rest of the budget after an early stop (with ``finish_on_reject``), else 0."""
+        if not (self.finish_on_reject and ft.stopped_early):
+            return 0
+        return max(0, ft.budget - ft.steps)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recovery:
         check_fields(cls, d)
-        return cls(**d)
+        # a run recorded before finish_on_reject existed resumes as it was made
+        return cls(**{"finish_on_reject": False, **d})
 
 
 def _number(name: str, v: Any, *, low: float, high: float = math.inf,

@@ -76,10 +76,13 @@ class FineTune:
 @dataclass
 class TrainResult:
     """What a call of :func:`fine_tune` did. ``failed`` holds the reason when it failed;
-    ``stopped_early`` is True when ``stop_check`` ended it before the budget."""
+    ``stopped_early`` is True when ``stop_check`` ended it before the budget; ``budget`` is the
+    number of optimizer steps the full budget would have taken (epochs x batches, capped by
+    ``max_steps``)."""
 
     epochs: int = 0
     steps: int = 0
+    budget: int = 0
     seconds: float = 0.0
     loss: float = math.nan
     accuracy: float = math.nan
@@ -207,6 +210,9 @@ def _epochs(net: nn.Module, model: nn.Module, loader_for: Callable[[int], Any], 
     opt = _optimizer(model, cfg)
     first = loader_for(0)
     sched = _scheduler(opt, cfg, max(1, len(first)))
+    res.budget = len(first) * cfg.epochs
+    if cfg.max_steps is not None:
+        res.budget = min(res.budget, cfg.max_steps)
     for epoch in range(cfg.epochs):
         loader = first if epoch == 0 else loader_for(epoch)
         if progress:

@@ -154,6 +154,10 @@ def recovery_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--early-stop-margin", type=NONNEG_FLOAT, default=0.0, metavar="POINTS",
                    help="ask the subset for this many points more than baseline - delta "
                         "(default: 0)")
+    r.add_argument("--early-stop-finish", action=argparse.BooleanOptionalAction, default=True,
+                   help="when a fine-tune stopped early but the full validation set rejects "
+                        "its model, train the rest of the budget and check again before "
+                        "rejecting")
     r.add_argument("--distill", type=fraction, default=0.0, metavar="W",
                    help="weight of distillation from the dense model in the fine-tune loss, "
                         "0..1 (default: 0, plain cross-entropy)")
