@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from ..errors import ConfigError, StateError
-from ..outcome import near_chance
+from ..outcome import near_chance, returned_nonzero
 from .session import (
     build_base,
     device,
@@ -21,21 +21,6 @@ from .session import (
 )
 
 __all__ = ["cmd_compare", "cmd_entropy", "cmd_fold", "cmd_list", "cmd_reduce", "end_of_run"]
-
-
-def returned_nonzero(result: Any) -> int:
-    """Non-zero params of the model handed back: the folded program when one was written."""
-    import torch
-
-    from ..outcome import nonzero_params
-
-    folded = result.out / "folded.pt2" if result.out is not None else None
-    if "fold" in result.extras and folded is not None and folded.is_file():
-        try:
-            return nonzero_params(torch.export.load(str(folded)).module())
-        except Exception:  # an unreadable program: count the kept model instead
-            pass
-    return nonzero_params(result.model)
 
 
 def end_of_run(result: Any, *, num_classes: int, dense_nonzero: int | None,
