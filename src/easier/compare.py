@@ -23,7 +23,7 @@ from torch import nn
 from .errors import ConfigError
 from .fronts import Front, FrontConfig, front_run
 from .methods import create_method
-from .outcome import nonzero_params
+from .outcome import returned_nonzero
 from .report import png_bytes
 from .settings import RunConfig
 from .state import RunDir, atomic_write_bytes, atomic_write_text
@@ -86,7 +86,7 @@ def compare(
         rows.append({
             "method": name, "removed": len(final["removed"]), "unit": strategy.unit,
             "val_acc": final["val_acc"], "test_acc": final.get("test_acc"),
-            "params": after["params"], "nonzero_params": nonzero_params(result.model),
+            "params": after["params"], "nonzero_params": returned_nonzero(result),
             "flops": after["flops_per_sample"],
             "depth": after["depth"], "activations": after["activations"],
             "latency_ms_b1": lat.get(1), "latency_ms_b64": lat.get(64),

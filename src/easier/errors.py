@@ -38,6 +38,10 @@ class StateError(EasierError):
     """A run directory's saved state is missing, corrupt or belongs to another run."""
 
 
+class UserCodeError(EasierError):
+    """The user's own ``--model`` or ``--data`` callable raised (its own error, not easier's)."""
+
+
 class FoldError(EasierError):
     """A fold did not reproduce the original function within tolerance."""
 

@@ -46,6 +46,7 @@ __all__ = ["EntropyConfig", "Recovery", "ReduceResult", "RunConfig", "StopRule",
 
 # Budgets a resumed run may change: a run stopped by a limit continues when the limit grows.
 _BUDGET_KEYS = ("max_removals", "max_iterations", "run_all")
+_MUTABLE_KEYS = (*_BUDGET_KEYS, "model_file")  # ... and where the CLI found the user's file
 
 
 @dataclass
@@ -180,10 +181,10 @@ def _reduce(model: nn.Module, train: Any, val: Any, method: str | Method, test: 
     saved = None
     if rundir is not None:
         # every rank checks (and reads) before rank 0 writes, so a refusal raises everywhere
-        saved = rundir.start(cfg, resume=resume, mutable=_BUDGET_KEYS, write=False)
+        saved = rundir.start(cfg, resume=resume, mutable=_MUTABLE_KEYS, write=False)
         barrier()
         if info.is_main:
-            rundir.start(cfg, resume=resume, mutable=_BUDGET_KEYS)
+            rundir.start(cfg, resume=resume, mutable=_MUTABLE_KEYS)
         barrier()
     train_kw = {"device": device, "input_key": input_key, "progress": run.progress,
                 "amp": run.amp, "regularizer": strategy.regularizer(),

@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["Outcome", "Side", "near_chance", "nonzero_params", "outcome", "outcome_table", "speed",
-           "summary_line"]
+__all__ = ["Outcome", "Side", "near_chance", "nonzero_params", "outcome", "outcome_table",
+           "returned_nonzero", "speed", "summary_line"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,19 @@ class Outcome:
 def nonzero_params(model: nn.Module) -> int:
     """Parameter entries that are not exactly zero (pruned weights do not count)."""
     return sum(int((p.detach() != 0).sum()) for p in model.parameters())
+
+
+def returned_nonzero(result: Any) -> int:
+    """Non-zero params of the model handed back: the folded program when one was written."""
+    import torch
+
+    folded = result.out / "folded.pt2" if result.out is not None else None
+    if "fold" in result.extras and folded is not None and folded.is_file():
+        try:
+            return nonzero_params(torch.export.load(str(folded)).module())
+        except Exception:  # an unreadable program: count the kept model instead
+            pass
+    return nonzero_params(result.model)
 
 
 def outcome(history: list[dict[str, Any]], fold: dict[str, Any] | None = None, *,

@@ -63,6 +63,7 @@ def lock_run_dir(path: str | Path) -> Iterator[Path]:
     temporaries a killed writer left are removed. Re-entrant within one process.
     """
     d = Path(path)
+    created = not d.exists()
     d.mkdir(parents=True, exist_ok=True)
     key = os.path.realpath(d)
     if key in _HELD:
@@ -94,8 +95,19 @@ def lock_run_dir(path: str | Path) -> Iterator[Path]:
             yield d
         finally:
             del _HELD[key]
+            if created:
+                _remove_if_unused(d)
     finally:
         os.close(fd)  # drops the flock
+
+
+def _remove_if_unused(d: Path) -> None:
+    """Remove a directory this lock created when nothing but the lock was written in it (the
+    command failed before writing): a failed command leaves no empty run directory behind."""
+    with contextlib.suppress(OSError):
+        if os.listdir(d) == [LOCK_FILE]:
+            (d / LOCK_FILE).unlink()  # still locked: no other writer is inside
+            d.rmdir()
 
 
 @contextlib.contextmanager

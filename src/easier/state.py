@@ -44,6 +44,7 @@ __all__ = [
     "atomic_write_text",
     "load_iteration",
     "load_model",
+    "load_weights",
     "lock_run_dir",
     "model_record",
     "rebuild",
@@ -91,11 +92,28 @@ def rebuild(record: dict[str, Any], base: nn.Module | None = None) -> nn.Module:
 
         base = create_from_spec(record["spec"])
     model = apply_edits(base, record.get("edits", []))
-    try:
-        model.load_state_dict(record["state_dict"], strict=True)
-    except RuntimeError as exc:
-        raise StateError(f"checkpoint weights do not fit the rebuilt model: {exc}") from exc
+    problem = load_weights(model, record["state_dict"])
+    if problem:
+        raise StateError(f"checkpoint weights do not fit the rebuilt model: {problem}; check "
+                         "--model and --width (the architecture it was saved from)")
     return model
+
+
+def load_weights(model: nn.Module, state: dict[str, Any]) -> str:
+    """Load ``state`` into ``model`` strictly; "" when it fits, else one line naming the keys
+    of another shape, missing or unexpected (the model is then partly loaded)."""
+    own = model.state_dict()
+    shapes = [f"{k} {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model"
+              for k, v in state.items()
+              if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
+    if shapes:
+        return (f"{len(shapes)} of another shape ({'; '.join(shapes[:3])}"
+                f"{'; ...' if len(shapes) > 3 else ''})")
+    result = model.load_state_dict(state, strict=False)
+    if not (result.missing_keys or result.unexpected_keys):
+        return ""
+    return (f"{len(result.missing_keys)} missing (e.g. {result.missing_keys[:3]}), "
+            f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]})")
 
 
 def load_model(path: str | Path, model: nn.Module | None = None, *,

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, StateError
-from ..outcome import near_chance
+from ..outcome import near_chance, returned_nonzero
 from .session import (
     build_base,
     device,
@@ -21,21 +22,6 @@ from .session import (
 )
 
 __all__ = ["cmd_compare", "cmd_entropy", "cmd_fold", "cmd_list", "cmd_reduce", "end_of_run"]
-
-
-def returned_nonzero(result: Any) -> int:
-    """Non-zero params of the model handed back: the folded program when one was written."""
-    import torch
-
-    from ..outcome import nonzero_params
-
-    folded = result.out / "folded.pt2" if result.out is not None else None
-    if "fold" in result.extras and folded is not None and folded.is_file():
-        try:
-            return nonzero_params(torch.export.load(str(folded)).module())
-        except Exception:  # an unreadable program: count the kept model instead
-            pass
-    return nonzero_params(result.model)
 
 
 def end_of_run(result: Any, *, num_classes: int, dense_nonzero: int | None,
@@ -142,7 +128,8 @@ def cmd_entropy(args: argparse.Namespace) -> int:
     from ..train import make_loader
     from ..user import load_checkpoint, load_data
 
-    splits = load_data(args.data, seed=args.seed, image_size=args.image_size)
+    splits = load_data(args.data, seed=args.seed, image_size=args.image_size,
+                       input_key=args.input_key)
     base = None
     if args.model is not None:
         base = build_base(args.model, num_classes=splits.num_classes,
@@ -153,7 +140,7 @@ def cmd_entropy(args: argparse.Namespace) -> int:
                                                 shuffle=False),
                              estimator=args.estimator, neuron=args.neuron,
                              max_batches=args.max_batches, device=device(args.device),
-                             progress=not args.quiet)
+                             progress=not args.quiet, input_key=args.input_key)
     if args.json:
         print(json.dumps(report.to_dict()))
     else:
@@ -172,7 +159,16 @@ def cmd_fold(args: argparse.Namespace) -> int:
     cfg = run.read_config()
     base = None
     if cfg.get("model_kwargs"):  # a run of the user's module:callable model
-        base = build_base(cfg["model"], width=cfg.get("width", 1.0), **cfg["model_kwargs"])
+        spec = cfg["model"]  # a file named relative to where the run started: found anywhere
+        if cfg.get("model_file") and Path(cfg["model_file"].rpartition(":")[0]).is_file():
+            spec = cfg["model_file"]
+        base = build_base(spec, width=cfg.get("width", 1.0), **cfg["model_kwargs"])
+    elif cfg.get("model_spec") is None and "model_spec" in cfg:
+        raise ConfigError(
+            f"{run.path}: its model was not built from easier.models nor from --model "
+            "module:callable (e.g. it came from a whole pickled --checkpoint), so `easier fold` "
+            "cannot rebuild it. Rerun reduce with --model module:callable, or fold in Python: "
+            "easier.fold(easier.load_model(RUN/model.pt, model=BASE).eval(), x)")
     with lock_run_dir(run.path):
         out = fold_run(args.run_dir, FoldOptions(args.plan, args.plan_batch, args.torchscript,
                                                  args.onnx), model=base)

@@ -72,6 +72,14 @@ def model_args(p: argparse.ArgumentParser, *, model_default: str | None) -> None
                         "only for files you trust)")
 
 
+def input_keys(text: str) -> str | list[str]:
+    """``pixel_values`` -> that key; ``input_ids,attention_mask`` -> a list of keys."""
+    keys = [k.strip() for k in text.split(",")]
+    if not all(keys):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY or KEY,KEY,...")
+    return keys[0] if len(keys) == 1 else keys
+
+
 def data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="mnist5k",
                    help="dataset: mnist5k, digits, cifar10:PATH, tiny-imagenet:PATH, "
@@ -79,6 +87,10 @@ def data_args(p: argparse.ArgumentParser) -> None:
                         "(train, val[, test])")
     p.add_argument("--image-size", type=POS_INT, default=None,
                    help="resize images to this side (default: the dataset's own)")
+    p.add_argument("--input-key", type=input_keys, default=None, metavar="KEY[,KEY…]",
+                   help="for datasets of dict items: the key of the model input (passed "
+                        "positionally), or several keys passed as keyword arguments (default: "
+                        "every key but label/labels, as keyword arguments)")
 
 
 def run_args(r: argparse.ArgumentParser) -> None:

@@ -103,12 +103,13 @@ def setup(args: argparse.Namespace, info: Any) -> dict[str, Any]:
     from ..recovery import Recovery
     from ..settings import EntropyConfig, RunConfig, StopRule
     from ..train import seed_everything
-    from ..user import load_checkpoint, load_data
+    from ..user import load_checkpoint, load_data, model_file
 
     dev = str(info.device) if info.enabled else device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    splits = load_data(args.data, seed=args.seed, image_size=args.image_size)
+    splits = load_data(args.data, seed=args.seed, image_size=args.image_size,
+                       input_key=args.input_key)
     pre, ft = recipe(args.recipe, args.model, args.data)
     ft = finetune_overrides(ft, args)
     if args.pretrain_epochs is not None:
@@ -118,19 +119,28 @@ def setup(args: argparse.Namespace, info: Any) -> dict[str, Any]:
     shape = {"num_classes": splits.num_classes, "in_channels": splits.in_channels,
              "image_size": splits.image_size}
 
+    whole: list[str] = []  # the class of a whole pickled model that replaces --model
+
     def make_model() -> torch.nn.Module:
         seed_everything(args.seed)
         model = build_base(args.model, width=args.width, **shape)
         if args.checkpoint:
-            model = load_checkpoint(args.checkpoint, model, allow_pickle=args.allow_pickle)
+            loaded = load_checkpoint(args.checkpoint, model, allow_pickle=args.allow_pickle)
+            if type(loaded) is not type(model):
+                whole[:] = [type(loaded).__name__]
+            model = loaded
         return model
 
     make_model()  # a model that cannot be built fails here, before any training
+    name = (f"the whole model in {args.checkpoint} ({whole[0]}; --model {args.model} is not "
+            "used)" if whole else f"{args.model} (width {args.width})")
     config = {"model": args.model, "width": args.width, "data": args.data,
               "recipe": args.recipe, "checkpoint": args.checkpoint,
               "image_size": args.image_size}
     if is_callable_spec(args.model):  # what `easier fold` needs to rebuild the user's model
         config["model_kwargs"] = shape
+        if model_file(args.model):  # found from any directory; may change on resume
+            config["model_file"] = model_file(args.model)
     kwargs = {
         "test": splits.test, "train_eval": splits.train_eval, "finetune": ft, "pretrain": pre,
         "stop": StopRule(delta=args.delta, max_removals=args.max_removals,
@@ -145,12 +155,12 @@ def setup(args: argparse.Namespace, info: Any) -> dict[str, Any]:
                                  fold_ready=not args.no_fold_ready,
                                  linearize=getattr(args, "linearize", "identity")),
         "run": RunConfig(seed=args.seed, device=dev, amp=args.amp, progress=not args.quiet,
-                         log=say, extra=config),
+                         log=say, extra=config, input_key=args.input_key),
     }
     ranks = (f", {info.world_size} ranks ({torch.distributed.get_backend()})" if info.enabled
              else "")
     if info.is_main:
-        say(f"easier: {args.model} (width {args.width}) on {splits.name} {splits.sizes()}, "
+        say(f"easier: {name} on {splits.name} {splits.sizes()}, "
             f"delta {args.delta}, recipe {args.recipe}, device {dev}, "
             f"{torch.get_num_threads()} threads{ranks}")
     return {"splits": splits, "make_model": make_model, "kwargs": kwargs}

@@ -104,10 +104,16 @@ def _check_labels(name: str, labels: Any, num_classes: int | None) -> np.ndarray
     if labels is None:
         return None
     if isinstance(labels, torch.Tensor):
+        if labels.ndim == 1 and labels.is_floating_point():
+            _float_labels(name, labels[0].item())
         if labels.is_floating_point() or labels.ndim != 1:
             return None  # soft or multi-dimensional targets: not class indices
         arr = labels.cpu().numpy()
     else:
+        first = labels[0] if len(labels) else None
+        if isinstance(first, (float, np.floating)) or (
+                isinstance(first, torch.Tensor) and first.ndim == 0 and first.is_floating_point()):
+            _float_labels(name, float(first))
         vals = [int(v) if isinstance(v, (int, np.integer)) or (
             isinstance(v, torch.Tensor) and v.ndim == 0 and not v.is_floating_point()) else None
             for v in labels]
@@ -129,6 +135,13 @@ def _check_labels(name: str, labels: Any, num_classes: int | None) -> np.ndarray
     return arr
 
 
+def _float_labels(name: str, first: float) -> None:
+    raise DataError(
+        f"{name}: the labels are floating-point numbers (sample 0: {first!r}); class labels "
+        "must be integers 0..num_classes-1: return them as int or torch.long (y.long())"
+    )
+
+
 def num_outputs(model: nn.Module, example: torch.Tensor, name: str) -> int | None:
     """The number of classes the model predicts for one sample (None if not (1, C) logits).
 
@@ -145,6 +158,36 @@ def num_outputs(model: nn.Module, example: torch.Tensor, name: str) -> int | Non
             f"the model cannot run on sample 0 of {name} (input shape "
             f"{tuple(example.shape)}): {type(exc).__name__}: {exc}. Check the input shape the "
             "model expects (channels, image size) against the data."
+        ) from exc
+    finally:
+        model.train(was)
+    if isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[0] == 1:
+        return int(out.shape[1])
+    return None
+
+
+def _dict_outputs(model: nn.Module, item: dict[str, Any], input_key: Any, name: str) -> int | None:
+    """:func:`num_outputs` for a dict item, passed as the loop passes a dict batch."""
+    from torch.utils.data import default_collate
+
+    from easier.capture import call_model, to_device
+    from easier.entropy import batch_input
+
+    batch = batch_input(default_collate([item]), input_key)
+    params = next(iter(model.parameters()), None)
+    dev = params.device if params is not None else torch.device("cpu")
+    was = model.training
+    how = ("positionally" if not isinstance(batch, dict)
+           else f"as keyword arguments {', '.join(map(str, batch))}")
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = call_model(model, to_device(batch, dev))
+    except Exception as exc:  # the model's own error, whatever its type
+        raise DataError(
+            f"the model cannot run on sample 0 of {name} (a dict with keys {sorted(item)}, "
+            f"passed {how}): {type(exc).__name__}: {exc}. Name the key of the model input with "
+            "--input-key KEY (input_key=...), or check its shape against the model"
         ) from exc
     finally:
         model.train(was)
@@ -189,8 +232,11 @@ def check_datasets(train: Dataset | DataLoader, val: Dataset | DataLoader, *,
     with _rng_preserved():  # reading samples may draw augmentation randomness: give it back
         num_classes = None
         if model is not None and "val" in plain:
-            example = _input(plain["val"][0], input_key)
-            if isinstance(example, torch.Tensor):
+            item = plain["val"][0]
+            example = _input(item, input_key)
+            if isinstance(item, dict):
+                num_classes = _dict_outputs(model, item, input_key, _name("val", plain["val"]))
+            elif isinstance(example, torch.Tensor):
                 num_classes = num_outputs(model, example, _name("val", plain["val"]))
         columns = {role: _columns(ds, input_key) for role, ds in plain.items()}
     for role, ds in plain.items():
