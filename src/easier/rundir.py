@@ -63,7 +63,11 @@ def lock_run_dir(path: str | Path) -> Iterator[Path]:
     temporaries a killed writer left are removed. Re-entrant within one process.
     """
     d = Path(path)
-    d.mkdir(parents=True, exist_ok=True)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a file where the directory should be
+        raise ConfigError(f"{d} is not a directory (a file is in the way): choose another "
+                          "output directory (--out); nothing was written") from None
     key = os.path.realpath(d)
     if key in _HELD:
         _HELD[key][1] += 1
@@ -119,6 +123,9 @@ def lock_run_dir_ranks(path: str | Path, info: Any) -> Iterator[None]:
 
 
 ITERATIONS = "iterations"  # the per-iteration models of a run that keeps them
+# written only once state.pt exists (the loop saves the state first): their presence without
+# state.pt means it was removed, not that the run was killed before its first iteration
+_AFTER_STATE = ("state.prev.pt", "model.pt", "summary.json", "history.jsonl")
 
 
 class RunDir:
@@ -216,6 +223,13 @@ class RunDir:
         The file is verified against its recorded sha256 first (StateError naming the file and
         the intact backup if it changed on disk)."""
         if not self.state_path.exists():
+            left = [n for n in _AFTER_STATE if self.file(n).exists()]
+            if left:  # state.pt is written before these, and never removed: it was deleted
+                raise StateError(
+                    f"{self.state_path} is missing, yet the run holds {', '.join(left)}, which "
+                    "easier writes only after it: it was deleted or moved (a kill never removes "
+                    f"it), so the run was not restarted and nothing was overwritten."
+                    f"{backup_advice(self.state_path)}")
             return None  # killed before the first iteration finished: start over cleanly
         data = read_verified(self.state_path)
         try:
@@ -241,9 +255,13 @@ class RunDir:
 
         def before_rename(digest: str) -> None:
             if cur.exists():
-                old = read_checksums(self.path, strict=False)
+                # the backup's digest is the one state.pt really has: the newest recorded one
+                # may be of a write killed before its rename; a state.pt changed since it was
+                # written keeps only its recorded digests, so the backup does not verify
+                accepted = read_checksums(self.path, strict=False).get(cur.name)
+                actual = sha256_file(cur)
                 record_checksums(self.path, {cur.name: [digest], prev.name: (
-                    old.get(cur.name, []) or [sha256_file(cur)])})
+                    [actual] if not accepted or actual in accepted else accepted)})
                 prev.unlink(missing_ok=True)
                 os.link(cur, prev)
             else:
