@@ -206,6 +206,9 @@ def _reduce(model: nn.Module, train: Any, val: Any, method: str | Method, test: 
         teacher = load_teacher(rundir, base, device) if recovery.active and rundir else None
         say(f"resumed {out} after iteration {history[-1]['iteration']}")
     else:
+        if resume and rundir is not None:  # e.g. a relative --out from another directory
+            say(f"--resume: {rundir.path.resolve()} holds no completed iteration; starting the "
+                "run from the beginning")
         current = prepared.to(device)
         history, stop_reason, stop_code, rejected = [], None, None, False
         t0 = time.perf_counter()
