@@ -13,6 +13,7 @@ import errno
 import io
 import json
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from .atomic import (
+    _write_tmp_and_rename,
     atomic_write,
     atomic_write_text,
     backup_advice,
@@ -263,7 +265,7 @@ class RunDir:
                 record_checksums(self.path, {cur.name: [digest], prev.name: (
                     [actual] if not accepted or actual in accepted else accepted)})
                 prev.unlink(missing_ok=True)
-                os.link(cur, prev)
+                _link_or_copy(cur, prev)
             else:
                 record_checksums(self.path, {cur.name: [digest]})
 
@@ -279,6 +281,19 @@ class RunDir:
     def write_jsonl(self, name: str, rows: Iterable[dict[str, Any]]) -> None:
         atomic_write_text(self.file(name),
                           "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` as ``dst``; copy it (atomically) where the filesystem has no hard links
+    (FAT, exFAT, some network and FUSE mounts refuse them with EPERM or ENOTSUP)."""
+    try:
+        os.link(src, dst)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV,
+                             errno.EMLINK, errno.ENOSYS):
+            raise
+        with open(src, "rb") as f:  # the checksum is already recorded (state.prev.pt's)
+            _write_tmp_and_rename(dst, lambda out: shutil.copyfileobj(f, out, 1 << 20))
 
 
 def _is_shape(shape: Any) -> bool:
