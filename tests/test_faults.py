@@ -269,3 +269,11 @@ def test_killed_at_a_write_resumes_to_the_uninterrupted_result(reference, tmp_pa
             == json.loads((reference / "summary.json").read_text())["removed"])
     for name in ("folded.pt2", "fold_plan.json", "fold.md"):
         assert (out / name).is_file(), name
+
+
+def test_resume_with_another_thread_count_warns(reference, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    assert main(["reduce", *TINY, "--threads", "2", "--out", str(out), "--resume"]) == 0
+    text = capsys.readouterr()
+    assert "saved with 1 threads, resumed with 2" in text.out + text.err
