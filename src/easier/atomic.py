@@ -176,19 +176,55 @@ def _fsync_dir(d: Path) -> None:
             os.close(fd)
 
 
+class _Recorder:
+    """A binary file that remembers the first OSError of a write: torch.save turns a full disk
+    into a RuntimeError ("enforce fail at inline_container.cc"), which hides the real cause."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+def _named(exc: OSError, path: Path) -> OSError:
+    """``exc`` with ``path`` as its filename when it has none (a write or fsync has none), so
+    the message says which file could not be written."""
+    if exc.filename is None and exc.errno is not None:
+        return type(exc)(exc.errno, os.strerror(exc.errno), str(path))
+    return exc
+
+
 def _write_tmp(path: Path, write: Callable[[BinaryIO], Any]) -> Path:
-    """Write a complete, fsynced temporary beside ``path`` (mode 0666 minus the umask)."""
+    """Write a complete, fsynced temporary beside ``path`` (mode 0666 minus the umask).
+
+    An OSError of the write (a full disk, EIO) is raised as that OSError naming ``path``,
+    whatever the writer turned it into; the temporary is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{_TMP_SUFFIX}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    rec = None
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            rec = _Recorder(f)
+            write(rec)  # type: ignore[arg-type]
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        raise
+        cause = rec.error if rec is not None and rec.error is not None else exc
+        named = _named(cause, path) if isinstance(cause, OSError) else exc
+        if named is exc:
+            raise
+        raise named from exc
     return tmp
 
 

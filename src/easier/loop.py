@@ -206,7 +206,14 @@ def _reduce(model: nn.Module, train: Any, val: Any, method: str | Method, test: 
         strategy.load_state_dict(saved.get("method_state") or {})
         teacher = load_teacher(rundir, base, device) if recovery.active and rundir else None
         say(f"resumed {out} after iteration {history[-1]['iteration']}")
+        if saved.get("threads", torch.get_num_threads()) != torch.get_num_threads():
+            say(f"warning: saved with {saved['threads']} threads, resumed with "
+                f"{torch.get_num_threads()}: float sums round differently, so the result can "
+                f"differ from an uninterrupted run (--threads {saved['threads']} reproduces it)")
     else:
+        if resume and rundir is not None:  # e.g. a relative --out from another directory
+            say(f"--resume: {rundir.path.resolve()} holds no completed iteration; starting the "
+                "run from the beginning")
         current = prepared.to(device)
         history, stop_reason, stop_code, rejected = [], None, None, False
         t0 = time.perf_counter()
@@ -381,7 +388,7 @@ def _save(run: RunDir | None, history: list[dict[str, Any]], baseline: dict[str,
     run.write_state({
         "history": history, "baseline": baseline, "stop_code": stop[0], "stop_reason": stop[1],
         "rejected": rejected, "current": model_record(current),
-        "method_state": strategy.state_dict(),
+        "method_state": strategy.state_dict(), "threads": torch.get_num_threads(),
         "accepted": None if accepted is current else model_record(accepted),
     })
     save_model(accepted, run.file("model.pt"))

@@ -13,6 +13,7 @@ import errno
 import io
 import json
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from .atomic import (
+    _write_tmp_and_rename,
     atomic_write,
     atomic_write_text,
     backup_advice,
@@ -64,7 +66,11 @@ def lock_run_dir(path: str | Path) -> Iterator[Path]:
     """
     d = Path(path)
     created = not d.exists()
-    d.mkdir(parents=True, exist_ok=True)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a file where the directory should be
+        raise ConfigError(f"{d} is not a directory (a file is in the way): choose another "
+                          "output directory (--out); nothing was written") from None
     key = os.path.realpath(d)
     if key in _HELD:
         _HELD[key][1] += 1
@@ -131,6 +137,9 @@ def lock_run_dir_ranks(path: str | Path, info: Any) -> Iterator[None]:
 
 
 ITERATIONS = "iterations"  # the per-iteration models of a run that keeps them
+# written only once state.pt exists (the loop saves the state first): their presence without
+# state.pt means it was removed, not that the run was killed before its first iteration
+_AFTER_STATE = ("state.prev.pt", "model.pt", "summary.json", "history.jsonl")
 
 
 class RunDir:
@@ -228,6 +237,13 @@ class RunDir:
         The file is verified against its recorded sha256 first (StateError naming the file and
         the intact backup if it changed on disk)."""
         if not self.state_path.exists():
+            left = [n for n in _AFTER_STATE if self.file(n).exists()]
+            if left:  # state.pt is written before these, and never removed: it was deleted
+                raise StateError(
+                    f"{self.state_path} is missing, yet the run holds {', '.join(left)}, which "
+                    "easier writes only after it: it was deleted or moved (a kill never removes "
+                    f"it), so the run was not restarted and nothing was overwritten."
+                    f"{backup_advice(self.state_path)}")
             return None  # killed before the first iteration finished: start over cleanly
         data = read_verified(self.state_path)
         try:
@@ -253,11 +269,15 @@ class RunDir:
 
         def before_rename(digest: str) -> None:
             if cur.exists():
-                old = read_checksums(self.path, strict=False)
+                # the backup's digest is the one state.pt really has: the newest recorded one
+                # may be of a write killed before its rename; a state.pt changed since it was
+                # written keeps only its recorded digests, so the backup does not verify
+                accepted = read_checksums(self.path, strict=False).get(cur.name)
+                actual = sha256_file(cur)
                 record_checksums(self.path, {cur.name: [digest], prev.name: (
-                    old.get(cur.name, []) or [sha256_file(cur)])})
+                    [actual] if not accepted or actual in accepted else accepted)})
                 prev.unlink(missing_ok=True)
-                os.link(cur, prev)
+                _link_or_copy(cur, prev)
             else:
                 record_checksums(self.path, {cur.name: [digest]})
 
@@ -273,6 +293,19 @@ class RunDir:
     def write_jsonl(self, name: str, rows: Iterable[dict[str, Any]]) -> None:
         atomic_write_text(self.file(name),
                           "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` as ``dst``; copy it (atomically) where the filesystem has no hard links
+    (FAT, exFAT, some network and FUSE mounts refuse them with EPERM or ENOTSUP)."""
+    try:
+        os.link(src, dst)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV,
+                             errno.EMLINK, errno.ENOSYS):
+            raise
+        with open(src, "rb") as f:  # the checksum is already recorded (state.prev.pt's)
+            _write_tmp_and_rename(dst, lambda out: shutil.copyfileobj(f, out, 1 << 20))
 
 
 def _is_shape(shape: Any) -> bool:

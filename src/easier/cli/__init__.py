@@ -8,8 +8,11 @@ A thin layer: arguments are parsed into the library's calls; nothing here is nee
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
+import threading
 import traceback
+from collections.abc import Iterator
 
 from .failures import describe_failure
 from .parser import build_parser
@@ -24,10 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or a bad argument (2), already printed
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("easier: interrupted; rerun with --resume to continue", file=sys.stderr)
-        return 130
+        with _sigterm_interrupts():
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt as exc:
+        how, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else (
+            "interrupted", 130)
+        print(f"easier: {how}; every saved file is intact: rerun the same command with --resume "
+              "to continue from the last completed iteration", file=sys.stderr)
+        return code
     except Exception as exc:  # one line, the traceback only under --debug
         message, code = describe_failure(exc)
         if args.debug:
@@ -39,6 +46,30 @@ def main(argv: list[str] | None = None) -> int:
 
         with contextlib.suppress(Exception):  # a group broken by a dead rank may not close
             cleanup()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every write in flight is undone the same way."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Turn SIGTERM (kill, a scheduler's stop, torchrun's shutdown) into :class:`Terminated`
+    for the command: temporaries are removed and the message says how to resume. Only where
+    SIGTERM has its default action (a host program's own handler is left alone)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

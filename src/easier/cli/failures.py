@@ -19,11 +19,13 @@ def describe_failure(exc: BaseException) -> tuple[str, int]:
     if isinstance(exc, EasierError):
         return str(exc), 1
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS,
-                                                  errno.EACCES, errno.EIO):
+                                                  errno.EACCES, errno.EPERM, errno.EIO):
         where = f" {exc.filename}" if exc.filename else ""
-        return (f"cannot write{where}: {os.strerror(exc.errno or 0)}. Nothing already saved was "
+        verb = "write" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) else "access"
+        return (f"cannot {verb}{where}: {os.strerror(exc.errno or 0)}. Nothing already saved was "
                 "damaged (files are replaced atomically): fix that, then rerun the same command "
-                "with --resume to continue from the last saved iteration"), 1
+                "(`reduce`/`compare`: with --resume, to continue from the last saved "
+                "iteration)"), 1
     info = get_info()
     if info.enabled and timed_out(exc):
         return (f"rank {info.rank}: no answer from the other ranks within the process-group "
