@@ -246,3 +246,28 @@ def test_aligned_token_labels_score_like_token_classification() -> None:
         float(out.loss), rel=1e-5)
     with pytest.raises(easier.ConfigError, match="per-token labels"):
         cross_entropy(out.logits, y[:, :5], {"input_ids": IDS})
+
+
+class _TFPadded(nn.Module):
+    """Hugging Face's TF-style padding: F.pad before every conv, all zeros before a 1x1."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw, self.pw = nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 6, 1)
+        self.act = nn.ReLU6()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.dw(F.pad(x, [1, 1, 1, 1])))
+        return self.pw(F.pad(h, [0, 0, 0, 0]))
+
+
+def test_zero_pad_does_not_stop_a_chain() -> None:
+    torch.manual_seed(0)
+    m = _TFPadded().double().eval()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    lin = easier.linearize(m, ["act"], example_input=x).eval()
+    folded = easier.fold(lin, x, plan="all", rtol=1e-10, atol=0)
+    assert [c.modules for c in folded.fold_plan.merged] == [["dw", "pw"]]
+    with torch.no_grad():
+        want = m.pw(m.dw(F.pad(x, [1, 1, 1, 1])))  # the linearized function, by hand
+        assert torch.allclose(folded(x), want, rtol=1e-10, atol=1e-12)

@@ -12,7 +12,7 @@ parameters, so the merge rules read layers, not op signatures:
 * ``aten.batch_norm`` in inference (module or functional BN, e.g. timm's ``BatchNormAct2d``) ->
   ``nn.BatchNormNd``;
 * dropout in eval, ``alias``, ``detach`` -> dropped; ``clone``/``contiguous`` too, but only when
-  they change nothing (:mod:`.noop`); ``aten.add.Tensor`` -> ``+``.
+  they change nothing (:mod:`.noop`); zero ``F.pad``s; ``aten.add.Tensor`` -> ``+``.
 
 Then every BN whose input is a single-use conv/linear is folded into it, and so is an elementwise
 scale by a per-channel parameter (ConvNeXt's layer scale) and an added per-channel parameter
@@ -238,6 +238,15 @@ def _batch_norm(lift: _Lifter, node: fx.Node) -> None:
     lift.replace(node, lift.module(node.args[3], "bn", build), node.args[0], end)
 
 
+def _zero_pad(node: fx.Node) -> bool:
+    """``F.pad(x, [0, 0, ...])``: an identity (Hugging Face's TF-style padding of 1x1 convs)."""
+    if _op(node) not in {"pad", "constant_pad_nd"} or len(node.args) < 2:
+        return False
+    pads = node.args[1]
+    return (isinstance(node.args[0], fx.Node) and isinstance(pads, (list, tuple))
+            and all(isinstance(p, int) and p == 0 for p in pads))
+
+
 def _lift(gm: fx.GraphModule) -> None:
     lift = _Lifter(gm)
     for node in list(gm.graph.nodes):
@@ -252,7 +261,7 @@ def _lift(gm: fx.GraphModule) -> None:
             _batch_norm(lift, node)
         elif ((op in _IDENTITY or (op in _DROPOUT and not _arg(node, 2, "train", True)))
               and node.args and isinstance(node.args[0], fx.Node) and not node.kwargs) \
-                or (op in _COPY and noop_copy(node)):
+                or (op in _COPY and noop_copy(node)) or _zero_pad(node):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
         elif op in {"add", "add_"} and node.target in (_aten.add.Tensor, _aten.add_.Tensor) \
