@@ -20,7 +20,7 @@ from .errors import SiteError
 
 __all__ = ["KINDS", "aten_kind", "check_kinds", "is_rectifier_op", "module_kind", "module_sites"]
 
-KINDS: tuple[str, ...] = ("ReLU", "ReLU6", "LeakyReLU", "PReLU", "GELU", "SiLU")
+KINDS: tuple[str, ...] = ("ReLU", "ReLU6", "LeakyReLU", "PReLU", "GELU", "SiLU", "Hardswish")
 """Activation kinds that are sites (pass a subset as ``kinds=``)."""
 
 _aten = torch.ops.aten
@@ -34,6 +34,7 @@ for _ops, _kind, _name in (
     (("prelu", "_prelu_kernel"), "PReLU", "prelu"),
     (("gelu", "gelu_"), "GELU", "gelu"),
     (("silu", "silu_"), "SiLU", "silu"),
+    (("hardswish", "hardswish_"), "Hardswish", "hardswish"),  # x * relu6(x + 3) / 6
 ):
     for _op in _ops:
         _packet = getattr(_aten, _op, None)
@@ -48,6 +49,7 @@ _MODULE_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.PReLU, "PReLU"),
     (nn.GELU, "GELU"),
     (nn.SiLU, "SiLU"),
+    (nn.Hardswish, "Hardswish"),
 )
 
 
@@ -59,6 +61,7 @@ def _references() -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor], flo
         ("ReLU6", lambda x: x.clamp(0, 6), 1e-6),
         ("GELU", F.gelu, 2.5e-2),  # erf, tanh and sigmoid (QuickGELU) forms are all within this
         ("SiLU", F.silu, 1e-4),
+        ("Hardswish", F.hardswish, 1e-5),
     ]
 
 

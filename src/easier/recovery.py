@@ -31,6 +31,7 @@ from torch import nn
 from .capture import call_model, logits_of, to_device
 from .entropy import batch_input
 from .errors import ConfigError, StateError, check_fields
+from .objective import IGNORE_INDEX, align, hits
 from .parallel.collectives import any_failed
 from .parallel.loaders import make_loader, targets
 from .rundir import RunDir
@@ -116,11 +117,13 @@ def _number(name: str, v: Any, *, low: float, high: float = math.inf,
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, *,
-                 weight: float, temperature: float) -> torch.Tensor:
+                 weight: float, temperature: float, x: Any = None) -> torch.Tensor:
     """(1 - w) * CE(student, y) + w * T^2 * KL(softmax(teacher/T) || softmax(student/T)),
-    the KL averaged over the batch (Hinton et al., 2015)."""
+    the KL averaged over the batch (Hinton et al., 2015); per-token targets are scored per
+    token (:mod:`easier.objective`)."""
     t = temperature
-    hard = F.cross_entropy(student, y)
+    student, y, teacher = align(student, y, x, teacher)
+    hard = F.cross_entropy(student, y, ignore_index=IGNORE_INDEX)
     soft = F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1),
                     reduction="batchmean", log_target=True)
     return (1.0 - weight) * hard + weight * t * t * soft
@@ -136,7 +139,7 @@ class Distill:
     def __call__(self, logits: torch.Tensor, y: torch.Tensor, x: Any) -> torch.Tensor:
         with torch.no_grad():
             t = logits_of(call_model(self.teacher, x)).float()
-        return distill_loss(logits, t, y, weight=self.weight, temperature=self.temperature)
+        return distill_loss(logits, t, y, weight=self.weight, temperature=self.temperature, x=x)
 
 
 def subset_accuracy(model: nn.Module, batches: list[tuple[Any, torch.Tensor]]) -> float:
@@ -148,8 +151,9 @@ def subset_accuracy(model: nn.Module, batches: list[tuple[Any, torch.Tensor]]) -
     try:
         with torch.no_grad():
             for x, y in batches:
-                correct += int((logits_of(call_model(model, x)).argmax(-1) == y).sum())
-                seen += len(y)
+                hit, counted = hits(logits_of(call_model(model, x)), y, x)
+                correct += hit
+                seen += counted
     finally:
         model.train(was)
     return 100.0 * correct / max(seen, 1)

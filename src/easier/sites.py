@@ -38,12 +38,12 @@ from .activations import (
     KINDS,
     aten_kind,
     check_kinds,
-    is_rectifier_op,
     module_kind,
     module_sites,
 )
 from .capture import Capture, call_model, capture, default_example, eval_mode, node_scope
 from .errors import ConfigError, NoSitesError, TraceError
+from .neuron_axis import concrete_shape, infer_axis
 
 # KINDS, check_kinds, module_kind and module_sites live in easier.activations; importable here too
 __all__ = ["KINDS", "SWITCH_ATTR", "EasierWarning", "GraphSite", "Site", "check_kinds",
@@ -51,17 +51,6 @@ __all__ = ["KINDS", "SWITCH_ATTR", "EasierWarning", "GraphSite", "Site", "check_
 
 SWITCH_ATTR = "_easier_switch"
 """Attribute of a module whose functional sites were edited (see :mod:`easier.linearize`)."""
-
-# Producers that decide where the channel axis of a pre-activation is.
-_FIRST = {"conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
-          "conv_transpose3d", "batch_norm", "_native_batch_norm_legit_no_training",
-          "group_norm", "instance_norm", "cudnn_batch_norm", "native_batch_norm"}
-_LAST = {"linear", "addmm", "mm", "matmul", "bmm", "layer_norm", "embedding", "baddbmm",
-         "native_layer_norm", "rms_norm"}
-_PASS = {"add", "add_", "sub", "mul", "mul_", "div", "neg", "dropout", "clone", "contiguous",
-         "_to_copy", "to", "alias", "getitem", "type_as", "detach"}
-_RESHAPE = {"view", "reshape", "_unsafe_view", "unsqueeze", "flatten"}
-
 
 class EasierWarning(UserWarning):
     """A result is valid but weaker than asked for (e.g. sites lost to the hook fallback)."""
@@ -195,62 +184,13 @@ def graph_sites(model: nn.Module, cap: Capture, kinds: Sequence[str] = KINDS) ->
         if not inputs or len(outputs) != 1:
             continue  # not a one-tensor-in, one-tensor-out call: not a rectifier site
         src, dst = inputs[0], outputs[0]
-        axis, producer = _infer_axis(src)
-        shape = _concrete_shape(src.meta.get("val"))
+        axis, producer = infer_axis(src)
+        shape = concrete_shape(src.meta.get("val"))
         site = Site(name=name, kind=kind, form="module" if form == "module" else "function",
                     target=target, index=len(out), inplace=any(_inplace(n) for n in nodes),
                     channel_axis=axis, producer=producer, shape=shape, node=dst.name)
         out.append(GraphSite(site, src, dst, nodes))
     return out
-
-
-def _concrete_shape(val: Any) -> tuple[int, ...] | None:
-    """A fake tensor's shape on the example input (symbolic sizes resolved to their hint)."""
-    if not isinstance(val, torch.Tensor):
-        return None
-    out = []
-    for s in val.shape:
-        if isinstance(s, int):
-            out.append(s)
-        else:
-            hint = getattr(getattr(s, "node", None), "hint", None)
-            if hint is None:
-                return None
-            out.append(int(hint))
-    return tuple(out)
-
-
-def _op_name(node: fx.Node) -> str:
-    t = node.target
-    name = getattr(t, "__name__", str(t))
-    return name.split(".")[0]
-
-
-def _infer_axis(node: fx.Node, depth: int = 0, reshaped: bool = False
-                ) -> tuple[int | None, str | None]:
-    """Walk back from a pre-activation to the layer that produced it: (axis, producer op)."""
-    if depth > 24 or node.op != "call_function":
-        return None, None
-    op = _op_name(node)
-    if op in _FIRST:
-        return (None, op) if reshaped else (1, op)
-    if op in _LAST:
-        return -1, op
-    if op in _RESHAPE:
-        val, src = node.meta.get("val"), node.args[0] if node.args else None
-        sval = src.meta.get("val") if isinstance(src, fx.Node) else None
-        keeps_last = (isinstance(val, torch.Tensor) and isinstance(sval, torch.Tensor)
-                      and val.dim() > 0 and sval.dim() > 0 and val.shape[-1] == sval.shape[-1])
-        if isinstance(src, fx.Node):
-            return _infer_axis(src, depth + 1, reshaped or not keeps_last)
-        return None, None
-    if op in _PASS or is_rectifier_op(node.target):
-        for arg in node.all_input_nodes:
-            if arg.op == "call_function":
-                axis, producer = _infer_axis(arg, depth + 1, reshaped)
-                if producer is not None:
-                    return axis, producer
-    return None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +231,8 @@ def find_sites(
         raise NoSitesError(
             f"{type(model).__name__} has no activation call site of kinds {list(kinds)}: looked "
             "for activation modules (by class and by what they compute on a probe input) and "
-            "rectifier ops (relu, relu6, leaky_relu, prelu, gelu, silu) in its torch.export graph."
+            "rectifier ops (relu, relu6, leaky_relu, prelu, gelu, silu, hardswish) in its "
+            "torch.export graph."
         )
     return sites
 

@@ -9,13 +9,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .capture import call_model, logits_of, to_device
 from .entropy import batch_input
 from .errors import ConfigError, NonFiniteError, check_fields
+from .objective import cross_entropy, hits
 from .parallel.collectives import all_finite, reduce_accuracy
 from .parallel.loaders import make_loader, shard_loader, targets
 from .parallel.passes import evaluate_distributed, wrap_ddp
@@ -227,7 +227,7 @@ def _epochs(net: nn.Module, model: nn.Module, loader_for: Callable[[int], Any], 
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=amp):
                 logits = logits_of(call_model(net, x))
-                loss = (F.cross_entropy(logits.float(), y) if loss_fn is None
+                loss = (cross_entropy(logits.float(), y, x) if loss_fn is None
                         else loss_fn(logits.float(), y, x))
             if regularizer is not None:
                 loss = loss + regularizer(model)
@@ -247,9 +247,10 @@ def _epochs(net: nn.Module, model: nn.Module, loader_for: Callable[[int], Any], 
                 after_step(model)
             sched.step()
             res.steps += 1
-            total_loss += float(loss.detach()) * len(y)
-            correct += int((logits.argmax(-1) == y).sum())
-            seen += len(y)
+            hit, counted = hits(logits.detach(), y, x)
+            total_loss += float(loss.detach()) * counted
+            correct += hit
+            seen += counted
             if cfg.max_steps is not None and res.steps >= cfg.max_steps:
                 break
             if stop_check is not None and stop_check(model, res.steps):
@@ -287,9 +288,10 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 
             x = to_device(batch_input(batch, input_key), device)
             y = targets(batch).to(device)
             logits = logits_of(call_model(model, x))
-            total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(-1) == y).sum())
-            seen += len(y)
+            total_loss += float(cross_entropy(logits, y, x, reduction="sum"))
+            hit, counted = hits(logits, y, x)
+            correct += hit
+            seen += counted
     finally:
         model.train(was)
     if seen == 0:

@@ -4,13 +4,15 @@ The capture (:mod:`easier.capture`) holds aten ops whose weights are parameters
 (``get_attr``). Each op the fold can merge becomes a ``call_module`` of a real layer sharing those
 parameters, so the merge rules read layers, not op signatures:
 
-* ``aten.conv1d/2d/3d`` (grouped and depthwise included) -> ``nn.ConvNd``;
+* ``aten.conv1d/2d/3d`` (grouped and depthwise included; string padding "valid", and "same"
+  where it is symmetric) -> ``nn.ConvNd``;
 * ``aten.linear`` -> ``nn.Linear``; ``aten.addmm(b, x, W)`` (Hugging Face ``Conv1D``, whose weight
   is stored transposed), with the ``view`` that flattens tokens before it and the one after ->
   ``nn.Linear`` on the token tensor;
 * ``aten.batch_norm`` in inference (module or functional BN, e.g. timm's ``BatchNormAct2d``) ->
   ``nn.BatchNormNd``;
-* dropout in eval, ``clone``, ``alias``, ``detach`` -> dropped; ``aten.add.Tensor`` -> ``+``.
+* dropout in eval, ``alias``, ``detach`` -> dropped; ``clone``/``contiguous`` too, but only when
+  they change nothing (:mod:`.noop`); zero ``F.pad``s; ``aten.add.Tensor`` -> ``+``.
 
 Then every BN whose input is a single-use conv/linear is folded into it, and so is an elementwise
 scale by a per-channel parameter (ConvNeXt's layer scale) and an added per-channel parameter
@@ -30,13 +32,15 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..capture import capture, flat_inputs
 from ..errors import DataError, FoldError, TraceError
+from .noop import noop_copy
 
 __all__ = ["call_counts", "node_dtype", "node_shape", "only_user", "prepare", "prepare_graph"]
 
 _aten = torch.ops.aten
 _CONV = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}
 _BN = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
-_IDENTITY = {"clone", "alias", "detach", "contiguous"}
+_IDENTITY = {"alias", "detach"}  # views: dropping them changes neither values nor strides
+_COPY = {"clone", "contiguous"}  # copies: dropped only when they change nothing (_noop_copy)
 _DROPOUT = {"dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout"}
 
 
@@ -117,6 +121,16 @@ class _Lifter:
         self.gm.graph.erase_node(node)
 
 
+def _int_padding(mode: str, kernel: Any, dilation: list[int]) -> list[int] | None:
+    """The symmetric int padding a string padding stands for, or None when there is none."""
+    if mode == "valid":
+        return [0] * len(kernel)
+    extent = [d * (k - 1) for d, k in zip(dilation, kernel, strict=True)]
+    if mode != "same" or any(e % 2 for e in extent):
+        return None
+    return [e // 2 for e in extent]
+
+
 def _conv(lift: _Lifter, node: fx.Node) -> None:
     gm, op = lift.gm, _op(node)
     w, b = _param(gm, node.args[1]), _param(gm, _arg(node, 2, "bias", None))
@@ -133,10 +147,14 @@ def _conv(lift: _Lifter, node: fx.Node) -> None:
         dilation = [dilation] * n
     if isinstance(padding, int):
         padding = [padding] * n
+    if isinstance(padding, str):  # conv2d.padding overload: "valid", or "same" (stride 1)
+        padding = _int_padding(padding, w.shape[2:], dilation)
+        if padding is None:
+            return  # "same" with an even extent pads asymmetrically: left as it is
 
     def build() -> nn.Module:
         m = _CONV[op](w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride=tuple(stride),
-                      padding=padding if isinstance(padding, str) else tuple(padding),
+                      padding=tuple(padding),
                       dilation=tuple(dilation), groups=groups, bias=b is not None,
                       device="meta")
         m.weight = w if isinstance(w, nn.Parameter) else nn.Parameter(w, requires_grad=False)
@@ -220,11 +238,20 @@ def _batch_norm(lift: _Lifter, node: fx.Node) -> None:
     lift.replace(node, lift.module(node.args[3], "bn", build), node.args[0], end)
 
 
+def _zero_pad(node: fx.Node) -> bool:
+    """``F.pad(x, [0, 0, ...])``: an identity (Hugging Face's TF-style padding of 1x1 convs)."""
+    if _op(node) not in {"pad", "constant_pad_nd"} or len(node.args) < 2:
+        return False
+    pads = node.args[1]
+    return (isinstance(node.args[0], fx.Node) and isinstance(pads, (list, tuple))
+            and all(isinstance(p, int) and p == 0 for p in pads))
+
+
 def _lift(gm: fx.GraphModule) -> None:
     lift = _Lifter(gm)
     for node in list(gm.graph.nodes):
         op = _op(node)
-        if op in _CONV and not isinstance(_arg(node, 4, "padding", None), str):
+        if op in _CONV:
             _conv(lift, node)
         elif op == "linear":
             _linear(lift, node)
@@ -232,8 +259,9 @@ def _lift(gm: fx.GraphModule) -> None:
             _addmm(lift, node)
         elif op in {"batch_norm", "_native_batch_norm_legit_no_training"}:
             _batch_norm(lift, node)
-        elif (op in _IDENTITY or (op in _DROPOUT and not _arg(node, 2, "train", True))) and \
-                node.args and isinstance(node.args[0], fx.Node) and not node.kwargs:
+        elif ((op in _IDENTITY or (op in _DROPOUT and not _arg(node, 2, "train", True)))
+              and node.args and isinstance(node.args[0], fx.Node) and not node.kwargs) \
+                or (op in _COPY and noop_copy(node)) or _zero_pad(node):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
         elif op in {"add", "add_"} and node.target in (_aten.add.Tensor, _aten.add_.Tensor) \

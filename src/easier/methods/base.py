@@ -32,6 +32,7 @@ from ..capture import call_model, default_example, to_device
 from ..entropy import EntropyReport, batch_input, measure_entropy, model_device
 from ..errors import ConfigError
 from ..linearize import linearize
+from ..objective import cross_entropy, hits
 from ..sites import KINDS, find_sites
 from ..train import logits_of, targets
 
@@ -140,12 +141,14 @@ class Context:
         was = model.training
         model.eval()
         try:
-            total = sum(float(nn.functional.cross_entropy(logits_of(call_model(model, x)), y,
-                                                          reduction="sum"))
-                        for x, y in batches)
+            total, seen = 0.0, 0
+            for x, y in batches:
+                logits = logits_of(call_model(model, x))
+                total += float(cross_entropy(logits, y, x, reduction="sum"))
+                seen += hits(logits, y, x)[1]
         finally:
             model.train(was)
-        return total / max(1, sum(len(y) for _, y in batches))
+        return total / max(1, seen)
 
 
 @dataclass

@@ -6,13 +6,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..capture import call_model, logits_of, to_device
 from ..entropy import EntropyPass, EntropyReport, batch_input
 from ..errors import ConfigError, DataError, EasierError
+from ..objective import cross_entropy, hits
 from ..sites import KINDS
 from .collectives import reduce_accuracy, sum_counters
 from .loaders import shard_indices_exact, shard_loader, targets
@@ -148,9 +148,10 @@ def evaluate_distributed(
             x = to_device(batch_input(batch, input_key), dev)  # a tensor, tuple or dict
             y = targets(batch).to(dev)
             logits = logits_of(call_model(module, x))  # a tensor, a tuple or a ModelOutput
-            total += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(-1) == y).sum())
-            seen += len(y)
+            total += float(cross_entropy(logits, y, x, reduction="sum"))
+            hit, counted = hits(logits, y, x)
+            correct += hit
+            seen += counted
     finally:
         module.train(was)
     return reduce_accuracy(total, correct, seen, info)
