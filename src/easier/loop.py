@@ -24,19 +24,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .capture import call_model, eval_mode, logits_of, to_device
-from .entropy import batch_input
+from .capture import to_device
 from .errors import ConfigError, NonFiniteError
-from .linearize import linearized_sites
+from .loop_state import save_progress
 from .methods import Context, Method, create_method
 from .outcome import near_chance
 from .progress import status_line, talker
 from .recovery import Recovery, load_teacher, recovery_hooks, teacher_of
 from .rundir import RunDir, lock_run_dir_ranks
+from .scores import cost_of, evaluate_all, example_batch, limit_reason, num_classes
 from .settings import EntropyConfig, RunConfig, StopRule, from_legacy
 from .sites import find_sites
-from .state import model_record, rebuild, save_iteration, save_model
-from .train import FineTune, TrainResult, evaluate, fine_tune, make_loader, seed_everything
+from .state import rebuild
+from .train import FineTune, TrainResult, fine_tune, seed_everything
 
 if TYPE_CHECKING:
     from .run_outputs import FoldOptions
@@ -69,19 +69,6 @@ class ReduceResult:
         from .report import history_table
 
         return history_table(self.history, self.baseline)
-
-
-def _example(data: Dataset | DataLoader, input_key: Any) -> Any:
-    batch = next(iter(make_loader(data, 2, shuffle=False)))  # 2: a batch of 1 pins the batch size
-    return batch_input(batch, input_key)
-
-
-def _cost(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
-    """Params, FLOPs per sample, depth and remaining activations (no timing: cheap)."""
-    from .measurement import measure
-
-    m = measure(model, example, latency=False)
-    return {"params": m.params, "flops": m.flops, "depth": m.depth, "activations": m.activations}
 
 
 def reduce(
@@ -159,7 +146,7 @@ def _reduce(model: nn.Module, train: Any, val: Any, method: str | Method, test: 
     say = talker(run.verbose, run.log, info.is_main)  # only rank 0 talks and writes
     device = torch.device(run.device)
     train_eval = train if train_eval is None else train_eval
-    example = to_device(_example(val, input_key), device)
+    example = to_device(example_batch(val, input_key), device)
     strategy.example = to_device(example, "cpu")  # captures (sites, fold) use this input
     all_sites = [s.name for s in find_sites(model, strategy.example, kinds=kinds)]
     prepared = strategy.prepare(copy.deepcopy(model).cpu())
@@ -223,21 +210,22 @@ def _reduce(model: nn.Module, train: Any, val: Any, method: str | Method, test: 
             pre = fine_tune(current, train, pretrain, seed=seed, desc="pretrain", **train_kw)
             if pre.failed:
                 raise NonFiniteError(f"pretraining failed: {pre.failed}; lower the learning rate")
-        baseline = _evaluate_all(current, val, test, device, input_key)
+        baseline = evaluate_all(current, val, test, device, input_key)
         record = {"iteration": 0, "chosen": [], "removed": [], "accepted": True,
                   "meets_threshold": True, "entropy": None, "scores": None, **baseline,
                   "train_loss": pre.loss if pre else None,
                   "train_acc": pre.accuracy if pre else None,
-                  **_cost(current, example), "seconds": {"total": time.perf_counter() - t0},
+                  **cost_of(current, example), "seconds": {"total": time.perf_counter() - t0},
                   "failed": None}
         history.append(record)
         accepted = current
         teacher = teacher_of(current, rundir, write=info.is_main) if recovery.active else None
         say(status_line(record, baseline, delta))
-        warning = near_chance(baseline["val_acc"], _num_classes(current, example))
+        warning = near_chance(baseline["val_acc"], num_classes(current, example))
         if warning:  # now, not after minutes of removals that cannot mean anything
             say(warning)
-        _save(rundir, history, baseline, current, accepted, (None, None), False, cfg, strategy)
+        save_progress(rundir, history, baseline, current, accepted, (None, None), False, cfg,
+                      strategy)
 
     hooks = recovery_hooks(recovery, teacher, val, delta=delta, batch_size=finetune.batch_size,
                            device=device, input_key=input_key)
@@ -245,7 +233,7 @@ def _reduce(model: nn.Module, train: Any, val: Any, method: str | Method, test: 
         k = history[-1]["iteration"] + 1
         removed = list(history[-1]["removed"])
         remaining = [u for u in strategy.units(current, kinds) if u not in removed]
-        stop_reason, stop_code = _limit(stop, k, len(removed), remaining, strategy.unit)
+        stop_reason, stop_code = limit_reason(stop, k, len(removed), remaining, strategy.unit)
         if stop_reason is not None:
             break
         want = min(stop.one_shot or 1, len(remaining))
@@ -288,7 +276,7 @@ def _reduce(model: nn.Module, train: Any, val: Any, method: str | Method, test: 
             say(f"iter {k:>2} | {', '.join(step.chosen)} | {stop_reason}")
             break
         t2 = time.perf_counter()
-        scores = _evaluate_all(candidate, val, test, device, input_key)
+        scores = evaluate_all(candidate, val, test, device, input_key)
         ok = scores["val_acc"] >= baseline["val_acc"] - delta
         rest, t_more = (0 if ok else recovery.steps_left(ft)), 0.0
         if rest:  # the subset said "recovered", the full set did not: finish the budget first
@@ -300,10 +288,10 @@ def _reduce(model: nn.Module, train: Any, val: Any, method: str | Method, test: 
             record.update(finetune_steps=ft.steps + more.steps, finetune_continued=more.steps,
                           failed=more.failed, early_stop_val_acc=scores["val_acc"])
             if not more.failed:
-                scores = _evaluate_all(candidate, val, test, device, input_key)
+                scores = evaluate_all(candidate, val, test, device, input_key)
                 ok = scores["val_acc"] >= baseline["val_acc"] - delta
         record.update(scores, meets_threshold=ok, accepted=ok and not rejected,
-                      **_cost(candidate, example))
+                      **cost_of(candidate, example))
         record["seconds"] = {"step": t_step, "finetune": t_ft + t_more,
                              "eval": time.perf_counter() - t2 - t_more,
                              "total": time.perf_counter() - t0}
@@ -318,11 +306,11 @@ def _reduce(model: nn.Module, train: Any, val: Any, method: str | Method, test: 
                 stop_reason = (f"val top-1 {scores['val_acc']:.2f} < baseline "
                                f"{baseline['val_acc']:.2f} - delta {delta}")
                 stop_code = "rejected"
-        _save(rundir, history, baseline, current, accepted, (stop_code, stop_reason), rejected,
-              cfg, strategy)
+        save_progress(rundir, history, baseline, current, accepted, (stop_code, stop_reason),
+                      rejected, cfg, strategy)
 
-    _save(rundir, history, baseline, current, accepted, (stop_code, stop_reason), rejected, cfg,
-          strategy)
+    save_progress(rundir, history, baseline, current, accepted, (stop_code, stop_reason), rejected,
+                  cfg, strategy)
     kept = next(h for h in reversed(history) if h["accepted"])["removed"]
     say(f"stopped: {stop_reason}; kept {len(kept)} removed {strategy.unit}(s)")
     result = ReduceResult(model=accepted, linearized=list(kept), history=history,
@@ -340,64 +328,3 @@ def _reduce(model: nn.Module, train: Any, val: Any, method: str | Method, test: 
     return result
 
 
-def _limit(stop: StopRule, k: int, n_removed: int, remaining: list[str],
-           unit: str) -> tuple[str | None, str | None]:
-    """(reason, code) when iteration ``k`` must not run, else (None, None)."""
-    if not remaining:
-        return f"no {unit} left", "exhausted"
-    if stop.max_removals is not None and n_removed >= stop.max_removals:
-        return f"max_removals={stop.max_removals} reached", "limit"
-    if stop.one_shot is not None and k > 1:
-        return f"one-shot of {stop.one_shot} done", "one-shot"
-    if stop.max_iterations is not None and k > stop.max_iterations:
-        return f"max_iterations={stop.max_iterations} reached", "limit"
-    return None, None
-
-
-@torch.no_grad()
-def _num_classes(model: nn.Module, example: Any) -> int:
-    """Width of the model's logits on one example batch (1 when it is not a classifier)."""
-    with eval_mode(model):
-        out = logits_of(call_model(model, example))
-    return int(out.shape[-1]) if out.ndim >= 2 else 1
-
-
-def _evaluate_all(model: nn.Module, val: Any, test: Any, device: torch.device,
-                  input_key: str | None) -> dict[str, Any]:
-    val_loss, val_acc = evaluate(model, val, device=device, input_key=input_key)
-    out: dict[str, Any] = {"val_loss": val_loss, "val_acc": val_acc,
-                           "test_loss": None, "test_acc": None}
-    if test is not None:
-        out["test_loss"], out["test_acc"] = evaluate(model, test, device=device,
-                                                     input_key=input_key)
-    return out
-
-
-def _save(run: RunDir | None, history: list[dict[str, Any]], baseline: dict[str, Any],
-          current: nn.Module, accepted: nn.Module, stop: tuple[str | None, str | None],
-          rejected: bool, cfg: dict[str, Any], strategy: Method) -> None:
-    """Write the run's state and every report file (rank 0 only under torchrun)."""
-    from .distributed import is_main
-
-    if run is None or not is_main():
-        return
-    from .report import write_reports
-
-    if run.keep_iterations and not history[-1].get("failed"):  # a failed one has no model
-        save_iteration(run, history[-1], current)
-    run.write_state({
-        "history": history, "baseline": baseline, "stop_code": stop[0], "stop_reason": stop[1],
-        "rejected": rejected, "current": model_record(current),
-        "method_state": strategy.state_dict(), "threads": torch.get_num_threads(),
-        "accepted": None if accepted is current else model_record(accepted),
-    })
-    save_model(accepted, run.file("model.pt"))
-    summary = {
-        "method": cfg["method"], "delta": cfg["delta"], "stop_reason": stop[1],
-        "done": stop[1] is not None, "baseline": baseline,
-        "removed": next(h for h in reversed(history) if h["accepted"])["removed"],
-        "linearized": linearized_sites(accepted), "iterations": len(history) - 1,
-        "final": next(h for h in reversed(history) if h["accepted"]),
-    }
-    run.write_json("summary.json", summary)
-    write_reports(run, history, baseline, cfg)
