@@ -73,14 +73,14 @@ def test_every_iteration_is_kept_bit_identical_and_marked(tmp_path, monkeypatch)
     # scripted accuracies: iteration 2 falls below the floor (rejected), --all goes on to 3;
     # each evaluated model is copied as the loop holds it in memory
     accs = iter([90.0, 89.5, 70.0, 89.0])
-    real = reduce_mod._evaluate_all
+    real = reduce_mod.evaluate_all
     seen = []
 
     def scripted(model, *a):
         seen.append(copy.deepcopy(model).eval())
         return {**real(model, *a), "val_acc": next(accs)}
 
-    monkeypatch.setattr(reduce_mod, "_evaluate_all", scripted)
+    monkeypatch.setattr(reduce_mod, "evaluate_all", scripted)
     res = run(tmp_path / "r", "easier", delta=1.0, run_all=True)
     hist = res.history
     assert [h["accepted"] for h in hist] == [True, True, False, False]
