@@ -310,7 +310,7 @@ def scripted(monkeypatch, accuracies):
         "fine_tune",
         lambda *a, **k: TrainResult(epochs=1, steps=1, loss=0.1, accuracy=50.0),
     )
-    monkeypatch.setattr(reduce_mod, "evaluate", lambda *a, **k: (0.5, next(seq)))
+    monkeypatch.setattr("easier.scores.evaluate", lambda *a, **k: (0.5, next(seq)))
 
 
 def test_loop_stops_at_first_drop_and_keeps_the_last_accepted_round(monkeypatch):

@@ -227,7 +227,7 @@ def test_loop_stops_at_the_first_drop(monkeypatch):
     monkeypatch.setattr(
         reduce_mod, "fine_tune", lambda *a, **k: TrainResult(epochs=1, loss=0.1, accuracy=50.0)
     )
-    monkeypatch.setattr(reduce_mod, "evaluate", lambda *a, **k: (0.5, next(seq)))
+    monkeypatch.setattr("easier.scores.evaluate", lambda *a, **k: (0.5, next(seq)))
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
     res = reduce(MLP(), data, data, method="layer-folding", finetune=FineTune(batch_size=16),

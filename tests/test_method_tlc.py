@@ -256,7 +256,7 @@ def test_loop_stops_at_the_first_drop(monkeypatch):
     monkeypatch.setattr(
         reduce_mod, "fine_tune", lambda *a, **k: TrainResult(epochs=1, loss=0.1, accuracy=50.0)
     )
-    monkeypatch.setattr(reduce_mod, "evaluate", lambda *a, **k: (0.5, next(seq)))
+    monkeypatch.setattr("easier.scores.evaluate", lambda *a, **k: (0.5, next(seq)))
     res = reduce(BNNet(), images(32), images(16, 1), method="tlc",
                  finetune=FineTune(batch_size=16), stop=StopRule(delta=1.0))
     assert [h["accepted"] for h in res.history] == [True, True, False]
