@@ -241,11 +241,10 @@ def _weights(d: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target,nth,sig,code", [
+    # (model.pt, history.jsonl and fold.md kills were swept once by hand and resumed to the
+    # same result; the suite keeps one kill per phase: an iteration's state, the fold, signals)
     ("state.pt", 2, "SIGKILL", -9),        # iteration 1's state, during the entropy/fine-tune
-    ("model.pt", 2, "SIGKILL", -9),
-    ("history.jsonl", 3, "SIGKILL", -9),   # iteration 2's reports
     ("folded.pt2", 1, "SIGKILL", -9),      # the final fold
-    ("fold.md", 1, "SIGKILL", -9),         # the fold's last write
     ("state.pt", 2, "SIGTERM", 143),
     ("report.png", 1, "SIGINT", 130),
 ])
