@@ -261,3 +261,47 @@ def test_counts_equal_brute_force_over_layouts_and_chunks(monkeypatch, shape, ax
     assert counter.on.tolist() == on and counter.off.tolist() == off
     assert counter.seen.tolist() == [z.shape[0]] * z.shape[1]
     assert int(counter.bad) == 0 and (z == 0).any()
+
+
+class _ReadsTwice(nn.Module):
+    """relu(z) + z: the pre-activation is read after the activation, so it must not be
+    overwritten in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(6, 4)
+        self.act2 = nn.ReLU6()
+
+    def forward(self, x):
+        z = self.fc(x)
+        return self.act2(self.fc2(self.act(z) + z))
+
+
+def test_inplace_sites_only_where_nothing_else_reads_the_pre_activation():
+    from easier.capture import capture
+    from easier.counters import inplace_sites
+    from easier.entropy import EntropyPass
+    from easier.sites import graph_sites
+
+    torch.manual_seed(0)
+    model = _ReadsTwice().eval()
+    x = torch.randn(64, 6)
+    cap = capture(model, x)
+    assert inplace_sites(cap.gm, graph_sites(model, cap, easier.sites.KINDS)) == 1  # act2 only
+    with torch.no_grad():
+        assert torch.equal(cap.gm(x), model(x))
+    counted = EntropyPass(model, x)
+    with torch.no_grad():
+        out = counted.runner(x)
+    assert torch.equal(out, model(x))  # the instrumented, in-place graph computes the same
+    counted.run([x])
+    rep = counted.report()
+    with torch.no_grad():  # brute force, independent of easier: the pre-activations themselves
+        z1 = model.fc(x)
+        z2 = model.fc2(torch.relu(z1) + z1)
+    for name, z in (("act", z1), ("act2", z2)):
+        st = rep.neurons(name)
+        assert st.on.tolist() == (z > 0).sum(0).mul(2).tolist()  # two passes over x
+        assert st.off.tolist() == (z < 0).sum(0).mul(2).tolist()

@@ -23,7 +23,15 @@ import torch
 from torch import nn
 
 from .capture import Capture, call_model, capture, eval_mode
-from .counters import ESTIMATORS, NEURONS, Scratch, SiteCounter, binary_entropy, instrument
+from .counters import (
+    ESTIMATORS,
+    NEURONS,
+    Scratch,
+    SiteCounter,
+    binary_entropy,
+    inplace_sites,
+    instrument,
+)
 from .entropy_report import EntropyReport, NeuronStats
 from .errors import DataError, NoSitesError, SiteError, TraceError
 from .sites import KINDS, Site, find_sites, graph_sites, module_sites, sites_by_hooks
@@ -152,6 +160,7 @@ class EntropyPass:
             self.dynamic = True
         else:
             self.runner = instrument(cap.gm, self.counters, located)
+            inplace_sites(self.runner, located)
             self.dynamic = cap.dynamic_batch
             self._runners[_signature(example)] = self.runner
 
@@ -162,8 +171,9 @@ class EntropyPass:
         key = _signature(x)
         if key not in self._runners:
             cap = capture(self.model, x, dynamic_batch=False)
-            self._runners[key] = instrument(cap.gm, self.counters,
-                                             graph_sites(self.model, cap, self.kinds))
+            again = graph_sites(self.model, cap, self.kinds)
+            self._runners[key] = instrument(cap.gm, self.counters, again)
+            inplace_sites(self._runners[key], again)
         return self._runners[key]
 
     @torch.no_grad()
