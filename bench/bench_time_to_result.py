@@ -131,14 +131,19 @@ def append_row(path: str | None, row: dict[str, Any]) -> None:
 
 
 def run_setting(name: str, s: Setting, seeds: list[int], variants: dict[str, dict[str, Any]],
-                every: int, log: Any = print, rows_file: str | None = None
-                ) -> list[dict[str, Any]]:
+                every: int, log: Any = print, rows_file: str | None = None,
+                also: list[str] | None = None) -> list[dict[str, Any]]:
     """One row per (seed, variant): steps, seconds, sites kept, accuracies.
 
+    ``also`` names more rows files, read but never written (e.g. an earlier session's).
     With ``rows_file``, rows already saved there for this setting are reused (the benchmark
     resumes, or is split over processes) and each new row is appended as soon as it finishes.
     """
     rows = [r for r in read_rows(rows_file) if r["setting"] == name]
+    have = {(r["variant"], r["seed"]) for r in rows}
+    for extra in also or []:  # read-only rows of another session; the rows file wins
+        rows += [r for r in read_rows(extra)
+                 if r["setting"] == name and (r["variant"], r["seed"]) not in have]
     done = {(r["seed"], r["variant"]) for r in rows}
     for seed in seeds:
         todo = {v: kw for v, kw in variants.items() if (seed, v) not in done}
@@ -194,7 +199,8 @@ def _pm(xs: list[float], spec: str) -> str:
 
 def tables(name: str, s: Setting, rows: list[dict[str, Any]]) -> list[Table]:
     """The summary (mean ± std over seeds, steps relative to today's) and the per-seed rows."""
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    seen = list(dict.fromkeys(r["variant"] for r in rows))
+    variants = [v for v in VARIANTS if v in seen] + [v for v in seen if v not in VARIANTS]
     by = {v: [r for r in rows if r["variant"] == v] for v in variants}
     base = by.get(BASELINE)
     summary = Table(
@@ -234,7 +240,7 @@ def tables(name: str, s: Setting, rows: list[dict[str, Any]]) -> list[Table]:
          "dense val", "dense test"],
         formats={"wall s": ".0f", "val": ".2f", "test": ".2f", "dense val": ".2f",
                  "dense test": ".2f"})
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r["seed"], variants.index(r["variant"]))):
         per_seed.add(r["variant"], r["seed"], r["removed"], r["steps"],
                      " ".join(map(str, r["per_iter"])), r["seconds"], r["val"], r["test"],
                      r["dense_val"], r["dense_test"])
@@ -255,6 +261,8 @@ def main(argv: list[str] | None = None) -> list[Table]:
                     help="JSON-lines file of finished runs: appended as each run ends, and runs "
                          "already in it are not run again (resume, or split the benchmark over "
                          "processes and build the tables from all of them)")
+    ap.add_argument("--also", action="append", default=[], metavar="FILE",
+                    help="another rows file to read (never written; the --rows file wins)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -272,7 +280,8 @@ def main(argv: list[str] | None = None) -> list[Table]:
     out: list[Table] = []
     for name in names:
         s = table[name]
-        rows = run_setting(name, s, seeds, variants, every, rows_file=args.rows)
+        rows = run_setting(name, s, seeds, variants, every, rows_file=args.rows,
+                           also=args.also)
         if rows:
             out += tables(name, s, rows)
     head = header(
