@@ -142,28 +142,34 @@ def _float_labels(name: str, first: float) -> None:
     )
 
 
-def num_outputs(model: nn.Module, example: torch.Tensor, name: str) -> int | None:
-    """The number of classes the model predicts for one sample (None if not (1, C) logits).
-
-    DataError if the model cannot run on the sample (a wrong input shape)."""
+def _logit_width(model: nn.Module, run: Any, failure: Any) -> int | None:
+    """Run ``run(device)`` on the model in eval mode without grad: the width of (1, C) logits,
+    else None. The model's own error, whatever its type, becomes ``DataError(failure(exc))``."""
     params = next(iter(model.parameters()), None)
     dev = params.device if params is not None else torch.device("cpu")
     was = model.training
     try:
         model.eval()
         with torch.no_grad():
-            out = model(example.unsqueeze(0).to(dev))
+            out = run(dev)
     except Exception as exc:  # the model's own error, whatever its type
-        raise DataError(
-            f"the model cannot run on sample 0 of {name} (input shape "
-            f"{tuple(example.shape)}): {type(exc).__name__}: {exc}. Check the input shape the "
-            "model expects (channels, image size) against the data."
-        ) from exc
+        raise DataError(failure(exc)) from exc
     finally:
         model.train(was)
     if isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[0] == 1:
         return int(out.shape[1])
     return None
+
+
+def num_outputs(model: nn.Module, example: torch.Tensor, name: str) -> int | None:
+    """The number of classes the model predicts for one sample (None if not (1, C) logits).
+
+    DataError if the model cannot run on the sample (a wrong input shape)."""
+    return _logit_width(
+        model, lambda dev: model(example.unsqueeze(0).to(dev)),
+        lambda exc: (f"the model cannot run on sample 0 of {name} (input shape "
+                     f"{tuple(example.shape)}): {type(exc).__name__}: {exc}. Check the input "
+                     "shape the model expects (channels, image size) against the data."))
 
 
 def _dict_outputs(model: nn.Module, item: dict[str, Any], input_key: Any, name: str) -> int | None:
@@ -174,26 +180,14 @@ def _dict_outputs(model: nn.Module, item: dict[str, Any], input_key: Any, name: 
     from easier.entropy import batch_input
 
     batch = batch_input(default_collate([item]), input_key)
-    params = next(iter(model.parameters()), None)
-    dev = params.device if params is not None else torch.device("cpu")
-    was = model.training
     how = ("positionally" if not isinstance(batch, dict)
            else f"as keyword arguments {', '.join(map(str, batch))}")
-    try:
-        model.eval()
-        with torch.no_grad():
-            out = call_model(model, to_device(batch, dev))
-    except Exception as exc:  # the model's own error, whatever its type
-        raise DataError(
-            f"the model cannot run on sample 0 of {name} (a dict with keys {sorted(item)}, "
-            f"passed {how}): {type(exc).__name__}: {exc}. Name the key of the model input with "
-            "--input-key KEY (input_key=...), or check its shape against the model"
-        ) from exc
-    finally:
-        model.train(was)
-    if isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[0] == 1:
-        return int(out.shape[1])
-    return None
+    return _logit_width(
+        model, lambda dev: call_model(model, to_device(batch, dev)),
+        lambda exc: (f"the model cannot run on sample 0 of {name} (a dict with keys "
+                     f"{sorted(item)}, passed {how}): {type(exc).__name__}: {exc}. Name the key "
+                     "of the model input with --input-key KEY (input_key=...), or check its "
+                     "shape against the model"))
 
 
 @contextlib.contextmanager
