@@ -29,7 +29,6 @@ from .counters import (
     Scratch,
     SiteCounter,
     binary_entropy,
-    inplace_sites,
     instrument,
 )
 from .entropy_report import EntropyReport, NeuronStats
@@ -160,7 +159,6 @@ class EntropyPass:
             self.dynamic = True
         else:
             self.runner = instrument(cap.gm, self.counters, located)
-            inplace_sites(self.runner, located)
             self.dynamic = cap.dynamic_batch
             self._runners[_signature(example)] = self.runner
 
@@ -171,9 +169,8 @@ class EntropyPass:
         key = _signature(x)
         if key not in self._runners:
             cap = capture(self.model, x, dynamic_batch=False)
-            again = graph_sites(self.model, cap, self.kinds)
-            self._runners[key] = instrument(cap.gm, self.counters, again)
-            inplace_sites(self._runners[key], again)
+            self._runners[key] = instrument(cap.gm, self.counters,
+                                             graph_sites(self.model, cap, self.kinds))
         return self._runners[key]
 
     @torch.no_grad()
