@@ -169,8 +169,8 @@ def run_setting(name: str, s: Setting, seeds: list[int], variants: dict[str, dic
                 copy.deepcopy(dense), splits.train, splits.val, test=splits.test,
                 train_eval=splits.train_eval, finetune=s.finetune, pretrain=None,
                 stop=easier.StopRule(delta=s.delta, max_removals=s.max_removals),
-                entropy=easier.EntropyConfig(batches=s.entropy_batches,
-                                             linearize=kwargs.pop("linearize", "identity")),
+                entropy=easier.EntropyConfig(batches=s.entropy_batches),
+                edit=easier.EditConfig(linearize=kwargs.pop("linearize", "identity")),
                 run=easier.RunConfig(seed=seed, verbose=False), **kwargs)
             secs = time.perf_counter() - t0
             kept = next(h for h in reversed(res.history) if h["accepted"])

@@ -12,7 +12,7 @@ from easier.edit.linearize import edits_of, linearize
 from easier.errors import ConfigError
 from easier.io.records import load_model, save_model
 from easier.merge import fold
-from easier.pipeline.settings import EntropyConfig
+from easier.pipeline.settings import EditConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -157,4 +157,4 @@ def test_wrong_mode_is_a_config_error():
     with pytest.raises(ConfigError, match="fits"):
         linearize(model, ["1"], mode="affine")
     with pytest.raises(ConfigError, match="linearize"):
-        EntropyConfig(linearize="relu")
+        EditConfig(linearize="relu")

@@ -118,12 +118,11 @@ def test_help_shows_defaults(capsys):
 def test_affine_linearization_is_recorded_resumed_and_folded(tmp_path, run_dir, capsys):
     from easier.io.records import load_model
 
-    # a run without the flag records no key: run directories made before it resume as identity
-    assert "linearize" not in json.loads((run_dir / "config.json").read_text())
+    assert json.loads((run_dir / "config.json").read_text())["edit"]["linearize"] == "identity"
     out = tmp_path / "affine"
     args = ["reduce", *TINY, "--max-removals", "1", "--delta", "100", "--out", str(out)]
     assert main([*args, "--linearize", "affine"]) == 0
-    assert json.loads((out / "config.json").read_text())["linearize"] == "affine"
+    assert json.loads((out / "config.json").read_text())["edit"]["linearize"] == "affine"
     model = load_model(out / "model.pt")  # weights_only=True
     site = json.loads((out / "summary.json").read_text())["linearized"][0]
     assert any(k.startswith(f"{site}.affine.") for k in model.state_dict())
@@ -138,13 +137,13 @@ def test_disk_full_while_writing_reports_is_one_line_exit_1(tmp_path, capsys, mo
     import errno
     import os
 
-    import easier.report.files
+    import easier.pipeline.state
 
     def full(run, *_a, **_k):
         path = run.file("history.csv")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(easier.report.files, "write_reports", full)
+    monkeypatch.setattr(easier.pipeline.state, "write_reports", full)
     out = tmp_path / "run"
     assert main(["reduce", *TINY, "--max-removals", "1", "--delta", "100", "--out", str(out)]) == 1
     line = one_line_error(capsys)

@@ -22,7 +22,7 @@ from easier.models import create
 from easier.pipeline.reduce import reduce
 from easier.train.finetune import FineTune, TrainResult, fine_tune
 
-reduce_mod = importlib.import_module(reduce.__module__)  # the loop's module, to monkeypatch
+reduce_mod = importlib.import_module("easier.pipeline.iteration")  # the loop body, to monkeypatch
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -484,8 +484,9 @@ def test_site_layers_on_a_hf_resnet_that_fx_cannot_trace():
 
 def test_egp_prunes_a_hf_resnet_end_to_end():
     m = _hf_resnet()
-    res = reduce(m, _Pixels(32, 0), _Pixels(16, 1), method="egp", delta=100.0,
-                 max_iterations=1, finetune=FineTune(batch_size=16, max_steps=2))
+    res = reduce(m, _Pixels(32, 0), _Pixels(16, 1), method="egp",
+                 stop=easier.StopRule(delta=100.0, max_iterations=1),
+                 finetune=FineTune(batch_size=16, max_steps=2))
     info = res.history[1]
     # every mapped conv weight is pruned by exactly what the round reported, to exact zeros
     convs = {n: mod for n, mod in res.model.named_modules() if isinstance(mod, nn.Conv2d)}
@@ -512,5 +513,6 @@ def test_egp_on_a_model_export_cannot_capture_says_why():
     data = vectors(32)
     with pytest.warns(easier.EasierWarning), pytest.raises(easier.TraceError,
                                                            match="EGP maps each site"):
-        reduce(_DataDependent(), data, data, method="egp", delta=100.0, max_iterations=1,
-               finetune=FineTune(batch_size=16, max_steps=1))
+        reduce(_DataDependent(), data, data, method="egp",
+               stop=easier.StopRule(delta=100.0, max_iterations=1),
+                 finetune=FineTune(batch_size=16, max_steps=1))

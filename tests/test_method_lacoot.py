@@ -25,7 +25,7 @@ from easier.methods.lacoot import (
 from easier.pipeline.reduce import reduce
 from easier.train.finetune import FineTune, TrainResult
 
-reduce_mod = importlib.import_module("easier.pipeline.reduce")
+reduce_mod = importlib.import_module("easier.pipeline.iteration")  # the loop body, to monkeypatch
 
 # ---------------------------------------------------------------------------------------------
 # helpers

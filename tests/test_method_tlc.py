@@ -19,7 +19,7 @@ from easier.models import create
 from easier.pipeline.reduce import reduce
 from easier.train.finetune import FineTune, TrainResult, fine_tune
 
-reduce_mod = importlib.import_module("easier.pipeline.reduce")  # the package exports reduce()
+reduce_mod = importlib.import_module("easier.pipeline.iteration")  # the loop body, to monkeypatch
 
 
 class BNNet(nn.Module):
@@ -397,8 +397,9 @@ def test_tlc_reduces_a_hf_resnet_end_to_end():
     cfg = T.ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1], layer_type="basic",
                          num_labels=2)
     m = T.ResNetForImageClassification(cfg)
-    res = reduce(m, _Pixels(32, 0), _Pixels(16, 1), method=TLC(select="lowest"), delta=100.0,
-                 max_removals=1, finetune=FineTune(batch_size=16, max_steps=2))
+    res = reduce(m, _Pixels(32, 0), _Pixels(16, 1), method=TLC(select="lowest"),
+                 stop=easier.StopRule(delta=100.0, max_removals=1),
+                 finetune=FineTune(batch_size=16, max_steps=2))
     assert len(res.linearized) == 1
     plans = res.history[1]["tlc"]["sites"]
     # from the module tree: a conv layer's ReLU has its own BN in front, a post-add one has none
@@ -427,5 +428,6 @@ def test_tlc_on_a_model_export_cannot_capture_says_why():
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g))
     with pytest.warns(easier.EasierWarning), pytest.raises(easier.TraceError, match="TLC finds"):
-        reduce(_DataDependent(), data, data, method="tlc", delta=100.0, max_removals=1,
-               finetune=FineTune(batch_size=16, max_steps=1))
+        reduce(_DataDependent(), data, data, method="tlc",
+               stop=easier.StopRule(delta=100.0, max_removals=1),
+                 finetune=FineTune(batch_size=16, max_steps=1))

@@ -45,7 +45,7 @@ def toy_data(n=240, seed=0):
 
 
 FT = FineTune(epochs=1, lr=0.05, batch_size=32)
-reduce_mod = importlib.import_module(reduce.__module__)  # the loop's module, for monkeypatching
+reduce_mod = importlib.import_module("easier.pipeline.iteration")  # the loop body, to monkeypatch
 
 
 def test_end_to_end_writes_every_file(tmp_path):
@@ -129,7 +129,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(StateError, match="already holds a run"):
         reduce(Net(), toy_data(), toy_data(30), finetune=FT, out=out,
                stop=StopRule(max_removals=1))
-    with pytest.raises(ConfigError, match=r"differs in \['delta'\]"):
+    with pytest.raises(ConfigError, match=r"differs in \['stop.delta'\]"):
         reduce(Net(), toy_data(), toy_data(30), finetune=FT, out=out, resume=True,
                stop=StopRule(max_removals=1, delta=3.0))
     (out / "state.pt").write_bytes(b"truncated")
@@ -209,7 +209,7 @@ def test_resume_with_larger_budget_equals_uninterrupted(tmp_path):
         return [{k: v for k, v in h.items() if k != "seconds"} for h in res.history]
 
     assert len(longer.history) == 4 and rows(longer) == rows(straight)
-    assert json.loads((tmp_path / "a" / "config.json").read_text())["max_removals"] == 3
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["stop"]["max_removals"] == 3
     x = toy_data(5, 9).tensors[0]
     torch.testing.assert_close(longer.model.eval()(x), straight.model.eval()(x), rtol=0, atol=0)
 
@@ -239,30 +239,30 @@ def test_a_bad_setting_is_refused_naming_its_field(make, field):
         make()
 
 
-def test_old_keywords_warn_and_equal_the_configs(monkeypatch):
+def test_settings_are_config_objects_only(monkeypatch):
     scripted(monkeypatch, [90.0, 89.5, 88.9, 90.0])
     new = reduce(Net(), toy_data(), toy_data(30), finetune=FT,
                  stop=StopRule(delta=1.0, max_removals=3), entropy=EntropyConfig(batches=2),
                  run=RunConfig(seed=4, verbose=False))
-    scripted(monkeypatch, [90.0, 89.5, 88.9, 90.0])
-    with pytest.warns(DeprecationWarning, match=r"delta= -> stop=StopRule\(delta=\.\.\.\)"):
-        old = reduce(Net(), toy_data(), toy_data(30), finetune=FT, delta=1.0, max_removals=3,
-                     entropy_batches=2, seed=4, log=lambda _m: None)
-    assert [h["chosen"] for h in old.history] == [h["chosen"] for h in new.history]
-    assert old.stop_reason == new.stop_reason and "88.90 < baseline 90.00" in new.stop_reason
-    with pytest.raises(ConfigError, match=r"unknown keyword\(s\) \['deltaa'\]"):
-        reduce(Net(), toy_data(), toy_data(30), deltaa=1.0)
+    assert "88.90 < baseline 90.00" in new.stop_reason
+    with pytest.raises(TypeError, match="delta"):  # the pre-config keywords are gone
+        reduce(Net(), toy_data(), toy_data(30), finetune=FT, delta=1.0)
+    with pytest.raises(ConfigError, match=r"reduce\(stop=\.\.\.\) takes a StopRule, got dict"):
+        reduce(Net(), toy_data(), toy_data(30), stop={"delta": 1.0})
 
 
-def test_configs_are_recorded_flat_and_a_changed_one_blocks_resume(tmp_path):
+def test_configs_are_recorded_by_group_and_a_changed_one_blocks_resume(tmp_path):
     out = tmp_path / "r"
     reduce(Net(), toy_data(), toy_data(30), finetune=FT, out=out,
            stop=StopRule(delta=2.5, max_removals=1), entropy=EntropyConfig(kinds=("ReLU",)),
            run=RunConfig(seed=7, verbose=False, extra={"model": "mlp"}))
     cfg = json.loads((out / "config.json").read_text())
-    assert (cfg["delta"], cfg["max_removals"], cfg["kinds"], cfg["seed"], cfg["model"]) == (
-        2.5, 1, ["ReLU"], 7, "mlp")
-    with pytest.raises(ConfigError, match=r"differs in \['entropy_batches'\]"):
+    assert (cfg["stop"]["delta"], cfg["stop"]["max_removals"], cfg["entropy"]["kinds"],
+            cfg["run"]["seed"], cfg["edit"], cfg["model"]) == (
+        2.5, 1, ["ReLU"], 7, {"linearize": "identity", "fold_ready": True}, "mlp")
+    for group, cls in (("stop", StopRule), ("entropy", EntropyConfig), ("run", RunConfig)):
+        assert cls.from_dict(cfg[group]).to_dict() == cfg[group]  # what resume reads back
+    with pytest.raises(ConfigError, match=r"differs in \['entropy.batches'\]"):
         reduce(Net(), toy_data(), toy_data(30), finetune=FT, out=out, resume=True,
                stop=StopRule(delta=2.5, max_removals=1),
                run=RunConfig(seed=7, verbose=False, extra={"model": "mlp"}),

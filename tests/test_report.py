@@ -18,7 +18,7 @@ HISTORY = [
      "entropy": {"relu1": 0.8, "relu3": 0.4375}, "train_acc": None, "val_acc": 80.0,
      "test_acc": 79.0, "accepted": False, "seconds": 2.0},
 ]
-CFG = {"method": "easier", "model": "convnet", "data": "digits", "delta": 1.0,
+CFG = {"method": "easier", "model": "convnet", "data": "digits", "stop": {"delta": 1.0},
        "sites": ["relu1", "relu2", "relu3"]}
 
 

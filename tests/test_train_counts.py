@@ -141,7 +141,8 @@ def test_reduce_chooses_the_lowest_train_mode_entropy():
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
     data = TensorDataset(x, y)
     method = Easier(entropy_during="train-epoch")
-    res = easier.reduce(BNNet(), data, data, method=method, max_removals=1,
+    res = easier.reduce(BNNet(), data, data, method=method,
+                        stop=easier.StopRule(max_removals=1),
                         pretrain=FineTune(epochs=1, batch_size=32, lr=0.05),
                         finetune=FineTune(epochs=1, batch_size=32, lr=0.01))
     first = res.history[1]
@@ -165,7 +166,8 @@ def test_from_a_checkpoint_the_first_measurement_is_a_train_mode_pass():
     y = (x[:, 0] > 2).long()
     data = TensorDataset(x, y)
     res = easier.reduce(BNNet(), data, data, method=Easier(entropy_during="train-epoch"),
-                        max_removals=1, finetune=FineTune(epochs=1, batch_size=32, lr=0.01))
+                        stop=easier.StopRule(max_removals=1),
+                        finetune=FineTune(epochs=1, batch_size=32, lr=0.01))
     assert res.history[1]["chosen"] and res.history[1]["entropy"]
 
 

@@ -1,10 +1,16 @@
 """easier: make trained networks shallower by removing their most linear activations.
 
-The pipeline, one module per step::
+The pipeline, one package per stage::
 
-    find_sites -> measure_entropy -> choose (method) -> linearize -> fine-tune -> fold -> measure
+    graph (capture, find_sites) -> entropy (measure_entropy) -> methods (choose)
+      -> edit (linearize) -> train (fine-tune) -> merge (fold) -> perf (measure)
+      -> pipeline (reduce: the loop) -> cli
+
+Every setting is a small config object (:class:`easier.config.Config`): checked when built,
+written to disk with ``to_dict`` and read back with ``from_dict``.
 """
 
+from easier.config import Config
 from easier.edit.linearize import linearize, linearized_sites, replace_with_identity
 from easier.edit.padding import fold_ready
 from easier.entropy.estimate import EntropyReport, NeuronStats, binary_entropy, measure_entropy
@@ -20,11 +26,13 @@ from easier.errors import (
     TraceError,
 )
 from easier.graph.sites import KINDS, EasierWarning, Site, find_sites
+from easier.io.artifacts import FoldOptions
 from easier.io.records import load_model, save_model
-from easier.merge import FoldPlan, fold, plan_fold
+from easier.merge import FoldPlan, LatencyConfig, fold, plan_fold
 from easier.perf.measure import Measurement, compare_table, measure
+from easier.pipeline.fronts import FrontConfig
 from easier.pipeline.reduce import ReduceResult, reduce
-from easier.pipeline.settings import EntropyConfig, RunConfig, StopRule
+from easier.pipeline.settings import EditConfig, EntropyConfig, RunConfig, StopRule
 from easier.train.finetune import FineTune
 from easier.train.recovery import Recovery
 
@@ -32,15 +40,20 @@ __version__ = "0.1.0"
 
 __all__ = [
     "KINDS",
+    "Config",
     "ConfigError",
     "DataError",
     "EasierError",
     "EasierWarning",
+    "EditConfig",
     "EntropyConfig",
     "EntropyReport",
     "FineTune",
     "FoldError",
+    "FoldOptions",
     "FoldPlan",
+    "FrontConfig",
+    "LatencyConfig",
     "Measurement",
     "NeuronStats",
     "NoSitesError",

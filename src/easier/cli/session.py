@@ -100,7 +100,7 @@ def setup(args: argparse.Namespace, info: Any) -> dict[str, Any]:
     import torch
 
     from easier.cli.user import load_checkpoint, load_data, model_file
-    from easier.pipeline.settings import EntropyConfig, RunConfig, StopRule
+    from easier.pipeline.settings import EditConfig, EntropyConfig, RunConfig, StopRule
     from easier.train.finetune import seed_everything
     from easier.train.recipes import recipe
     from easier.train.recovery import Recovery
@@ -151,9 +151,9 @@ def setup(args: argparse.Namespace, info: Any) -> dict[str, Any]:
                              early_stop_margin=args.early_stop_margin, distill=args.distill,
                              temperature=args.distill_temperature,
                              finish_on_reject=args.early_stop_finish),
-        "entropy": EntropyConfig(batches=args.entropy_batches,
-                                 fold_ready=not args.no_fold_ready,
-                                 linearize=getattr(args, "linearize", "identity")),
+        "entropy": EntropyConfig(batches=args.entropy_batches),
+        "edit": EditConfig(fold_ready=not args.no_fold_ready,
+                           linearize=getattr(args, "linearize", "identity")),
         "run": RunConfig(seed=args.seed, device=dev, amp=args.amp, progress=not args.quiet,
                          log=say, extra=config, input_key=args.input_key),
     }

@@ -26,7 +26,7 @@ from torch import nn
 
 from easier.entropy.estimate import batch_input, model_device
 from easier.errors import DataError, SiteError, TraceError
-from easier.graph.capture import call_model, capture, eval_mode, to_device
+from easier.graph.capture import call_model, captured, counting_copy, eval_mode, to_device
 from easier.graph.sites import KINDS, graph_sites
 
 __all__ = ["AffineFit", "fit_affine"]
@@ -124,7 +124,7 @@ def _instrument(model: nn.Module, x: Any, sites: Sequence[str] | None, kinds: Se
                 moments: dict[str, _Moments]) -> tuple[nn.Module, dict[str, _Moments]]:
     """A capture of ``model`` on ``x`` with a :class:`_Moments` observer after each site."""
     try:
-        cap = capture(model, x, dynamic_batch=False)
+        cap = counting_copy(captured(model, x, dynamic_batch=False))  # observers go in a copy
     except TraceError as exc:
         raise SiteError(f"affine linearization fits on a captured graph: {exc}") from exc
     located = {g.site.name: g for g in graph_sites(model, cap, kinds)}

@@ -50,8 +50,7 @@ from easier.edit.switches import (
     switch_of,
 )
 from easier.errors import ConfigError, SiteError, StateError, TraceError
-from easier.graph.capture import call_model, default_example, eval_mode
-from easier.graph.capture import capture as capture_model
+from easier.graph.capture import call_model, captured, default_example, eval_mode
 from easier.graph.sites import KINDS, graph_sites, module_kind
 
 __all__ = ["MODES", "Affine", "CallSwitch", "Linearized", "Rule", "apply_edits", "edits_of",
@@ -166,7 +165,7 @@ def linearize(
         shared |= modules  # without a run, a module's other calls cannot be ruled out
     else:
         try:
-            cap = capture_model(model, example_input)
+            cap = captured(model, example_input)
         except TraceError:
             cap = None  # the hook fallback: count each module's calls in one run
         if cap is not None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import fx, nn
 
-from easier.graph.capture import Capture, capture
+from easier.graph.capture import Capture, captured
 from easier.graph.sites import GraphSite
 
 __all__ = ["conv_paddings", "fold_ready", "int_padding", "relocate", "set_padding"]
@@ -142,7 +142,7 @@ def fold_ready(model: nn.Module, example_input: Any) -> nn.Module:
     convs changed.
     """
     new = copy.deepcopy(model)
-    links = _Links(new, capture(new, example_input), [])
+    links = _Links(new, captured(new, example_input), [])
     starts = [n for n in links.nodes if links.kind(n) == "conv"]
     padding = _relocate(new, links, starts)
     conv_paddings(new, padding)

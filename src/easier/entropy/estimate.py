@@ -32,7 +32,7 @@ from easier.entropy.counters import (
 )
 from easier.entropy.report import EntropyReport, NeuronStats
 from easier.errors import DataError, NoSitesError, SiteError, TraceError
-from easier.graph.capture import Capture, call_model, capture, eval_mode
+from easier.graph.capture import Capture, call_model, captured, counting_copy, eval_mode
 from easier.graph.sites import KINDS, Site, find_sites, graph_sites, module_sites, sites_by_hooks
 
 # EntropyReport and NeuronStats live in easier.entropy_report, binary_entropy and the estimators
@@ -133,7 +133,7 @@ class EntropyPass:
         self.samples = 0
         example = _to_device(example, self.device)
         try:
-            cap: Capture | None = capture(model, example)
+            cap: Capture | None = counting_copy(captured(model, example))
         except TraceError as exc:
             cap, reason = None, str(exc)
         if cap is None:
@@ -168,7 +168,7 @@ class EntropyPass:
             return self.runner
         key = _signature(x)
         if key not in self._runners:
-            cap = capture(self.model, x, dynamic_batch=False)
+            cap = counting_copy(captured(self.model, x, dynamic_batch=False))
             self._runners[key] = instrument(cap.gm, self.counters,
                                              graph_sites(self.model, cap, self.kinds))
         return self._runners[key]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -27,8 +28,9 @@ from easier.errors import ConfigError, TraceError
 
 G = TypeVar("G", fx.GraphModule, fx.Graph)
 
-__all__ = ["Capture", "as_call", "call_model", "capture", "copy_graph", "default_example",
-           "eval_mode", "flat_inputs", "logits_of", "node_scope", "to_device"]
+__all__ = ["Capture", "as_call", "call_model", "capture", "captured", "copy_graph",
+           "counting_copy", "default_example", "eval_mode", "flat_inputs", "logits_of",
+           "model_version", "node_scope", "to_device"]
 
 
 class eval_mode:
@@ -109,6 +111,7 @@ class Capture:
     gm: fx.GraphModule
     example: Any
     dynamic_batch: bool
+    program: torch.export.ExportedProgram | None = None  # what torch.export.save writes
 
     def nodes(self) -> Iterator[fx.Node]:
         return iter(self.gm.graph.nodes)
@@ -169,7 +172,7 @@ def capture(model: nn.Module, example_input: Any, *, dynamic_batch: bool = True)
                 ep = torch.export.export(model, args, kwargs, strict=False,
                                          dynamic_shapes=shapes)
                 gm = _plain(ep.module())
-                return Capture(gm, example_input, dyn)
+                return Capture(gm, example_input, dyn, ep)
             except Exception as exc:  # export raises many types; report the last one
                 errors.append(exc)
     exc = errors[-1]
@@ -229,3 +232,74 @@ def flat_inputs(gm: fx.GraphModule, example_input: Any) -> list[Any]:
         return list(tree_flatten_spec((args, kwargs), info.in_spec))
     except Exception:  # spec mismatch: fall back to plain flattening
         return flat
+
+
+# ---------------------------------------------------------------------------------------------
+# capture once per model version (the PT2E pattern: one exported program, passed along)
+
+# model -> {input signature: (model version, capture)}; weak, so a dropped model frees its graph
+_CAPTURES: weakref.WeakKeyDictionary[nn.Module, dict[Any, tuple[Any, Capture]]] = (
+    weakref.WeakKeyDictionary())
+_PLAIN = (bool, int, float, str, tuple, type(None))
+
+
+def model_version(model: nn.Module) -> tuple[Any, ...]:
+    """What a capture of ``model`` depends on: its module objects and their plain settings
+    (a conv's padding), the site switches and hooks, and the identity and storage of every
+    parameter and buffer. Training updates tensors in place, which a capture shares, so
+    fine-tuning keeps the version; an edit (a new module, a moved padding, a switch) changes it.
+    """
+    parts: list[Any] = []
+    for name, m in model.named_modules():
+        plain = tuple((k, v) for k, v in vars(m).items()  # not `training`: captures are eval
+                      if not k.startswith("_") and k != "training" and isinstance(v, _PLAIN))
+        switch = getattr(m, "_easier_switch", None)
+        parts.append((name, id(m), type(m), plain, len(m._forward_hooks),
+                      len(m._forward_pre_hooks),
+                      None if switch is None else repr(sorted(vars(switch).items()))))
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        parts.append((name, id(t), t.data_ptr(), tuple(t.shape), t.dtype, t.device))
+    return tuple(parts)
+
+
+def _signature(example_input: Any, batch: bool) -> Any:
+    """The input's structure, shapes (without the batch size when ``batch`` is False), dtypes."""
+    flat, spec = pytree.tree_flatten(as_call(example_input))
+    return str(spec), tuple(
+        (tuple(x.shape) if batch or x.dim() == 0 else tuple(x.shape[1:]), x.dtype, x.device)
+        if isinstance(x, torch.Tensor) else repr(x) for x in flat)
+
+
+def captured(model: nn.Module, example_input: Any, *, dynamic_batch: bool = True) -> Capture:
+    """The capture of this version of ``model``: exported once, reused by every stage (sites,
+    depth, the entropy pass, linearize, the fold) until an edit changes the model.
+
+    The returned graph is shared: a caller that changes it must work on a copy
+    (:func:`counting_copy` shares the weights, :func:`copy_graph` copies them too).
+    """
+    if example_input is None:
+        return capture(model, example_input)  # raises the TraceError that explains it
+    version = model_version(model)
+    entries = _CAPTURES.setdefault(model, {})
+    keys = ([("dynamic", _signature(example_input, False))] if dynamic_batch else []) + [
+        ("static", _signature(example_input, True))]
+    for key in keys:
+        hit = entries.get(key)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+    cap = capture(model, example_input, dynamic_batch=dynamic_batch)
+    key = keys[0] if cap.dynamic_batch else keys[-1]
+    stale = [k for k, (v, _) in entries.items() if v != version]
+    for k in stale:  # an older version's graph is never asked for again
+        del entries[k]
+    entries[key] = (version, cap)
+    return cap
+
+
+def counting_copy(cap: Capture) -> Capture:
+    """A capture with its own graph but the same weights (for a pass that inserts nodes)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+        graph = copy.deepcopy(cap.gm.graph)
+    gm = fx.GraphModule(cap.gm, graph)
+    return Capture(gm, cap.example, cap.dynamic_batch, cap.program)

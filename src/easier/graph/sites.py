@@ -45,7 +45,7 @@ from easier.graph.activations import (
 from easier.graph.capture import (
     Capture,
     call_model,
-    capture,
+    captured,
     default_example,
     eval_mode,
     node_scope,
@@ -228,7 +228,7 @@ def find_sites(
             "with one model input (a tensor, a tuple of arguments or a dict of keyword arguments)"
         )
     try:
-        cap = capture(model, example_input)
+        cap = captured(model, example_input)
     except TraceError as exc:
         if not fallback:
             raise

@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from easier.errors import FoldError
+from easier.config import Config, positive_int, setting
+from easier.errors import ConfigError, FoldError
+from easier.graph.capture import captured, eval_mode
 from easier.io.records import (
     RunDir,
     atomic_write,
@@ -32,7 +34,7 @@ from easier.io.records import (
     lock_run_dir,
     verify_file,
 )
-from easier.merge import LatencyConfig, fold
+from easier.merge import MODES, LatencyConfig, fold
 from easier.perf.measure import compare_table, measure_pair
 
 __all__ = ["FoldOptions", "fold_run", "load_folded"]
@@ -43,7 +45,7 @@ ONNX = "folded.onnx"
 
 
 @dataclass(frozen=True)
-class FoldOptions:
+class FoldOptions(Config):
     """How :func:`fold_run` folds and what it writes.
 
     ``plan_batch``: the batch sizes the "latency" plan must hold for (default: the measured
@@ -51,10 +53,15 @@ class FoldOptions:
     format), ``onnx`` folded.onnx (needs the onnx extra).
     """
 
-    plan: str = "latency"
-    plan_batch: tuple[int, ...] | None = None
-    torchscript: bool = False
-    onnx: bool = False
+    plan: str = setting("latency", kind="text")
+    plan_batch: tuple[int, ...] | None = setting(None, kind="tuple", item=positive_int,
+                                                 optional=True)
+    torchscript: bool = setting(False, kind="flag")
+    onnx: bool = setting(False, kind="flag")
+
+    def check(self) -> None:
+        if self.plan not in MODES:
+            raise ConfigError(f"FoldOptions.plan={self.plan!r}: valid plans are {sorted(MODES)}")
 
     def __str__(self) -> str:
         sizes = f" for batch {','.join(map(str, self.plan_batch))}" if self.plan_batch else ""
@@ -74,8 +81,11 @@ def _require_onnx() -> None:
 
 
 def _export_program(folded: nn.Module, example: torch.Tensor) -> bytes:
-    batch = torch.export.Dim("batch")  # from a batch of 2: a size-1 dim would be specialised
-    program = torch.export.export(folded, (example,), dynamic_shapes=({0: batch},))
+    """folded.pt2: the folded model's own capture (made when it was measured), saved."""
+    program = captured(folded, example).program
+    if program is None or len(program.range_constraints) == 0:  # pinned batch: say it is free
+        batch = torch.export.Dim("batch")  # from a batch of 2: size 1 would be specialised
+        program = torch.export.export(folded, (example,), dynamic_shapes=({0: batch},))
     buf = io.BytesIO()
     torch.export.save(program, buf)
     return buf.getvalue()
@@ -115,14 +125,17 @@ def load_folded(path: str | Path) -> nn.Module:
 
 def fold_run(run_dir: str | Path, plan: str | FoldOptions = "latency", *,
              model: nn.Module | None = None, batch_sizes: Sequence[int] = (1, 64),
-             onnx: bool = False, torchscript: bool = False) -> dict[str, Any]:
+             onnx: bool = False, torchscript: bool = False,
+             kept: nn.Module | None = None) -> dict[str, Any]:
     """Fold the kept model of a run directory and write its fold outputs.
 
     Writes folded.pt2, fold_plan.json, fold_measure.json and fold.md (and folded.pt /
     folded.onnx on request), atomically and checksummed, under the directory's lock. ``plan``
     is a mode name or :class:`FoldOptions`; the latency plan holds for ``plan_batch`` (default:
     ``batch_sizes``, the sizes measured). ``model`` is the base architecture for runs whose
-    model is not from ``easier.models``. Returns the plan and the measurements as plain data.
+    model is not from ``easier.models``. ``kept`` is the run's kept model when the caller holds
+    it in memory (:func:`easier.reduce` does): its capture is reused instead of reloading
+    model.pt. Returns the plan and the measurements as plain data.
     """
     opts = plan if isinstance(plan, FoldOptions) else FoldOptions(plan=plan)
     onnx, torchscript = onnx or opts.onnx, torchscript or opts.torchscript
@@ -130,43 +143,52 @@ def fold_run(run_dir: str | Path, plan: str | FoldOptions = "latency", *,
         _require_onnx()
     run = RunDir(run_dir)
     with lock_run_dir(run.path):
-        reduced = load_model(run.file("model.pt"), model).eval()
-        shape = run.read_config().get("input_shape")
-        if not shape:
-            raise FoldError(f"{run.config_path} has no input_shape; rerun `easier reduce` to "
-                            "record it")
-        example = torch.randn(2, *shape)  # batch 2: a one-sample capture would pin the batch
-        sizes = tuple(opts.plan_batch or batch_sizes)
-        folded = fold(reduced, example, plan=opts.plan, latency=LatencyConfig(batch_sizes=sizes))
-        fold_plan = folded.fold_plan  # type: ignore[attr-defined]
-        # timed side by side: the ratio is what the fold bought, not a change in machine load
-        before, after, paired = measure_pair(reduced, folded, example, batch_sizes=batch_sizes)
-        files: dict[str, bytes] = {}
-        try:
-            files[PROGRAM] = _export_program(folded, example)
-        except Exception as exc:  # export covers fewer graphs than fold's capture
-            fold_plan.notes.append(f"torch.export of the folded model failed "
-                                   f"({type(exc).__name__}: {exc}); {PROGRAM} not written")
-        if torchscript:
-            files[TORCHSCRIPT] = _torchscript(folded, example)
-        if onnx:
-            files.update(_onnx(folded, example))
-        stale = [n for n in (PROGRAM, TORCHSCRIPT, ONNX, f"{ONNX}.data")
-                 if n not in files and run.file(n).exists()]
-        for name in stale:  # an artifact of an earlier fold would contradict this plan
-            run.file(name).unlink()
-            fold_plan.notes.append(f"removed {name} left by an earlier fold")
-        for name, data in files.items():
-            atomic_write(run.file(name), lambda f, data=data: f.write(data))
-        table = compare_table(before, after)
-        run.write_json("fold_plan.json", fold_plan.to_dict())
-        pairs = [{"batch_size": b, **c.to_dict()} for b, c in paired.items()]
-        run.write_json("fold_measure.json", {"before": before.to_dict(),
-                                             "after": after.to_dict(), "paired": pairs})
-        title = FoldOptions(opts.plan, sizes) if fold_plan.batch_sizes else opts
-        atomic_write_text(run.file("fold.md"), f"# fold (plan={title})\n\n{table}\n\n"
-                          f"max |error| of the folded model: {fold_plan.max_abs_error:.3g}\n\n"
-                          f"```\n{fold_plan}\n```\n")
+        reduced = kept if kept is not None else load_model(run.file("model.pt"), model)
+        with eval_mode(reduced):  # the caller's model gets its modes back
+            return _fold_and_write(run, reduced, opts, batch_sizes, onnx=onnx,
+                                   torchscript=torchscript)
+
+
+def _fold_and_write(run: RunDir, reduced: nn.Module, opts: FoldOptions,
+                    batch_sizes: Sequence[int], *, onnx: bool,
+                    torchscript: bool) -> dict[str, Any]:
+    """Fold ``reduced`` (in eval mode), measure it against the folded model, write."""
+    shape = run.read_config().get("input_shape")
+    if not shape:
+        raise FoldError(f"{run.config_path} has no input_shape; rerun `easier reduce` to "
+                        "record it")
+    example = torch.randn(2, *shape)  # batch 2: a one-sample capture would pin the batch
+    sizes = tuple(opts.plan_batch or batch_sizes)
+    folded = fold(reduced, example, plan=opts.plan, latency=LatencyConfig(batch_sizes=sizes))
+    fold_plan = folded.fold_plan  # type: ignore[attr-defined]
+    # timed side by side: the ratio is what the fold bought, not a change in machine load
+    before, after, paired = measure_pair(reduced, folded, example, batch_sizes=batch_sizes)
+    files: dict[str, bytes] = {}
+    try:
+        files[PROGRAM] = _export_program(folded, example)
+    except Exception as exc:  # export covers fewer graphs than fold's capture
+        fold_plan.notes.append(f"torch.export of the folded model failed "
+                               f"({type(exc).__name__}: {exc}); {PROGRAM} not written")
+    if torchscript:
+        files[TORCHSCRIPT] = _torchscript(folded, example)
+    if onnx:
+        files.update(_onnx(folded, example))
+    stale = [n for n in (PROGRAM, TORCHSCRIPT, ONNX, f"{ONNX}.data")
+             if n not in files and run.file(n).exists()]
+    for name in stale:  # an artifact of an earlier fold would contradict this plan
+        run.file(name).unlink()
+        fold_plan.notes.append(f"removed {name} left by an earlier fold")
+    for name, data in files.items():
+        atomic_write(run.file(name), lambda f, data=data: f.write(data))
+    table = compare_table(before, after)
+    run.write_json("fold_plan.json", fold_plan.to_dict())
+    pairs = [{"batch_size": b, **c.to_dict()} for b, c in paired.items()]
+    run.write_json("fold_measure.json", {"before": before.to_dict(),
+                                         "after": after.to_dict(), "paired": pairs})
+    title = FoldOptions(opts.plan, sizes) if fold_plan.batch_sizes else opts
+    atomic_write_text(run.file("fold.md"), f"# fold (plan={title})\n\n{table}\n\n"
+                      f"max |error| of the folded model: {fold_plan.max_abs_error:.3g}\n\n"
+                      f"```\n{fold_plan}\n```\n")
     return {"plan": fold_plan.to_dict(), "before": before.to_dict(), "after": after.to_dict(),
             "paired": pairs, "table": table, "files": sorted(files), "removed": stale}
 

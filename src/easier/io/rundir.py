@@ -195,7 +195,8 @@ class RunDir:
             saved = self.read_config()
             diff = [k for k in _diff_keys(saved, config) if k not in mutable]
             if diff:
-                lines = "; ".join(f"{k}: saved {saved.get(k)!r} != now {config.get(k)!r}"
+                old, new = _flatten(saved), _flatten(config)
+                lines = "; ".join(f"{k}: saved {old.get(k)!r} != now {new.get(k)!r}"
                                   for k in diff)
                 raise ConfigError(
                     f"cannot resume {self.path}: its config differs in {diff} ({lines}). Run with "
@@ -326,6 +327,20 @@ def _json_default(o: Any) -> Any:
 
 
 def _diff_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """Keys whose values differ, compared through JSON (tuples == lists)."""
-    norm = json.loads(json.dumps(b, default=_json_default))
-    return sorted(k for k in set(a) | set(norm) if a.get(k) != norm.get(k))
+    """Keys whose values differ, compared through JSON (tuples == lists); a settings group
+    (a nested dict such as ``stop``) is compared field by field as ``stop.max_removals``."""
+    flat_a, flat_b = _flatten(a), _flatten(json.loads(json.dumps(b, default=_json_default)))
+    return sorted(k for k in set(flat_a) | set(flat_b) if flat_a.get(k) != flat_b.get(k))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and k not in _OPAQUE:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+_OPAQUE = ("model_spec", "model_kwargs")  # facts compared whole

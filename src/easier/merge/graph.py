@@ -21,7 +21,6 @@ scale by a per-channel parameter (ConvNeXt's layer scale) and an added per-chann
 
 from __future__ import annotations
 
-import copy
 import operator
 from collections import Counter
 from typing import Any
@@ -31,7 +30,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from easier.errors import DataError, FoldError, TraceError
-from easier.graph.capture import capture, flat_inputs
+from easier.graph.capture import captured, copy_graph, flat_inputs
 from easier.merge.noop import noop_copy
 
 __all__ = ["call_counts", "node_dtype", "node_shape", "only_user", "prepare", "prepare_graph"]
@@ -393,15 +392,16 @@ def finish(gm: fx.GraphModule, recompile: bool = True) -> None:
 def prepare(model: nn.Module, example_input: Any) -> tuple[fx.GraphModule, list[str]]:
     """A lifted, BN-folded eval capture of ``model`` with node shapes recorded.
 
-    The capture is made on a copy, so folding never touches ``model``'s parameters.
+    The model's capture is shared (:func:`~easier.graph.capture.captured`); folding works on a
+    deep copy of it, so it never touches ``model``'s parameters.
     """
     try:
-        cap = capture(copy.deepcopy(model), example_input)
+        gm = copy_graph(captured(model, example_input).gm)
     except TraceError as exc:
         raise FoldError(f"fold needs a captured graph: {exc}. Remove what export cannot follow "
                         "from forward() (see the torch.export docs), or fold with plan='none'."
                         ) from exc
-    return prepare_graph(cap.gm, example_input, type(model).__name__)
+    return prepare_graph(gm, example_input, type(model).__name__)
 
 
 def prepare_graph(gm: fx.GraphModule, example_input: Any, name: str = "the model", *,

@@ -18,9 +18,10 @@ callables, and returns per-round milliseconds per callable.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from easier.config import Config, positive_int, setting
 from easier.errors import ConfigError
 from easier.perf.timing import MIN_RUNS, Comparison, compare_samples, paired_samples
 
@@ -49,7 +50,7 @@ def default_timer(job: TimingJob, fns: Sequence[Callable[[], Any]]) -> list[list
 
 
 @dataclass(frozen=True)
-class LatencyConfig:
+class LatencyConfig(Config):
     """Settings of the "latency" plan.
 
     ``batch_sizes``: the sizes the plan must hold for (a chain is merged only if no named size
@@ -59,26 +60,20 @@ class LatencyConfig:
     wall-clock timer (tests).
     """
 
-    batch_sizes: tuple[int, ...] | None = None
-    rounds: int = 7
-    min_run_time: float = 0.1
-    margin: float = 0.03
-    timer: Timer | None = field(default=None, compare=False, repr=False)
+    batch_sizes: tuple[int, ...] | None = setting(None, kind="tuple", item=positive_int,
+                                                   optional=True)
+    rounds: int = setting(7, kind="int", low=MIN_RUNS)
+    min_run_time: float = setting(0.1, kind="number", low=0.0, low_open=True)
+    margin: float = setting(0.03, kind="number", low=0.0)
+    timer: Timer | None = setting(None, stored=False)
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.batch_sizes is not None:
-            sizes = tuple(self.batch_sizes)
-            if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
-                                for b in sizes):
-                raise ConfigError(f"batch_sizes must be positive integers, got {self.batch_sizes}")
-            object.__setattr__(self, "batch_sizes", tuple(dict.fromkeys(sizes)))
-        if self.rounds < MIN_RUNS:
-            raise ConfigError(f"rounds must be >= {MIN_RUNS} to estimate the noise, got "
-                              f"{self.rounds}")
-        if not self.min_run_time > 0:
-            raise ConfigError(f"min_run_time must be > 0 seconds, got {self.min_run_time}")
-        if not 0 <= self.margin < 1:
-            raise ConfigError(f"margin must be in [0, 1), got {self.margin}")
+            if not self.batch_sizes:
+                raise ConfigError("LatencyConfig.batch_sizes=(): name at least one batch size")
+            object.__setattr__(self, "batch_sizes", tuple(dict.fromkeys(self.batch_sizes)))
+        if self.margin >= 1:
+            raise ConfigError(f"LatencyConfig.margin={self.margin!r}: must be in [0, 1)")
 
     def sizes(self, example_batch: int) -> tuple[int, ...]:
         """The batch sizes to time at."""

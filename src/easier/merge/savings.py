@@ -23,7 +23,7 @@ from typing import Any
 from torch import fx, nn
 
 from easier.errors import ConfigError
-from easier.graph.capture import capture, copy_graph
+from easier.graph.capture import captured, copy_graph
 from easier.graph.sites import KINDS, graph_sites
 from easier.merge.candidates import chain_signature, make_candidate
 from easier.merge.chains import find_chains
@@ -93,11 +93,12 @@ class FoldSavings:
 
     def graph(self, model: nn.Module, example: Any, kinds: Sequence[str] = KINDS) -> SiteGraph:
         """Capture ``model`` once (on a copy); every :meth:`saving` call edits a copy of it."""
-        twin = copy.deepcopy(model).cpu().eval()
-        cap = capture(twin, example)
+        on_cpu = all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
+        twin = model if on_cpu else copy.deepcopy(model).cpu()
+        cap = captured(twin, example)  # the model's own capture: pricing never re-exports
         where = {g.site.name: (g.input.name, g.output.name)
                  for g in graph_sites(twin, cap, kinds)}
-        return SiteGraph(cap.gm, example, where)
+        return SiteGraph(copy_graph(cap.gm), example, where)
 
     def saving(self, graph: SiteGraph, sites: Sequence[str]) -> float:
         """Total price saved by every merge that pays once ``sites`` are linear (ms or FLOPs).

@@ -21,7 +21,7 @@ from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from easier.errors import ConfigError, NoSitesError, TraceError
-from easier.graph.capture import call_model, capture
+from easier.graph.capture import call_model, captured
 from easier.graph.sites import EasierWarning
 from easier.perf.timing import (
     Comparison,
@@ -113,7 +113,7 @@ def weight_depth(model: nn.Module, example_input: Any = None) -> tuple[int, bool
     branches are summed).
     """
     try:
-        gm = capture(model, example_input).gm
+        gm = captured(model, example_input).gm
     except TraceError:  # the fallback is flagged, not hidden
         return sum(isinstance(m, _WEIGHT_MODULES) for m in model.modules()), False
     depth: dict[fx.Node, int] = {}

@@ -23,13 +23,14 @@ import json
 import os
 import platform
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from easier.config import Config, positive_int, setting
 from easier.errors import ConfigError, FoldError, StateError
 from easier.graph.capture import call_model
 from easier.io.atomic import read_verified
@@ -71,7 +72,7 @@ def wall_clock(job: PointJob, fns: Sequence[Callable[[], Any]]) -> list[list[flo
 
 
 @dataclass(frozen=True)
-class FrontConfig:
+class FrontConfig(Config):
     """How each iteration's model is folded and timed.
 
     ``plan`` is the fold plan ("latency" as the run uses by default; "flops" or "all" skip the
@@ -81,28 +82,20 @@ class FrontConfig:
     the latency plan's own settings (default: plan for ``batch_sizes``).
     """
 
-    plan: str = "latency"
-    batch_sizes: tuple[int, ...] = (1,)
-    rounds: int = 7
-    min_run_time: float = 0.2
-    timer: FrontTimer | None = field(default=None, compare=False, repr=False)
-    latency: LatencyConfig | None = field(default=None, compare=False, repr=False)
+    plan: str = setting("latency", kind="text")
+    batch_sizes: tuple[int, ...] = setting((1,), kind="tuple", item=positive_int)
+    rounds: int = setting(7, kind="int", low=MIN_RUNS)
+    min_run_time: float = setting(0.2, kind="number", low=0.0, low_open=True)
+    timer: FrontTimer | None = setting(None, stored=False)
+    latency: LatencyConfig | None = setting(None, stored=False)
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.plan not in MODES:
             raise ConfigError(f"FrontConfig.plan={self.plan!r}: valid plans are {sorted(MODES)}")
-        sizes = tuple(self.batch_sizes) if isinstance(self.batch_sizes, Sequence) else ()
-        if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
-                            for b in sizes):
-            raise ConfigError(f"FrontConfig.batch_sizes={self.batch_sizes!r}: must be positive "
-                              "integers, e.g. (1, 64)")
-        object.__setattr__(self, "batch_sizes", tuple(dict.fromkeys(sizes)))
-        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) \
-                or self.rounds < MIN_RUNS:
-            raise ConfigError(f"FrontConfig.rounds={self.rounds!r}: must be an integer >= "
-                              f"{MIN_RUNS} to estimate the noise")
-        if not self.min_run_time > 0:
-            raise ConfigError(f"FrontConfig.min_run_time={self.min_run_time!r}: must be > 0 s")
+        if not self.batch_sizes:
+            raise ConfigError("FrontConfig.batch_sizes=(): name at least one batch size, "
+                              "e.g. (1, 64)")
+        object.__setattr__(self, "batch_sizes", tuple(dict.fromkeys(self.batch_sizes)))
 
     def fold_latency(self) -> LatencyConfig:
         return self.latency or LatencyConfig(batch_sizes=self.batch_sizes)

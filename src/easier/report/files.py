@@ -83,7 +83,8 @@ def report_markdown(history: list[dict[str, Any]], baseline: dict[str, Any],
         f"{cfg.get('data', 'data')}",
         "",
         f"- baseline val top-1: {baseline['val_acc']:.2f}% "
-        f"(test {_fmt(baseline.get('test_acc'))}%), delta = {cfg.get('delta')} points",
+        f"(test {_fmt(baseline.get('test_acc'))}%), "
+        f"delta = {cfg.get('stop', {}).get('delta')} points",
         f"- kept model: {len(final['removed'])} of {len(cfg.get('units', cfg.get('sites', [])))} "
         f"{cfg.get('unit', 'site')}s removed at iteration {final['iteration']}: "
         f"val {final['val_acc']:.2f}%, "
@@ -195,6 +196,7 @@ def write_reports(run: RunDir, history: list[dict[str, Any]], baseline: dict[str
     run.write_jsonl("history.jsonl", history)
     atomic_write_text(run.file("history.csv"), history_csv(history))
     atomic_write_text(run.file("report.md"), report_markdown(history, baseline, cfg))
-    png = plot_history(history, baseline, float(cfg.get("delta", 0.0)), list(cfg.get("sites", [])))
+    delta = float(cfg.get("stop", {}).get("delta", 0.0))
+    png = plot_history(history, baseline, delta, list(cfg.get("sites", [])))
     if png is not None:
         atomic_write_bytes(run.file("report.png"), png)

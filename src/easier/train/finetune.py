@@ -5,15 +5,16 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from easier.config import Config, positive_int, setting
 from easier.entropy.estimate import batch_input
-from easier.errors import ConfigError, NonFiniteError, check_fields
+from easier.errors import ConfigError, NonFiniteError
 from easier.graph.capture import call_model, logits_of, to_device
 from easier.parallel.collectives import all_finite, reduce_accuracy
 from easier.parallel.loaders import make_loader, shard_loader, targets
@@ -31,46 +32,25 @@ SCHEDULES = ("cosine", "multistep", "constant")
 
 
 @dataclass(frozen=True)
-class FineTune:
+class FineTune(Config):
     """One training schedule. Each EASIER iteration runs it from scratch (fresh optimizer).
 
     ``milestones`` are epochs for ``schedule="multistep"``; ``max_steps`` caps the number of
     optimizer steps per call (handy for smoke runs).
     """
 
-    epochs: int = 1
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    milestones: tuple[int, ...] = ()
-    gamma: float = 0.1
-    batch_size: int = 128
-    max_steps: int | None = None
-    grad_clip: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer={self.optimizer!r}; valid: {list(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule={self.schedule!r}; valid: {list(SCHEDULES)}")
-        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise ConfigError(
-                f"need epochs >= 0, batch_size >= 1 and lr > 0; got epochs={self.epochs}, "
-                f"batch_size={self.batch_size}, lr={self.lr}"
-            )
-        object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["milestones"] = list(self.milestones)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FineTune:
-        check_fields(cls, d)
-        return cls(**d)
+    epochs: int = setting(1, kind="int", low=0)
+    optimizer: str = setting("sgd", kind="choice", choices=OPTIMIZERS)
+    lr: float = setting(0.05, kind="number", low=0.0, low_open=True)
+    momentum: float = setting(0.9, kind="number", low=0.0)
+    weight_decay: float = setting(5e-4, kind="number", low=0.0)
+    schedule: str = setting("cosine", kind="choice", choices=SCHEDULES)
+    milestones: tuple[int, ...] = setting((), kind="tuple", item=positive_int)
+    gamma: float = setting(0.1, kind="number", low=0.0, low_open=True)
+    batch_size: int = setting(128, kind="int", low=1)
+    max_steps: int | None = setting(None, kind="int", low=0, optional=True)
+    grad_clip: float | None = setting(None, kind="number", low=0.0, low_open=True,
+                                      optional=True)
 
 
 @dataclass

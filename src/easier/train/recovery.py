@@ -21,15 +21,16 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from easier.config import Config, setting
 from easier.entropy.estimate import batch_input
-from easier.errors import ConfigError, StateError, check_fields
+from easier.errors import ConfigError, StateError
 from easier.graph.capture import call_model, logits_of, to_device
 from easier.io.records import load_model, save_model
 from easier.io.rundir import RunDir
@@ -44,7 +45,7 @@ TEACHER_FILE = "teacher.pt"
 
 
 @dataclass(frozen=True)
-class Recovery:
+class Recovery(Config):
     """How fine-tuning after each removal recovers: early stop and knowledge distillation.
 
     ``early_stop_every=N`` checks every N optimizer steps (None: run the whole budget);
@@ -57,28 +58,12 @@ class Recovery:
     budget would have (the subset can say "recovered" when the full set does not).
     """
 
-    early_stop_every: int | None = None
-    early_stop_batches: int = 4
-    early_stop_margin: float = 0.0
-    distill: float = 0.0
-    temperature: float = 4.0
-    finish_on_reject: bool = True
-
-    def __post_init__(self) -> None:
-        for name, low, optional in (("early_stop_every", 1, True),
-                                    ("early_stop_batches", 1, False)):
-            v = getattr(self, name)
-            if v is None and optional:
-                continue
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ConfigError(f"Recovery.{name}={v!r}: must be an integer >= {low}"
-                                  + (" or None" if optional else ""))
-        if not isinstance(self.finish_on_reject, bool):
-            raise ConfigError(f"Recovery.finish_on_reject={self.finish_on_reject!r}: must be "
-                              "True or False")
-        _number("early_stop_margin", self.early_stop_margin, low=0.0)
-        _number("distill", self.distill, low=0.0, high=1.0)
-        _number("temperature", self.temperature, low=0.0, strict=True)
+    early_stop_every: int | None = setting(None, kind="int", low=1, optional=True)
+    early_stop_batches: int = setting(4, kind="int", low=1)
+    early_stop_margin: float = setting(0.0, kind="number", low=0.0)
+    distill: float = setting(0.0, kind="number", low=0.0, high=1.0)
+    temperature: float = setting(4.0, kind="number", low=0.0, low_open=True)
+    finish_on_reject: bool = setting(True, kind="flag")
 
     @property
     def early_stop(self) -> bool:
@@ -89,31 +74,12 @@ class Recovery:
         """Whether it changes anything (an inactive Recovery is today's fixed budget)."""
         return self.early_stop or self.distill > 0
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     def steps_left(self, ft: Any) -> int:
         """Optimizer steps of the budget still to train before a removal may be rejected: the
         rest of the budget after an early stop (with ``finish_on_reject``), else 0."""
         if not (self.finish_on_reject and ft.stopped_early):
             return 0
         return max(0, ft.budget - ft.steps)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Recovery:
-        check_fields(cls, d)
-        # a run recorded before finish_on_reject existed resumes as it was made
-        return cls(**{"finish_on_reject": False, **d})
-
-
-def _number(name: str, v: Any, *, low: float, high: float = math.inf,
-            strict: bool = False) -> None:
-    ok = (not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-          and (v > low if strict else v >= low) and v <= high)
-    if not ok:
-        bound = (f"> {low:g}" if strict else f">= {low:g}") + (
-            f" and <= {high:g}" if math.isfinite(high) else "")
-        raise ConfigError(f"Recovery.{name}={v!r}: must be a finite number {bound}")
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, *,

@@ -17,7 +17,7 @@ from typing import Any
 from torch import fx, nn
 
 from easier.errors import ConfigError, TraceError
-from easier.graph.capture import Capture, capture, default_example, node_scope
+from easier.graph.capture import Capture, captured, default_example, node_scope
 
 __all__ = ["LAYERS", "capture_for", "layer_calls", "module_of", "norm_input", "pass_input"]
 
@@ -43,7 +43,7 @@ def capture_for(model: nn.Module, example_input: Any, what: str, uses: str) -> C
             "example_input= (one model input); inside reduce() the loop passes one"
         )
     try:
-        return capture(model, example_input)
+        return captured(model, example_input)
     except TraceError as exc:
         raise TraceError(f"{uses} on the torch.export graph, but {exc}; use a method that needs "
                          "no graph (e.g. easier, layer-folding)") from exc
