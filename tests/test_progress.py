@@ -33,8 +33,24 @@ def test_a_short_loop_prints_nothing():
     assert out.getvalue() == ""
 
 
-def test_a_file_gets_plain_progress_not_a_bar():
+def test_a_file_gets_plain_progress_not_a_bar(monkeypatch):
+    monkeypatch.setenv("EASIER_PROGRESS_SECONDS", "0")  # a line after every item
     out = io.StringIO()  # isatty() is False, as for a log file
     wrapped = progress(range(3), desc="x", stream=out)
     assert list(wrapped) == [0, 1, 2] and "tqdm" not in type(wrapped).__name__
-    assert "\r" not in out.getvalue()
+    text = out.getvalue()
+    assert "\r" not in text and "\x1b" not in text  # no redraws, no terminal codes
+    lines = text.splitlines()
+    assert [ln.split(",")[0] for ln in lines] == ["x: 1/3 batches", "x: 2/3 batches",
+                                                   "x: 3/3 batches", "x: done"]
+
+
+class Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_terminal_gets_a_bar():
+    out = Tty()
+    assert list(progress(range(3), desc="x", stream=out)) == [0, 1, 2]
+    assert "\r" in out.getvalue()  # tqdm redraws its line in place

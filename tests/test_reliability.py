@@ -110,5 +110,28 @@ def test_checks_leave_the_random_streams_alone():
     assert torch.equal(torch.rand(3), want)
 
 
-def test_data_error_is_an_easier_error():
-    assert issubclass(DataError, EasierError)
+def test_a_data_error_reaches_the_cli_user_as_one_line_and_exit_1(tmp_path, monkeypatch,
+                                                                    capsys):
+    from easier.cli import main
+
+    (tmp_path / "user.py").write_text(
+        "import torch\nfrom torch import nn\nfrom torch.utils.data import TensorDataset\n"
+        "def build(num_classes=2, **kw):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.ReLU(), "
+        "nn.Linear(4, num_classes))\n"
+        "def splits(seed=0):\n"
+        "    x = torch.randn(8, 1, 2, 2)\n"
+        "    return {'train': TensorDataset(x[:0], torch.zeros(0).long()),\n"
+        "            'val': TensorDataset(x, torch.arange(8) % 2), 'num_classes': 2}\n")
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))
+    monkeypatch.chdir(tmp_path)
+    code = main(["reduce", "--model", "user.py:build", "--data", "user.py:splits",
+                 "--device", "cpu", "--quiet", "--no-fold", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 1, err  # a runtime failure, not a bad option (2)
+    lines = [ln for ln in err.splitlines() if ln.startswith("easier: error:")]
+    assert len(lines) == 1 and "training set is empty" in lines[0], err
+    assert "Traceback" not in err
+    with pytest.raises(EasierError, match="training set is empty"):  # the API's base class
+        from easier.cli.user import load_data
+        load_data("user.py:splits", seed=0, image_size=None)
