@@ -25,6 +25,7 @@ from easier.io.atomic import (
     atomic_write,
     atomic_write_bytes,
     atomic_write_text,
+    pickle_refusal,
     read_verified,
     remove_stale_temporaries,
     verify_file,
@@ -56,6 +57,11 @@ __all__ = [
 ]
 
 MODEL_FORMAT = "easier.model/2"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
 def _spec(model: nn.Module) -> dict[str, Any] | None:
@@ -142,7 +148,13 @@ def _read_record(path: Path, weights_only: bool = True) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
     except Exception as exc:
-        raise StateError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+        refused = pickle_refusal(path, exc)
+        if refused is not None:
+            raise StateError(f"{refused} (easier's model records hold tensors and plain data "
+                             "only; a model you saved yourself loads with weights_only=False, "
+                             "only if you trust it)") from exc
+        raise StateError(f"cannot read checkpoint {path}: {type(exc).__name__}: "
+                         f"{_first_line(exc)}") from exc
 
 
 # ---------------------------------------------------------------------------------------------

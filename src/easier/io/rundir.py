@@ -22,10 +22,13 @@ import torch
 
 from easier.errors import ConfigError, EasierError, StateError
 from easier.io.atomic import (
+    CHECKSUMS,
+    LOCKS,
     _write_tmp_and_rename,
     atomic_write,
     atomic_write_text,
     backup_advice,
+    pickle_refusal,
     read_checksums,
     read_verified,
     record_checksums,
@@ -45,23 +48,39 @@ STATE_FORMAT = "easier.io.records/1"
 LOCK_FILE = ".easier.lock"
 
 
-_HELD: dict[str, list[int]] = {}  # realpath -> [fd, depth]: the locks this process holds
+_MARKERS = (LOCK_FILE, CHECKSUMS)  # an easier directory holds one of these from its first write
 
 
 def _holder(path: Path) -> str:
     with contextlib.suppress(OSError, ValueError):
-        pid = int(path.read_text().split()[0])
-        return f"PID {pid}"
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd) as f:
+            return f"PID {int(f.read(32).split()[0])}"
     return "an unknown process"
+
+
+def _refuse_foreign(d: Path) -> None:
+    """A directory easier did not write (no lock file, no checksums.json) that holds files is
+    the user's: writing a run into it would replace their summary.json or model.pt."""
+    entries = sorted(os.listdir(d))
+    if entries and not any(m in entries for m in _MARKERS):
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise ConfigError(
+            f"{d} already holds {len(entries)} file(s) that easier did not write ({shown}): "
+            "it writes a run only into a new or empty directory, or one of its own runs. Choose "
+            "another output directory (--out); nothing was written")
 
 
 @contextlib.contextmanager
 def lock_run_dir(path: str | Path) -> Iterator[Path]:
     """Hold the writer lock of run directory ``path`` (created if needed) for the block.
 
-    The lock is ``fcntl.flock`` on ``path/.easier.lock``: the kernel releases it when the
-    process exits, however it dies, so no stale lock survives a SIGKILL. A second writer is
-    refused at once with a :class:`StateError` naming the holder's PID. Once locked, the
+    The lock is ``fcntl.flock`` on the directory itself, so deleting or replacing a file
+    cannot split it, and the kernel releases it when the process exits, however it dies (no
+    stale lock survives a SIGKILL). A second writer is refused at once with a
+    :class:`StateError` naming the holder's PID, which ``.easier.lock`` records (written by
+    rename: a planted link there is replaced, never followed). An existing non-empty directory
+    that is not easier's is refused (ConfigError) before anything is written. Once locked, the
     temporaries a killed writer left are removed. Re-entrant within one process.
     """
     d = Path(path)
@@ -72,15 +91,14 @@ def lock_run_dir(path: str | Path) -> Iterator[Path]:
         raise ConfigError(f"{d} is not a directory (a file is in the way): choose another "
                           "output directory (--out); nothing was written") from None
     key = os.path.realpath(d)
-    if key in _HELD:
-        _HELD[key][1] += 1
+    if key in LOCKS:
+        LOCKS[key][1] += 1
         try:
             yield d
         finally:
-            _HELD[key][1] -= 1
+            LOCKS[key][1] -= 1
         return
-    lock = d / LOCK_FILE
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
         if fcntl is not None:
             try:
@@ -89,18 +107,20 @@ def lock_run_dir(path: str | Path) -> Iterator[Path]:
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise
                 raise StateError(
-                    f"{d} is in use: another easier process ({_holder(lock)}) is writing this "
-                    "run directory. Wait for it to finish (or stop it), or choose another "
-                    "directory; nothing was written."
+                    f"{d} is in use: another easier process ({_holder(d / LOCK_FILE)}) is "
+                    "writing this run directory. Wait for it to finish (or stop it), or choose "
+                    "another directory; nothing was written."
                 ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        remove_stale_temporaries(d)
-        _HELD[key] = [fd, 1]
+        if not created:
+            _refuse_foreign(d)
+        LOCKS[key] = [fd, 1]
         try:
+            pid = f"{os.getpid()}\n".encode()
+            _write_tmp_and_rename(d / LOCK_FILE, lambda f: f.write(pid))
+            remove_stale_temporaries(d)
             yield d
         finally:
-            del _HELD[key]
+            del LOCKS[key]
             if created:
                 _remove_if_unused(d)
     finally:
@@ -112,7 +132,7 @@ def _remove_if_unused(d: Path) -> None:
     command failed before writing): a failed command leaves no empty run directory behind."""
     with contextlib.suppress(OSError):
         if os.listdir(d) == [LOCK_FILE]:
-            (d / LOCK_FILE).unlink()  # still locked: no other writer is inside
+            (d / LOCK_FILE).unlink()
             d.rmdir()
 
 
@@ -252,6 +272,10 @@ class RunDir:
                 got = state.get("format") if isinstance(state, dict) else type(state).__name__
                 raise ValueError(f"format is {got!r}")
         except Exception as exc:
+            refused = pickle_refusal(self.state_path, exc)
+            if refused is not None:
+                raise StateError(f"{refused}; easier's state.pt holds tensors and plain data "
+                                 f"only.{backup_advice(self.state_path)}") from exc
             raise StateError(
                 f"{self.state_path} is corrupt or truncated ({type(exc).__name__}: {exc}); it was "
                 f"left untouched.{backup_advice(self.state_path)}"
