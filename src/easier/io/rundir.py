@@ -41,8 +41,8 @@ try:  # POSIX; elsewhere run directories are not locked
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["ITERATIONS", "LOCK_FILE", "STATE_FORMAT", "RunDir", "lock_run_dir",
-           "lock_run_dir_ranks"]
+__all__ = ["ITERATIONS", "LOCK_FILE", "STATE_FORMAT", "RunDir", "check_resume_environment",
+           "lock_run_dir", "lock_run_dir_ranks", "resume_environment"]
 
 STATE_FORMAT = "easier.io.records/1"
 LOCK_FILE = ".easier.lock"
@@ -288,7 +288,7 @@ class RunDir:
         The backup is a hard link made before the rename, so at every instant state.pt exists
         and is complete. Both checksums are recorded before either name changes.
         """
-        state = {"format": STATE_FORMAT, **state}
+        state = {"format": STATE_FORMAT, **resume_environment(), **state}
         cur, prev = self.state_path, self.prev_state_path
 
         def before_rename(digest: str) -> None:
@@ -317,6 +317,37 @@ class RunDir:
     def write_jsonl(self, name: str, rows: Iterable[dict[str, Any]]) -> None:
         atomic_write_text(self.file(name),
                           "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+
+
+def resume_environment() -> dict[str, int]:
+    """What a resumed run must match to repeat an uninterrupted one bit for bit: the thread
+    count (float sums round by it) and the number of ranks (each rank's batches and the
+    all-reduced sums follow it). Saved in every state.pt by :meth:`RunDir.write_state`."""
+    from easier.parallel import get_info
+
+    return {"threads": torch.get_num_threads(), "world_size": get_info().world_size}
+
+
+def check_resume_environment(saved: dict[str, Any], info: Any) -> list[str]:
+    """Warning lines for a resume whose thread count or number of ranks (``info.world_size``)
+    differs from the saved state's: the run continues, but its result can differ from an
+    uninterrupted run's, so the user is told how to reproduce it. States saved before a key
+    was recorded warn about nothing for it."""
+    lines = []
+    threads = torch.get_num_threads()
+    if saved.get("threads", threads) != threads:
+        lines.append(f"warning: saved with {saved['threads']} threads, resumed with {threads}: "
+                     "float sums round differently, so the result can differ from an "
+                     f"uninterrupted run (--threads {saved['threads']} reproduces it)")
+    ranks = int(getattr(info, "world_size", 1))
+    if saved.get("world_size", ranks) != ranks:
+        n = saved["world_size"]
+        how = (f"torchrun --nproc-per-node {n} reproduces it" if n > 1
+               else "run it without torchrun to reproduce it")
+        lines.append(f"warning: saved with {n} rank(s), resumed with {ranks}: each rank's "
+                     "batches and the summed statistics change, so the result can differ from "
+                     f"an uninterrupted run ({how})")
+    return lines
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
