@@ -197,7 +197,7 @@ def trust_model_code(config: Path, cfg: dict[str, Any], spec: str, given: str | 
            "a run directory's config.json alone never makes easier import code")
     raise ConfigError(
         f"{config} names the model code {spec!r} ({where}): {why}. If you trust that file, "
-        f"repeat it on the command line: easier fold {config.parent} --model {cfg.get('model')}")
+        f"repeat it on the command line: easier fold {config.parent} --model {spec}")
 
 
 def cmd_list(what: str) -> int:
