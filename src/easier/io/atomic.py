@@ -15,7 +15,6 @@ import hashlib
 import io
 import json
 import os
-import pickle
 import re
 import secrets
 import stat
@@ -42,13 +41,13 @@ __all__ = [
     "atomic_write_text",
     "backup_advice",
     "check_no_links",
-    "pickle_refusal",
     "read_checksums",
     "read_verified",
     "record_checksums",
     "remove_stale_temporaries",
     "sha256_file",
     "verify_file",
+    "write_tmp_and_rename",
     "zip_intact",
 ]
 
@@ -123,7 +122,7 @@ def record_checksums(d: Path, digests: dict[str, list[str]]) -> None:
         doc = {"format": CHECKSUMS_FORMAT, "algorithm": "sha256",
                "files": dict(sorted(files.items()))}
         text = json.dumps(doc, indent=1) + "\n"
-        _write_tmp_and_rename(d / CHECKSUMS, lambda f: f.write(text.encode()))
+        write_tmp_and_rename(d / CHECKSUMS, lambda f: f.write(text.encode()))
 
 
 def backup_advice(path: Path) -> str:
@@ -187,23 +186,6 @@ def zip_intact(path: Path, data: bytes | None = None) -> bool:
             return z.testzip() is None and bool(z.namelist())
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):
         return False
-
-
-_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
-
-
-def pickle_refusal(path: Path, exc: BaseException) -> StateError | None:
-    """One line for a ``torch.load(weights_only=True)`` that refused a pickle of Python objects
-    (None for any other failure): what the file holds and that it was not loaded. Never torch's
-    own advice to retry with ``weights_only=False``, which would run code from the file."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    if not isinstance(exc, pickle.UnpicklingError) or not (
-            "Weights only load failed" in text or "Unsupported operand" in text):
-        return None
-    found = _GLOBAL.search(text)
-    what = f" such as {found.group(1)}" if found else ""
-    return StateError(f"{path} holds pickled Python objects{what}, not only tensors: loading it "
-                      "would run code from the file, so it was not loaded")
 
 
 def read_verified(path: Path) -> bytes:
@@ -300,7 +282,7 @@ def _write_tmp(path: Path, write: Callable[[BinaryIO], Any]) -> Path:
     return tmp
 
 
-def _write_tmp_and_rename(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+def write_tmp_and_rename(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     tmp = _write_tmp(path, write)
     try:
         os.replace(tmp, path)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from easier.errors import ConfigError, StateError
-from easier.io.atomic import pickle_refusal
+from easier.io.pickles import pickle_refusal
 from easier.io.records import MODEL_FORMAT, load_weights, rebuild, verify_file
 
 __all__ = ["load_checkpoint", "strip_prefix"]

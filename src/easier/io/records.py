@@ -25,11 +25,11 @@ from easier.io.atomic import (
     atomic_write,
     atomic_write_bytes,
     atomic_write_text,
-    pickle_refusal,
     read_verified,
     remove_stale_temporaries,
     verify_file,
 )
+from easier.io.pickles import pickle_refusal
 from easier.io.rundir import ITERATIONS, LOCK_FILE, STATE_FORMAT, RunDir, lock_run_dir
 
 __all__ = [

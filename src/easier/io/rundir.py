@@ -14,148 +14,30 @@ import io
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from easier.errors import ConfigError, EasierError, StateError
+from easier.errors import ConfigError, StateError
 from easier.io.atomic import (
-    CHECKSUMS,
-    LOCKS,
-    _write_tmp_and_rename,
     atomic_write,
     atomic_write_text,
     backup_advice,
-    pickle_refusal,
     read_checksums,
     read_verified,
     record_checksums,
-    remove_stale_temporaries,
     sha256_file,
+    write_tmp_and_rename,
 )
-
-try:  # POSIX; elsewhere run directories are not locked
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
+from easier.io.lock import LOCK_FILE, lock_run_dir, lock_run_dir_ranks
+from easier.io.pickles import pickle_refusal
 
 __all__ = ["ITERATIONS", "LOCK_FILE", "STATE_FORMAT", "RunDir", "check_resume_environment",
            "lock_run_dir", "lock_run_dir_ranks", "resume_environment"]
 
 STATE_FORMAT = "easier.io.records/1"
-LOCK_FILE = ".easier.lock"
-
-
-_MARKERS = (LOCK_FILE, CHECKSUMS)  # an easier directory holds one of these from its first write
-
-
-def _holder(path: Path) -> str:
-    with contextlib.suppress(OSError, ValueError):
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        with os.fdopen(fd) as f:
-            return f"PID {int(f.read(32).split()[0])}"
-    return "an unknown process"
-
-
-def _refuse_foreign(d: Path) -> None:
-    """A directory easier did not write (no lock file, no checksums.json) that holds files is
-    the user's: writing a run into it would replace their summary.json or model.pt."""
-    entries = sorted(os.listdir(d))
-    if entries and not any(m in entries for m in _MARKERS):
-        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
-        raise ConfigError(
-            f"{d} already holds {len(entries)} file(s) that easier did not write ({shown}): "
-            "it writes a run only into a new or empty directory, or one of its own runs. Choose "
-            "another output directory (--out); nothing was written")
-
-
-@contextlib.contextmanager
-def lock_run_dir(path: str | Path) -> Iterator[Path]:
-    """Hold the writer lock of run directory ``path`` (created if needed) for the block.
-
-    The lock is ``fcntl.flock`` on the directory itself, so deleting or replacing a file
-    cannot split it, and the kernel releases it when the process exits, however it dies (no
-    stale lock survives a SIGKILL). A second writer is refused at once with a
-    :class:`StateError` naming the holder's PID, which ``.easier.lock`` records (written by
-    rename: a planted link there is replaced, never followed). An existing non-empty directory
-    that is not easier's is refused (ConfigError) before anything is written. Once locked, the
-    temporaries a killed writer left are removed. Re-entrant within one process.
-    """
-    d = Path(path)
-    created = not d.exists()
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):  # a file where the directory should be
-        raise ConfigError(f"{d} is not a directory (a file is in the way): choose another "
-                          "output directory (--out); nothing was written") from None
-    key = os.path.realpath(d)
-    if key in LOCKS:
-        LOCKS[key][1] += 1
-        try:
-            yield d
-        finally:
-            LOCKS[key][1] -= 1
-        return
-    fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
-    try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-                raise StateError(
-                    f"{d} is in use: another easier process ({_holder(d / LOCK_FILE)}) is "
-                    "writing this run directory. Wait for it to finish (or stop it), or choose "
-                    "another directory; nothing was written."
-                ) from None
-        if not created:
-            _refuse_foreign(d)
-        LOCKS[key] = [fd, 1]
-        try:
-            pid = f"{os.getpid()}\n".encode()
-            _write_tmp_and_rename(d / LOCK_FILE, lambda f: f.write(pid))
-            remove_stale_temporaries(d)
-            yield d
-        finally:
-            del LOCKS[key]
-            if created:
-                _remove_if_unused(d)
-    finally:
-        os.close(fd)  # drops the flock
-
-
-def _remove_if_unused(d: Path) -> None:
-    """Remove a directory this lock created when nothing but the lock was written in it (the
-    command failed before writing): a failed command leaves no empty run directory behind."""
-    with contextlib.suppress(OSError):
-        if os.listdir(d) == [LOCK_FILE]:
-            (d / LOCK_FILE).unlink()
-            d.rmdir()
-
-
-@contextlib.contextmanager
-def lock_run_dir_ranks(path: str | Path, info: Any) -> Iterator[None]:
-    """:func:`lock_run_dir` for a job of ``info.world_size`` ranks: rank 0 takes the lock and
-    every rank learns whether it got it, so a refusal stops the whole job at once."""
-    from easier.parallel.collectives import any_failed
-
-    with contextlib.ExitStack() as stack:
-        failure: EasierError | None = None
-        if info.is_main:
-            try:
-                stack.enter_context(lock_run_dir(path))
-            except EasierError as exc:
-                failure = exc
-        if info.enabled and any_failed(failure is not None, info) and failure is None:
-            raise StateError(f"rank 0 could not lock {path} (its log says why); stopping too")
-        if failure is not None:
-            raise failure
-        yield
-
-
 ITERATIONS = "iterations"  # the per-iteration models of a run that keeps them
 # written only once state.pt exists (the loop saves the state first): their presence without
 # state.pt means it was removed, not that the run was killed before its first iteration
@@ -360,7 +242,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
                              errno.EMLINK, errno.ENOSYS):
             raise
         with open(src, "rb") as f:  # the checksum is already recorded (state.prev.pt's)
-            _write_tmp_and_rename(dst, lambda out: shutil.copyfileobj(f, out, 1 << 20))
+            write_tmp_and_rename(dst, lambda out: shutil.copyfileobj(f, out, 1 << 20))
 
 
 def _is_shape(shape: Any) -> bool:
