@@ -264,6 +264,20 @@ def test_the_report_counts_a_crafted_program_without_running_it(run_dir, tmp_pat
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("name", ["state.pt", "model.pt", "config.json", "folded.pt2"])
+def test_a_run_file_linked_to_an_endless_device_is_refused_not_read(run_dir, name):
+    (run_dir / name).unlink(missing_ok=True)
+    (run_dir / name).symlink_to("/dev/zero")
+    from easier.io.artifacts import load_folded
+    from easier.io.records import load_model
+
+    read = {"state.pt": RunDir(run_dir).read_state, "config.json": RunDir(run_dir).read_config,
+            "model.pt": lambda: load_model(run_dir / "model.pt"),
+            "folded.pt2": lambda: load_folded(run_dir)}[name]
+    with pytest.raises(StateError, match=r"not a regular file|no checkpoint"):
+        read()
+
+
 def _loaders(run_dir: Path):
     from easier.io.checkpoints import load_checkpoint
     from easier.io.records import load_iteration, load_model

@@ -28,13 +28,13 @@ import torch
 from torch import nn
 
 from easier.errors import FoldError, StateError
+from easier.io.atomic import read_verified
 from easier.io.records import (
     RunDir,
     atomic_write,
     atomic_write_text,
     load_model,
     lock_run_dir,
-    verify_file,
 )
 from easier.merge import LatencyConfig, fold
 from easier.perf.measure import compare_table, measure_pair
@@ -134,8 +134,7 @@ def load_program(path: str | Path) -> Any:
     function or class is refused (StateError) instead of run. Verified against its checksum.
     """
     p = Path(path)
-    data = p.read_bytes()
-    verify_file(p, data)
+    data = read_verified(p)
     try:
         with _weights_only_everywhere(), warnings.catch_warnings():
             warnings.simplefilter("ignore")

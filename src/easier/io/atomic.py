@@ -55,7 +55,7 @@ CHECKSUMS = "checksums.json"  # {"format", "files": {name: [sha256 of accepted v
 CHECKSUMS_FORMAT = "easier.checksums/1"
 _TMP_SUFFIX = ".tmp"
 _KEEP = 3  # digests kept per file: the newest, and those a crash mid-write may leave on disk
-_OWN_TMP = re.compile(r"^\..+\.[0-9]+-[0-9a-f]{8}\.tmp$")  # exactly the names _write_tmp makes
+_OWN_TMP = re.compile(r"^\..+\.[0-9]+-[0-9a-f]+\.tmp$")  # the form _write_tmp's names have
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 LOCKS: dict[str, list[int]] = {}
@@ -189,7 +189,12 @@ def zip_intact(path: Path, data: bytes | None = None) -> bool:
 
 
 def read_verified(path: Path) -> bytes:
-    """The bytes of ``path``, checked against its recorded sha256 (StateError if changed)."""
+    """The bytes of ``path``, checked against its recorded sha256 (StateError if changed).
+
+    Only a regular file is read: a planted link to ``/dev/zero`` or a FIFO would never end."""
+    if path.exists() and not path.is_file():
+        raise StateError(f"{path} is not a regular file (a device, FIFO or directory, or a link "
+                         "to one): easier wrote a file there, so it was not read")
     data = path.read_bytes()
     verify_file(path, data)
     return data
