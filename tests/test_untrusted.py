@@ -303,6 +303,21 @@ def test_every_loader_refuses_a_pickle_in_one_line_without_weights_only_advice(
     assert "weights_only` set to `False`" not in text and "\n" not in text
 
 
+@pytest.mark.parametrize("name", ["state.pt", "model.pt"])
+@pytest.mark.parametrize("raw", [b"not a checkpoint", b"\x80\x04\x95junk"])
+def test_unreadable_run_files_are_one_line_without_weights_only_advice(run_dir, name, raw):
+    from easier.io.records import load_model
+
+    atomic_write_bytes(run_dir / name, raw)
+    read = RunDir(run_dir).read_state if name == "state.pt" else (
+        lambda: load_model(run_dir / name))
+    with pytest.raises(StateError) as err:
+        read()
+    text = str(err.value)
+    assert "\n" not in text and "weights_only` set to `False`" not in text
+    assert "pickled Python objects" not in text  # random bytes are not called a pickle
+
+
 def test_a_pickled_checkpoint_on_the_command_line_is_named_a_pickle(tmp_path, capsys):
     marker = tmp_path / "pwned"
     torch.save({"x": RunsCode(marker)}, tmp_path / "ckpt.pt")

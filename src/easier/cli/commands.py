@@ -177,7 +177,8 @@ def cmd_fold(args: argparse.Namespace) -> int:
     print(f"fold (plan={args.plan}): max |error| {out['plan']['max_abs_error']:.2g}")
     print(out["table"])
     print(f"wrote {', '.join(out['files'])}, fold_plan.json, fold_measure.json, fold.md to "
-          f"{args.run_dir} (load: torch.export.load(path).module())")
+          f"{args.run_dir} (load: easier.io.artifacts.load_folded(RUN), which never runs "
+          "pickled code; torch.export.load(path).module() for files you trust)")
     return 0
 
 

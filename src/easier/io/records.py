@@ -29,7 +29,7 @@ from easier.io.atomic import (
     remove_stale_temporaries,
     verify_file,
 )
-from easier.io.pickles import pickle_refusal
+from easier.io.pickles import pickle_refusal, why_unreadable
 from easier.io.rundir import ITERATIONS, LOCK_FILE, STATE_FORMAT, RunDir, lock_run_dir
 
 __all__ = [
@@ -57,11 +57,6 @@ __all__ = [
 ]
 
 MODEL_FORMAT = "easier.model/2"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
 def _spec(model: nn.Module) -> dict[str, Any] | None:
@@ -153,8 +148,7 @@ def _read_record(path: Path, weights_only: bool = True) -> Any:
             raise StateError(f"{refused} (easier's model records hold tensors and plain data "
                              "only; a model you saved yourself loads with weights_only=False, "
                              "only if you trust it)") from exc
-        raise StateError(f"cannot read checkpoint {path}: {type(exc).__name__}: "
-                         f"{_first_line(exc)}") from exc
+        raise StateError(f"cannot read checkpoint {path}: {why_unreadable(exc)}") from exc
 
 
 # ---------------------------------------------------------------------------------------------

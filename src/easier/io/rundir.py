@@ -32,7 +32,7 @@ from easier.io.atomic import (
     write_tmp_and_rename,
 )
 from easier.io.lock import LOCK_FILE, lock_run_dir, lock_run_dir_ranks
-from easier.io.pickles import pickle_refusal
+from easier.io.pickles import pickle_refusal, why_unreadable
 
 __all__ = ["ITERATIONS", "LOCK_FILE", "STATE_FORMAT", "RunDir", "check_resume_environment",
            "lock_run_dir", "lock_run_dir_ranks", "resume_environment"]
@@ -159,7 +159,7 @@ class RunDir:
                 raise StateError(f"{refused}; easier's state.pt holds tensors and plain data "
                                  f"only.{backup_advice(self.state_path)}") from exc
             raise StateError(
-                f"{self.state_path} is corrupt or truncated ({type(exc).__name__}: {exc}); it was "
+                f"{self.state_path} is corrupt or truncated ({why_unreadable(exc)}); it was "
                 f"left untouched.{backup_advice(self.state_path)}"
             ) from exc
         return state
