@@ -225,7 +225,9 @@ def test_progress_written_to_a_file_is_a_few_plain_lines(user_run):
 
 def test_fold_and_entropy_commands_rebuild_the_users_model(user_run, user_file, capsys):
     out, _, _ = user_run
-    assert main(["fold", str(out), "--plan", "all"]) == 0
+    assert main(["fold", str(out), "--plan", "all"]) == 2  # config.json alone imports no code
+    assert "--model" in capsys.readouterr().err
+    assert main(["fold", str(out), "--plan", "all", "--model", f"{user_file}:build"]) == 0
     assert "max |error|" in capsys.readouterr().out
     assert main(["entropy", str(out / "model.pt"), "--model", f"{user_file}:build", "--data",
                  f"{user_file}:splits", "--json", "--quiet", "--device", "cpu"]) == 0

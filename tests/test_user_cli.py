@@ -248,5 +248,7 @@ def test_fold_rebuilds_a_file_model_from_another_directory(user_dir, tmp_path, m
     assert cfg["model_file"] == f"{(user_dir / 'mlp.py').resolve()}:build"
     monkeypatch.chdir(tmp_path)  # mlp.py is not here
     capsys.readouterr()
-    assert main(["fold", str(out), "--plan", "none"]) == 0, capsys.readouterr().err
+    assert main(["fold", str(out), "--plan", "none"]) == 2  # the user must name the code again
+    assert main(["fold", str(out), "--plan", "none", "--model",
+                 f"{user_dir / 'mlp.py'}:build"]) == 0, capsys.readouterr().err
     assert (out / "folded.pt2").is_file()

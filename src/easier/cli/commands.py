@@ -21,7 +21,8 @@ from easier.cli.session import (
 from easier.errors import ConfigError, StateError
 from easier.report.outcome import near_chance, returned_nonzero
 
-__all__ = ["cmd_compare", "cmd_entropy", "cmd_fold", "cmd_list", "cmd_reduce", "end_of_run"]
+__all__ = ["cmd_compare", "cmd_entropy", "cmd_fold", "cmd_list", "cmd_reduce", "end_of_run",
+           "trust_model_code"]
 
 
 def end_of_run(result: Any, *, num_classes: int, dense_nonzero: int | None,
@@ -162,6 +163,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
         spec = cfg["model"]  # a file named relative to where the run started: found anywhere
         if cfg.get("model_file") and Path(cfg["model_file"].rpartition(":")[0]).is_file():
             spec = cfg["model_file"]
+        trust_model_code(run.config_path, cfg, spec, args.model)
         base = build_base(spec, width=cfg.get("width", 1.0), **cfg["model_kwargs"])
     elif cfg.get("model_spec") is None and "model_spec" in cfg:
         raise ConfigError(
@@ -175,8 +177,28 @@ def cmd_fold(args: argparse.Namespace) -> int:
     print(f"fold (plan={args.plan}): max |error| {out['plan']['max_abs_error']:.2g}")
     print(out["table"])
     print(f"wrote {', '.join(out['files'])}, fold_plan.json, fold_measure.json, fold.md to "
-          f"{args.run_dir} (load: torch.export.load(path).module())")
+          f"{args.run_dir} (load: easier.io.artifacts.load_folded(RUN), which never runs "
+          "pickled code; torch.export.load(path).module() for files you trust)")
     return 0
+
+
+def trust_model_code(config: Path, cfg: dict[str, Any], spec: str, given: str | None) -> None:
+    """Refuse to import the code a run's config.json names unless this command line names the
+    same code (``--model``): a run directory is data that people copy and download, and a
+    planted config.json must not make ``easier fold`` run a file of its choosing."""
+    from easier.cli.user import is_callable_spec, model_file
+
+    if not isinstance(spec, str) or not is_callable_spec(spec):
+        return  # a registry name (easier.models, torchvision:, timm:) imports no user code
+    named = {s for s in (cfg.get("model"), cfg.get("model_file"), spec) if isinstance(s, str)}
+    if given is not None and (given in named or model_file(given) in named):
+        return
+    where = spec.rpartition(":")[0]
+    why = (f"--model {given} is not the code it names" if given is not None else
+           "a run directory's config.json alone never makes easier import code")
+    raise ConfigError(
+        f"{config} names the model code {spec!r} ({where}): {why}. If you trust that file, "
+        f"repeat it on the command line: easier fold {config.parent} --model {spec}")
 
 
 def cmd_list(what: str) -> int:

@@ -288,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch sizes the latency plan must not slow down (default: 1,64)")
     f.add_argument("--torchscript", action="store_true",
                    help="also write folded.pt (TorchScript, deprecated in torch 2.13)")
+    f.add_argument("--model", default=None, metavar="SPEC",
+                   help="for a run of your own module:callable (or file.py:callable) model: the "
+                        "same --model again, which allows fold to import that code (a run "
+                        "directory's config.json alone never makes fold import code)")
     f.set_defaults(func=commands.cmd_fold)
 
     for what in ("models", "datasets", "methods"):

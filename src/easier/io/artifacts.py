@@ -11,11 +11,15 @@ leaves every existing file as it was.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
+import os
+import pickle
 import tempfile
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,20 +28,20 @@ import torch
 from torch import nn
 
 from easier.config import Config, positive_int, setting
-from easier.errors import ConfigError, FoldError
+from easier.errors import ConfigError, FoldError, StateError
 from easier.graph.capture import captured, eval_mode
+from easier.io.atomic import read_verified
 from easier.io.records import (
     RunDir,
     atomic_write,
     atomic_write_text,
     load_model,
     lock_run_dir,
-    verify_file,
 )
 from easier.merge import MODES, LatencyConfig, fold
 from easier.perf.measure import compare_table, measure_pair
 
-__all__ = ["FoldOptions", "fold_run", "load_folded"]
+__all__ = ["FoldOptions", "fold_run", "load_folded", "load_program"]
 
 PROGRAM = "folded.pt2"
 TORCHSCRIPT = "folded.pt"
@@ -110,17 +114,61 @@ def _onnx(folded: nn.Module, example: torch.Tensor) -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
 
 
+_FORCE, _NO_FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+_ENV_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _weights_only_everywhere() -> Iterator[None]:
+    """Every ``torch.load`` in the block reads with ``weights_only=True``, including the ones
+    torch's pt2 reader makes with ``weights_only=False`` (its sample inputs fall back to a full
+    unpickle, its pickled weights and constants use one): torch's documented switch,
+    ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``, is set for the block (process-wide, so serialised)."""
+    with _ENV_LOCK:
+        saved = {k: os.environ.pop(k, None) for k in (_FORCE, _NO_FORCE)}
+        os.environ[_FORCE] = "1"
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k, None)
+                if v is not None:
+                    os.environ[k] = v
+
+
+def load_program(path: str | Path) -> Any:
+    """The ``torch.export`` program in ``path`` (a folded.pt2), loaded without running code.
+
+    A pt2 archive holds pickles (sample inputs, some weights and constants) that torch itself
+    would unpickle in full; here each is read with ``weights_only=True``, so one that names a
+    function or class is refused (StateError) instead of run. Verified against its checksum.
+    """
+    p = Path(path)
+    data = read_verified(p)
+    try:
+        with _weights_only_everywhere(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.load(io.BytesIO(data))
+    except pickle.UnpicklingError as exc:
+        raise StateError(
+            f"{p} holds a pickle that names Python functions or classes (an exported program "
+            "written by easier holds only tensors): loading it would run code from the file, so "
+            "it was not loaded. Fold the run again (easier fold RUN) or use a file you trust"
+        ) from exc
+    except Exception as exc:
+        raise StateError(f"cannot read {p}: not a torch.export program, or a damaged one "
+                         f"({type(exc).__name__}); fold the run again (easier fold RUN)") from exc
+
+
 def load_folded(path: str | Path) -> nn.Module:
     """The folded model of a run directory (or a folded.pt2 path), checked against its checksum.
 
     ``torch.export.load(path).module()`` loads the same file without easier; this also verifies
-    the sha256 recorded when the run wrote it (StateError if the file changed on disk).
+    the sha256 recorded when the run wrote it (StateError if the file changed on disk) and reads
+    every pickle inside with ``weights_only=True`` (see :func:`load_program`).
     """
     p = Path(path)
-    p = p / PROGRAM if p.is_dir() else p
-    data = p.read_bytes()
-    verify_file(p, data)
-    return torch.export.load(io.BytesIO(data)).module()
+    return load_program(p / PROGRAM if p.is_dir() else p).module()
 
 
 def fold_run(run_dir: str | Path, plan: str | FoldOptions = "latency", *,

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
+import re
 import secrets
+import stat
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -30,23 +34,34 @@ except ImportError:  # pragma: no cover
 
 __all__ = [
     "CHECKSUMS",
+    "LOCKS",
     "atomic_torch_save",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
     "backup_advice",
+    "check_no_links",
     "read_checksums",
     "read_verified",
     "record_checksums",
     "remove_stale_temporaries",
     "sha256_file",
     "verify_file",
+    "write_tmp_and_rename",
+    "zip_intact",
 ]
 
 CHECKSUMS = "checksums.json"  # {"format", "files": {name: [sha256 of accepted versions]}}
 CHECKSUMS_FORMAT = "easier.checksums/1"
 _TMP_SUFFIX = ".tmp"
 _KEEP = 3  # digests kept per file: the newest, and those a crash mid-write may leave on disk
+_OWN_TMP = re.compile(r"^\..+\.[0-9]+-[0-9a-f]+\.tmp$")  # the form _write_tmp's names have
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+LOCKS: dict[str, list[int]] = {}
+"""realpath of a directory -> [fd, depth]: the run directories this process holds flocked
+(:func:`easier.io.rundir.lock_run_dir`); checksum updates there need no second lock, and no
+write below one goes through a symbolic link."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,7 +81,7 @@ def sha256_file(path: Path) -> str:
 def _dir_locked(d: Path) -> Iterator[None]:
     """Serialise read-modify-write of ``d``'s checksums.json between processes (flock on the
     directory itself, so no extra file)."""
-    if fcntl is None:  # pragma: no cover
+    if fcntl is None or os.path.realpath(d) in LOCKS:  # held already: this process writes it
         yield
         return
     fd = os.open(d, os.O_RDONLY)
@@ -107,7 +122,7 @@ def record_checksums(d: Path, digests: dict[str, list[str]]) -> None:
         doc = {"format": CHECKSUMS_FORMAT, "algorithm": "sha256",
                "files": dict(sorted(files.items()))}
         text = json.dumps(doc, indent=1) + "\n"
-        _write_tmp_and_rename(d / CHECKSUMS, lambda f: f.write(text.encode()))
+        write_tmp_and_rename(d / CHECKSUMS, lambda f: f.write(text.encode()))
 
 
 def backup_advice(path: Path) -> str:
@@ -145,6 +160,13 @@ def verify_file(path: str | Path, data: bytes | None = None) -> bool:
     if not accepted:
         return False
     got = hashlib.sha256(data).hexdigest() if data is not None else sha256_file(path)
+    if got not in accepted and zip_intact(path, data):
+        raise StateError(
+            f"{path} does not match the sha256 recorded in {path.parent / CHECKSUMS} "
+            f"({got[:16]}... vs {accepted[0][:16]}...), yet every CRC inside the file checks "
+            f"out: {CHECKSUMS} is more likely damaged or edited than the file. Nothing was "
+            f"loaded and nothing was removed; if you trust the file, delete {CHECKSUMS} to load "
+            "the run unverified (it is written again on the next save)")
     if got not in accepted:
         raise StateError(
             f"{path} is corrupt or truncated: its sha256 ({got[:16]}...) differs from the one "
@@ -156,8 +178,23 @@ def verify_file(path: str | Path, data: bytes | None = None) -> bool:
     return True
 
 
+def zip_intact(path: Path, data: bytes | None = None) -> bool:
+    """True when ``path`` (or ``data``) is a zip archive (torch.save's format) whose every
+    member matches its own CRC-32: the file is whole, whatever checksums.json says."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data) if data is not None else path) as z:
+            return z.testzip() is None and bool(z.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):
+        return False
+
+
 def read_verified(path: Path) -> bytes:
-    """The bytes of ``path``, checked against its recorded sha256 (StateError if changed)."""
+    """The bytes of ``path``, checked against its recorded sha256 (StateError if changed).
+
+    Only a regular file is read: a planted link to ``/dev/zero`` or a FIFO would never end."""
+    if path.exists() and not path.is_file():
+        raise StateError(f"{path} is not a regular file (a device, FIFO or directory, or a link "
+                         "to one): easier wrote a file there, so it was not read")
     data = path.read_bytes()
     verify_file(path, data)
     return data
@@ -203,14 +240,36 @@ def _named(exc: OSError, path: Path) -> OSError:
     return exc
 
 
+def check_no_links(path: Path) -> None:
+    """Refuse to write ``path`` when a directory between it and the run directory this
+    process holds (:data:`LOCKS`) is a symbolic link: a planted ``iterations -> /elsewhere``
+    would send the run's files out of it. Paths outside every held directory are not checked."""
+    p, links = Path(os.path.abspath(path.parent)), []
+    while True:
+        if os.path.realpath(p) in LOCKS:
+            if links:
+                raise StateError(
+                    f"{links[-1]} is a symbolic link inside the run directory {p}, which easier "
+                    "did not make: it writes only into the run directory itself, so nothing was "
+                    "written. Remove the link (or copy the run without it) and rerun")
+            return
+        if p.is_symlink():
+            links.append(p)
+        if p.parent == p:
+            return
+        p = p.parent
+
+
 def _write_tmp(path: Path, write: Callable[[BinaryIO], Any]) -> Path:
     """Write a complete, fsynced temporary beside ``path`` (mode 0666 minus the umask).
 
     An OSError of the write (a full disk, EIO) is raised as that OSError naming ``path``,
     whatever the writer turned it into; the temporary is removed."""
+    check_no_links(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{_TMP_SUFFIX}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW
+                 | getattr(os, "O_CLOEXEC", 0), 0o666)
     rec = None
     try:
         with os.fdopen(fd, "wb") as f:
@@ -228,7 +287,7 @@ def _write_tmp(path: Path, write: Callable[[BinaryIO], Any]) -> Path:
     return tmp
 
 
-def _write_tmp_and_rename(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+def write_tmp_and_rename(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     tmp = _write_tmp(path, write)
     try:
         os.replace(tmp, path)
@@ -274,15 +333,17 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 
 def remove_stale_temporaries(d: str | Path) -> list[Path]:
-    """Delete the ``.NAME.*.tmp`` files a killed writer left in ``d``; return them.
+    """Delete the ``.NAME.PID-XXXXXXXX.tmp`` files a killed writer left in ``d``; return them.
 
-    Only call it while holding ``d``'s lock (:func:`lock_run_dir`), when no writer is live.
+    Only names of exactly the form :func:`_write_tmp` makes, and only regular files (a link is
+    never followed nor removed): a user's own ``.notes.tmp`` is left alone. Only call it while
+    holding ``d``'s lock (:func:`lock_run_dir`), when no writer is live.
     """
     d = Path(d)
     gone = []
     if d.is_dir():
         for p in d.iterdir():
-            if p.name.startswith(".") and p.name.endswith(_TMP_SUFFIX) and p.is_file():
+            if _OWN_TMP.match(p.name) and stat.S_ISREG(p.lstat().st_mode):
                 p.unlink(missing_ok=True)
                 gone.append(p)
     return gone

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from easier.errors import ConfigError, StateError
+from easier.io.pickles import pickle_refusal
 from easier.io.records import MODEL_FORMAT, load_weights, rebuild, verify_file
 
 __all__ = ["load_checkpoint", "strip_prefix"]
@@ -68,13 +69,11 @@ def _torch_load(path: Path, data: bytes, allow_pickle: bool) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as exc:
+        refused = pickle_refusal(path, exc)
+        if refused is not None and not allow_pickle:  # a class or function: a pickle, not damage
+            raise StateError(f"{refused}; if you trust it (e.g. a whole model you saved), pass "
+                             "--allow-pickle, or save model.state_dict() instead") from exc
         text = _ANSI.sub("", str(exc))
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        if found and not allow_pickle:  # a class or function: a pickle, not damage
-            raise StateError(
-                f"{path} holds pickled Python objects such as {found.group(1)} (e.g. a whole "
-                "model, not only weights). Loading it runs code from the file: if you trust "
-                "it, pass --allow-pickle; or save model.state_dict() instead") from exc
         why = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
         raise _unreadable(path, pickle.UnpicklingError(why.group(1)) if why else exc) from exc
     except (ModuleNotFoundError, AttributeError) as exc:  # only when unpickling classes

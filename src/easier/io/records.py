@@ -29,6 +29,7 @@ from easier.io.atomic import (
     remove_stale_temporaries,
     verify_file,
 )
+from easier.io.pickles import pickle_refusal, why_unreadable
 from easier.io.rundir import ITERATIONS, LOCK_FILE, STATE_FORMAT, RunDir, lock_run_dir
 
 __all__ = [
@@ -142,7 +143,12 @@ def _read_record(path: Path, weights_only: bool = True) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
     except Exception as exc:
-        raise StateError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+        refused = pickle_refusal(path, exc)
+        if refused is not None:
+            raise StateError(f"{refused} (easier's model records hold tensors and plain data "
+                             "only; a model you saved yourself loads with weights_only=False, "
+                             "only if you trust it)") from exc
+        raise StateError(f"cannot read checkpoint {path}: {why_unreadable(exc)}") from exc
 
 
 # ---------------------------------------------------------------------------------------------

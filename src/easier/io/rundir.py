@@ -14,128 +14,30 @@ import io
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from easier.errors import ConfigError, EasierError, StateError
+from easier.errors import ConfigError, StateError
 from easier.io.atomic import (
-    _write_tmp_and_rename,
     atomic_write,
     atomic_write_text,
     backup_advice,
     read_checksums,
     read_verified,
     record_checksums,
-    remove_stale_temporaries,
     sha256_file,
+    write_tmp_and_rename,
 )
+from easier.io.lock import LOCK_FILE, lock_run_dir, lock_run_dir_ranks
+from easier.io.pickles import pickle_refusal, why_unreadable
 
-try:  # POSIX; elsewhere run directories are not locked
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
-
-__all__ = ["ITERATIONS", "LOCK_FILE", "STATE_FORMAT", "RunDir", "lock_run_dir",
-           "lock_run_dir_ranks"]
+__all__ = ["ITERATIONS", "LOCK_FILE", "STATE_FORMAT", "RunDir", "check_resume_environment",
+           "lock_run_dir", "lock_run_dir_ranks", "resume_environment"]
 
 STATE_FORMAT = "easier.io.records/1"
-LOCK_FILE = ".easier.lock"
-
-
-_HELD: dict[str, list[int]] = {}  # realpath -> [fd, depth]: the locks this process holds
-
-
-def _holder(path: Path) -> str:
-    with contextlib.suppress(OSError, ValueError):
-        pid = int(path.read_text().split()[0])
-        return f"PID {pid}"
-    return "an unknown process"
-
-
-@contextlib.contextmanager
-def lock_run_dir(path: str | Path) -> Iterator[Path]:
-    """Hold the writer lock of run directory ``path`` (created if needed) for the block.
-
-    The lock is ``fcntl.flock`` on ``path/.easier.lock``: the kernel releases it when the
-    process exits, however it dies, so no stale lock survives a SIGKILL. A second writer is
-    refused at once with a :class:`StateError` naming the holder's PID. Once locked, the
-    temporaries a killed writer left are removed. Re-entrant within one process.
-    """
-    d = Path(path)
-    created = not d.exists()
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):  # a file where the directory should be
-        raise ConfigError(f"{d} is not a directory (a file is in the way): choose another "
-                          "output directory (--out); nothing was written") from None
-    key = os.path.realpath(d)
-    if key in _HELD:
-        _HELD[key][1] += 1
-        try:
-            yield d
-        finally:
-            _HELD[key][1] -= 1
-        return
-    lock = d / LOCK_FILE
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
-    try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-                raise StateError(
-                    f"{d} is in use: another easier process ({_holder(lock)}) is writing this "
-                    "run directory. Wait for it to finish (or stop it), or choose another "
-                    "directory; nothing was written."
-                ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        remove_stale_temporaries(d)
-        _HELD[key] = [fd, 1]
-        try:
-            yield d
-        finally:
-            del _HELD[key]
-            if created:
-                _remove_if_unused(d)
-    finally:
-        os.close(fd)  # drops the flock
-
-
-def _remove_if_unused(d: Path) -> None:
-    """Remove a directory this lock created when nothing but the lock was written in it (the
-    command failed before writing): a failed command leaves no empty run directory behind."""
-    with contextlib.suppress(OSError):
-        if os.listdir(d) == [LOCK_FILE]:
-            (d / LOCK_FILE).unlink()  # still locked: no other writer is inside
-            d.rmdir()
-
-
-@contextlib.contextmanager
-def lock_run_dir_ranks(path: str | Path, info: Any) -> Iterator[None]:
-    """:func:`lock_run_dir` for a job of ``info.world_size`` ranks: rank 0 takes the lock and
-    every rank learns whether it got it, so a refusal stops the whole job at once."""
-    from easier.parallel.collectives import any_failed
-
-    with contextlib.ExitStack() as stack:
-        failure: EasierError | None = None
-        if info.is_main:
-            try:
-                stack.enter_context(lock_run_dir(path))
-            except EasierError as exc:
-                failure = exc
-        if info.enabled and any_failed(failure is not None, info) and failure is None:
-            raise StateError(f"rank 0 could not lock {path} (its log says why); stopping too")
-        if failure is not None:
-            raise failure
-        yield
-
-
 ITERATIONS = "iterations"  # the per-iteration models of a run that keeps them
 # written only once state.pt exists (the loop saves the state first): their presence without
 # state.pt means it was removed, not that the run was killed before its first iteration
@@ -253,8 +155,12 @@ class RunDir:
                 got = state.get("format") if isinstance(state, dict) else type(state).__name__
                 raise ValueError(f"format is {got!r}")
         except Exception as exc:
+            refused = pickle_refusal(self.state_path, exc)
+            if refused is not None:
+                raise StateError(f"{refused}; easier's state.pt holds tensors and plain data "
+                                 f"only.{backup_advice(self.state_path)}") from exc
             raise StateError(
-                f"{self.state_path} is corrupt or truncated ({type(exc).__name__}: {exc}); it was "
+                f"{self.state_path} is corrupt or truncated ({why_unreadable(exc)}); it was "
                 f"left untouched.{backup_advice(self.state_path)}"
             ) from exc
         return state
@@ -265,7 +171,7 @@ class RunDir:
         The backup is a hard link made before the rename, so at every instant state.pt exists
         and is complete. Both checksums are recorded before either name changes.
         """
-        state = {"format": STATE_FORMAT, **state}
+        state = {"format": STATE_FORMAT, **resume_environment(), **state}
         cur, prev = self.state_path, self.prev_state_path
 
         def before_rename(digest: str) -> None:
@@ -296,6 +202,37 @@ class RunDir:
                           "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
 
 
+def resume_environment() -> dict[str, int]:
+    """What a resumed run must match to repeat an uninterrupted one bit for bit: the thread
+    count (float sums round by it) and the number of ranks (each rank's batches and the
+    all-reduced sums follow it). Saved in every state.pt by :meth:`RunDir.write_state`."""
+    from easier.parallel import get_info
+
+    return {"threads": torch.get_num_threads(), "world_size": get_info().world_size}
+
+
+def check_resume_environment(saved: dict[str, Any], info: Any) -> list[str]:
+    """Warning lines for a resume whose thread count or number of ranks (``info.world_size``)
+    differs from the saved state's: the run continues, but its result can differ from an
+    uninterrupted run's, so the user is told how to reproduce it. States saved before a key
+    was recorded warn about nothing for it."""
+    lines = []
+    threads = torch.get_num_threads()
+    if saved.get("threads", threads) != threads:
+        lines.append(f"warning: saved with {saved['threads']} threads, resumed with {threads}: "
+                     "float sums round differently, so the result can differ from an "
+                     f"uninterrupted run (--threads {saved['threads']} reproduces it)")
+    ranks = int(getattr(info, "world_size", 1))
+    if saved.get("world_size", ranks) != ranks:
+        n = saved["world_size"]
+        how = (f"torchrun --nproc-per-node {n} reproduces it" if n > 1
+               else "run it without torchrun to reproduce it")
+        lines.append(f"warning: saved with {n} rank(s), resumed with {ranks}: each rank's "
+                     "batches and the summed statistics change, so the result can differ from "
+                     f"an uninterrupted run ({how})")
+    return lines
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Hard-link ``src`` as ``dst``; copy it (atomically) where the filesystem has no hard links
     (FAT, exFAT, some network and FUSE mounts refuse them with EPERM or ENOTSUP)."""
@@ -306,7 +243,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
                              errno.EMLINK, errno.ENOSYS):
             raise
         with open(src, "rb") as f:  # the checksum is already recorded (state.prev.pt's)
-            _write_tmp_and_rename(dst, lambda out: shutil.copyfileobj(f, out, 1 << 20))
+            write_tmp_and_rename(dst, lambda out: shutil.copyfileobj(f, out, 1 << 20))
 
 
 def _is_shape(shape: Any) -> bool:

@@ -55,12 +55,12 @@ def nonzero_params(model: nn.Module) -> int:
 
 def returned_nonzero(result: Any) -> int:
     """Non-zero params of the model handed back: the folded program when one was written."""
-    import torch
+    from easier.io.artifacts import load_folded  # every pickle inside read weights_only
 
     folded = result.out / "folded.pt2" if result.out is not None else None
     if "fold" in result.extras and folded is not None and folded.is_file():
         try:
-            return nonzero_params(torch.export.load(str(folded)).module())
+            return nonzero_params(load_folded(folded))
         except Exception:  # an unreadable program: count the kept model instead
             pass
     return nonzero_params(result.model)
