@@ -31,7 +31,7 @@ from easier.errors import ConfigError, NonFiniteError
 from easier.graph.capture import to_device
 from easier.graph.sites import find_sites
 from easier.io.artifacts import FoldOptions, fold_run
-from easier.io.rundir import RunDir, lock_run_dir_ranks
+from easier.io.rundir import RunDir, check_resume_environment, lock_run_dir_ranks
 from easier.methods import Method, create_method
 from easier.parallel import barrier, get_info
 from easier.pipeline.iteration import Run, iterate
@@ -229,15 +229,8 @@ def _resume(r: Run, saved: dict[str, Any]) -> RunState:
         state.teacher = load_teacher(r.rundir, r.base, r.device)
     r.say(f"resumed {r.rundir.path if r.rundir else ''} after iteration "
           f"{state.history[-1]['iteration']}")
-    for old, now, what, flag in (
-            (saved.get("threads", torch.get_num_threads()), torch.get_num_threads(),
-             "threads", "--threads"),
-            (saved.get("world_size", get_info().world_size), get_info().world_size,
-             "processes (torchrun ranks)", "--nproc_per_node")):
-        if old != now:
-            r.say(f"warning: saved with {old} {what}, resumed with {now}: float sums round "
-                  "differently, so the result can differ from an uninterrupted run "
-                  f"({flag} {old} reproduces it)")
+    for line in check_resume_environment(saved, get_info()):
+        r.say(line)
     return state
 
 
