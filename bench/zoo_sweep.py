@@ -96,27 +96,31 @@ def builders(zoos: list[str]) -> dict[str, Callable[[], tuple[nn.Module, Any]]]:
 def sweep_one(build: Callable[[], tuple[nn.Module, Any]]) -> str:
     """One result line: sites, chains merged, fold error and FLOPs, or the step that failed."""
     step = "build"
+    dense: Any = None
+    flag = ""
     try:
         torch.manual_seed(0)
         model, x = build()
         model.eval()
+        step = "measure"
+        dense = measure(model, x, latency=False)
+        flag = f"; {dense.flops_note}" if dense.flops_note else ""
         step = "find_sites"
         sites = [s.name for s in easier.find_sites(model, x)]
         step = "linearize"
         lin = easier.linearize(model, sites, example_input=x, fold_ready=True)
         step = "fold"
         folded = easier.fold(lin, x, "all")
-        step = "measure"
-        m = measure(lin, x, latency=False)
         plan = folded.fold_plan
         notes = f"; notes: {' | '.join(plan.notes)}" if plan.notes else ""
-        flag = f"; {m.flops_note}" if m.flops_note else ""
         return (f"ok: {len(sites)} sites, {len(plan.merged)}/{len(plan.chains)} chains merged, "
-                f"max |err| {plan.max_abs_error:.2g}, {m.flops_per_sample:.3g} FLOPs/sample"
-                f"{flag}{notes}")
+                f"max |err| {plan.max_abs_error:.2g}, dense {dense.flops_per_sample:.3g} "
+                f"FLOPs/sample{flag}{notes}")
     except Exception as exc:
         last = traceback.extract_tb(exc.__traceback__)[-1]
-        return (f"FAILED at {step}: {type(exc).__name__}: {str(exc)[:300]} "
+        done = f"dense {dense.flops_per_sample:.3g} FLOPs/sample{flag}; " if step != "measure" \
+            and step != "build" else ""
+        return (f"{done}FAILED at {step}: {type(exc).__name__}: {str(exc)[:300]} "
                 f"({last.filename.rsplit('/', 1)[-1]}:{last.lineno})")
 
 

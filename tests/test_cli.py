@@ -239,13 +239,14 @@ def test_compare_checks_every_method_name_before_running_any(tmp_path, capsys):
     assert "bogus" in one_line_error(capsys) and not out.exists()
 
 
-def test_device_defaults_to_auto():
+def test_device_defaults_to_auto(tmp_path):
     from easier.cli import build_parser
 
     p = build_parser()
     assert p.parse_args(["reduce"]).device == "auto"
     assert p.parse_args(["compare"]).device == "auto"
-    assert p.parse_args(["entropy", "model.pt"]).device == "auto"
+    (tmp_path / "model.pt").write_bytes(b"")  # the checkpoint must exist to be parsed
+    assert p.parse_args(["entropy", str(tmp_path / "model.pt")]).device == "auto"
 
 
 def test_model_too_small_for_the_images_suggests_image_size(tmp_path, capsys):

@@ -164,3 +164,14 @@ def test_with_outcome_is_idempotent_and_keeps_the_note_when_not_folded():
     assert NOT_FOLDED in with_outcome(base, "TABLE", "SUMMARY", None)
 
 
+
+
+def test_a_larger_budget_still_resumes_a_finished_run(finished_run):
+    from easier.cli.session import existing_run
+
+    cfg = json.loads((finished_run / "config.json").read_text())
+    same = {"max_removals": cfg["max_removals"], "max_iterations": cfg["max_iterations"],
+            "run_all": cfg["run_all"]}
+    assert existing_run(finished_run, True, True, same) is not None  # finished: nothing to do
+    assert existing_run(finished_run, True, True, dict(same, max_removals=2)) is None  # go on
+    assert existing_run(finished_run, True, True, dict(same, run_all=True)) is None

@@ -63,7 +63,9 @@ def cmd_reduce(args: argparse.Namespace) -> int:
 
     method = method_with_options(args.method, args.method_option)
     out = out_dir(args, args.model, args.data, args.method, f"s{args.seed}")
-    finished = existing_run(out, args.resume, fold=not args.no_fold)  # before loading anything
+    budget = {"max_removals": args.max_removals, "max_iterations": args.max_iterations,
+              "run_all": args.all}
+    finished = existing_run(out, args.resume, not args.no_fold, budget)  # before any loading
     if finished:
         print(finished)
         return 0

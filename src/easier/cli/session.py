@@ -219,13 +219,15 @@ def method_with_options(name: str, items: list[str]) -> Any:
     return create_method(name, **opts)
 
 
-def existing_run(out: Path, resume: bool, fold: bool = True) -> str | None:
+def existing_run(out: Path, resume: bool, fold: bool = True,
+                 budget: dict[str, Any] | None = None) -> str | None:
     """Check run directory ``out`` before anything is loaded.
 
     Raises StateError when it holds a run and ``resume`` is off; returns a message when
-    ``resume`` is on and the run is finished (summary.json says done and, with ``fold``,
-    folded.pt2 is there): there is nothing to continue. None: go on (a run killed while
-    folding resumes to fold).
+    ``resume`` is on and the run is finished (summary.json says done, with ``fold`` folded.pt2
+    is there, and ``budget`` — max_removals, max_iterations, run_all — equals the saved one):
+    there is nothing to continue. None: go on (a larger budget continues a run stopped by its
+    limit; a run killed while folding resumes to fold).
     """
     from easier.errors import StateError
     from easier.io.atomic import read_verified
@@ -244,8 +246,12 @@ def existing_run(out: Path, resume: bool, fold: bool = True) -> str | None:
         raise StateError(f"{out} already holds {what}; nothing was loaded or changed. Add "
                          "--resume to continue it, or pass --out NEW_DIR (or delete "
                          f"{out}) to start over")
-    if done and run.file("model.pt").is_file() and (not fold
-                                                     or run.file("folded.pt2").is_file()):
+    saved: dict[str, Any] = {}
+    with contextlib.suppress(Exception):
+        saved = run.read_config()
+    same = all(saved.get(k) == v for k, v in (budget or {}).items())
+    if done and same and run.file("model.pt").is_file() and (
+            not fold or run.file("folded.pt2").is_file()):
         return (f"{out} holds a finished run (stopped: {summary.get('stop_reason')}; "
                 f"{summary.get('iterations')} iteration(s), {len(summary.get('removed') or [])} "
                 f"unit(s) removed): nothing to resume, nothing was changed. Its results are in "
