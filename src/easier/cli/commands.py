@@ -11,8 +11,10 @@ from typing import Any
 from easier.cli.session import (
     build_base,
     device,
+    existing_run,
     join,
     locked,
+    method_with_options,
     out_dir,
     parse_options,
     say,
@@ -37,18 +39,37 @@ def end_of_run(result: Any, *, num_classes: int, dense_nonzero: int | None,
     if warning:
         lines.append(warning)
     lines.append(summary_line(o))
+    _report_outcome(result, outcome_table(o), summary_line(o))
     return lines
+
+
+def _report_outcome(result: Any, table: str, summary: str) -> None:
+    """Rewrite the run's report.md with what it returned (the fold included)."""
+    from easier.io.atomic import atomic_write_text
+    from easier.parallel import is_main
+    from easier.report.files import with_outcome
+
+    path = result.out / "report.md" if result.out is not None else None
+    if path is None or not path.is_file() or not is_main():
+        return
+    atomic_write_text(path, with_outcome(path.read_text(), table, summary,
+                                         result.extras.get("fold")))
 
 
 def cmd_reduce(args: argparse.Namespace) -> int:
     from easier.io.artifacts import FoldOptions
-    from easier.methods import create_method
     from easier.parallel import is_main
     from easier.pipeline.reduce import reduce
     from easier.report.outcome import nonzero_params
 
-    method = create_method(args.method, **parse_options(args.method_option))
+    method = method_with_options(args.method, args.method_option)
     out = out_dir(args, args.model, args.data, args.method, f"s{args.seed}")
+    budget = {"max_removals": args.max_removals, "max_iterations": args.max_iterations,
+              "run_all": args.all}
+    finished = existing_run(out, args.resume, not args.no_fold, budget)  # before any loading
+    if finished:
+        print(finished)
+        return 0
     info = join(args)
     with locked(out, info):
         env = setup(args, info)
@@ -75,20 +96,21 @@ def cmd_reduce(args: argparse.Namespace) -> int:
 
 def compare_methods(args: argparse.Namespace) -> tuple[list[str], dict[str, dict[str, Any]]]:
     """Method names and options, every one checked before anything runs."""
-    from easier.methods import create_method
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise ConfigError("--methods: give at least one method name (easier methods)")
     opts: dict[str, dict[str, Any]] = {}
+    items: dict[str, list[str]] = {}
     for item in args.method_option:
         name, sep, rest = item.partition(":")
         if not sep or name not in methods:
             raise ConfigError(f"--method-option {item!r}: expected METHOD:KEY=VALUE with METHOD "
                               f"one of {methods}")
         opts.setdefault(name, {}).update(parse_options([rest]))
+        items.setdefault(name, []).append(rest)
     for name in methods:  # an unknown name or option fails now, not after the first run
-        create_method(name, **opts.get(name, {}))
+        method_with_options(name, items.get(name, []))
     return methods, opts
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from easier.cli import commands
@@ -65,11 +67,20 @@ CHECKPOINT_HELP = ("an easier model.pt, a plain state_dict of --model, or (with 
 def model_args(p: argparse.ArgumentParser, *, model_default: str | None) -> None:
     """--model, --width, --checkpoint forms shared by reduce, compare and entropy."""
     p.add_argument("--model", default=model_default, help=MODEL_HELP)
-    p.add_argument("--width", type=POS_FLOAT, default=0.25,
-                   help="channel width multiplier")
+    p.add_argument("--width", type=POS_FLOAT, default=None,
+                   help="channel width multiplier (default: 0.25 for easier's own models; "
+                        "your module:callable gets it only when given; torchvision:/timm: "
+                        "models have none)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="let a checkpoint be a whole pickled model (runs code from the file: "
                         "only for files you trust)")
+
+
+def existing_path(text: str) -> str:
+    """An argparse type: a file or directory that exists."""
+    if not Path(text).expanduser().exists():
+        raise argparse.ArgumentTypeError(f"{text!r} does not exist")
+    return text
 
 
 def input_keys(text: str) -> str | list[str]:
@@ -121,7 +132,7 @@ def run_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--max-steps", type=POS_INT, default=None,
                    help="cap optimizer steps per fine-tune")
     recovery_args(r)
-    r.add_argument("--checkpoint", default=None,
+    r.add_argument("--checkpoint", type=existing_path, default=None,
                    help=f"start from these trained weights: {CHECKPOINT_HELP}")
     r.add_argument("--entropy-batches", type=POS_INT, default=None,
                    help="measure entropy on at most this many batches (default: all)")
@@ -201,13 +212,24 @@ class Parser(argparse.ArgumentParser):
         ns, extra = self.parse_known_args(args, namespace)
         if extra:
             owner = self.commands.get(getattr(ns, "command", None) or "", self)
-            owner.error(f"unrecognized arguments: {' '.join(extra)}")
+            owner.error(f"unrecognized arguments: {' '.join(extra)}{suggest(owner, extra)}")
         return ns
 
     def error(self, message: str) -> Any:  # type: ignore[override]
         where = "" if self.prog == "easier" else f"{self.prog}: "
         print(f"easier: error: {where}{message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def suggest(parser: argparse.ArgumentParser, extra: list[str]) -> str:
+    """``; did you mean --delta?`` for the first unknown option that is close to a real one."""
+    flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    for word in extra:
+        if word.startswith("--"):
+            near = difflib.get_close_matches(word.partition("=")[0], flags, n=1, cutoff=0.6)
+            if near:
+                return f"; did you mean {near[0]}?"
+    return ""
 
 
 def debug_flag(p: argparse.ArgumentParser, default: Any) -> None:
@@ -263,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=commands.cmd_compare)
 
     e = add("entropy", help="print the site entropy table of a checkpoint")
-    e.add_argument("checkpoint", help=CHECKPOINT_HELP + " (a plain state_dict needs --model)")
+    e.add_argument("checkpoint", type=existing_path,
+                   help=CHECKPOINT_HELP + " (a plain state_dict needs --model)")
     model_args(e, model_default=None)
     data_args(e)
     e.add_argument("--seed", type=NONNEG_INT, default=0, help="seed of the data split")
@@ -281,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=commands.cmd_entropy)
 
     f = add("fold", help="fold a run's model into fewer layers and measure it")
-    f.add_argument("run_dir", help="the --out directory of an `easier reduce` run")
+    f.add_argument("run_dir", type=existing_path,
+                   help="the --out directory of an `easier reduce` run")
     f.add_argument("--plan", default="latency", choices=PLANS, help="what folding optimises")
     f.add_argument("--onnx", action="store_true", help="also export folded.onnx (needs onnx)")
     f.add_argument("--plan-batch", type=batch_sizes, default=None, metavar="B[,B…]",

@@ -13,7 +13,8 @@ from typing import Any
 from easier.cli.user import is_callable_spec
 from easier.errors import ConfigError
 
-__all__ = ["build_base", "device", "join", "locked", "out_dir", "parse_options",
+__all__ = ["OWN_WIDTH", "build_base", "built_name", "device", "effective_width",
+           "existing_run", "join", "locked", "method_with_options", "out_dir", "parse_options",
            "say", "setup"]
 
 
@@ -68,19 +69,33 @@ def locked(path: Path, info: Any) -> contextlib.AbstractContextManager[None]:
     return lock_run_dir_ranks(path, info)
 
 
+OWN_WIDTH = 0.25  # --width of easier's own models when none is given
+
+
+def effective_width(name: str, width: float | None) -> float | None:
+    """The width a model is built at: ``--width`` when given; else 0.25 for easier's own
+    models, 1.0 for torchvision:/timm: (they have no width) and nothing for the user's own
+    ``module:callable`` (its own default)."""
+    if width is not None or is_callable_spec(name):
+        return width
+    return 1.0 if ":" in name else OWN_WIDTH
+
+
 def build_base(name: str, *, num_classes: int, in_channels: int, image_size: int,
-               width: float) -> Any:
+               width: float | None) -> Any:
     """A fresh model: a registry name or the user's ``module:callable``. A model that needs
-    larger images says which ``--image-size`` to pass."""
+    larger images says which ``--image-size`` to pass. ``width`` None: see
+    :func:`effective_width`."""
     from easier import models
     from easier.cli.user import build_model
 
+    width = effective_width(name, width)
     if is_callable_spec(name):
         return build_model(name, num_classes=num_classes, in_channels=in_channels,
                            image_size=image_size, width=width)
     try:
         return models.create(name, num_classes=num_classes, in_channels=in_channels,
-                             width=width, image_size=image_size)
+                             width=1.0 if width is None else width, image_size=image_size)
     except ConfigError as exc:
         need = re.search(r"image_size >= (\d+)", str(exc))
         if need is None:
@@ -131,10 +146,11 @@ def setup(args: argparse.Namespace, info: Any) -> dict[str, Any]:
             model = loaded
         return model
 
-    make_model()  # a model that cannot be built fails here, before any training
+    built = make_model()  # a model that cannot be built fails here, before any training
+    width = effective_width(args.model, args.width)
     name = (f"the whole model in {args.checkpoint} ({whole[0]}; --model {args.model} is not "
-            "used)" if whole else f"{args.model} (width {args.width})")
-    config = {"model": args.model, "width": args.width, "data": args.data,
+            "used)" if whole else built_name(args.model, built, width))
+    config = {"model": args.model, "width": width, "data": args.data,
               "recipe": args.recipe, "checkpoint": args.checkpoint,
               "image_size": args.image_size}
     if is_callable_spec(args.model):  # what `easier fold` needs to rebuild the user's model
@@ -164,6 +180,84 @@ def setup(args: argparse.Namespace, info: Any) -> dict[str, Any]:
             f"delta {args.delta}, recipe {args.recipe}, device {dev}, "
             f"{torch.get_num_threads()} threads{ranks}")
     return {"splits": splits, "make_model": make_model, "kwargs": kwargs}
+
+
+def built_name(spec: str, model: Any, width: float | None) -> str:
+    """What the banner says was built: the spec, the class when it is not obvious from the spec,
+    the width only where it applied, and the parameter count."""
+    params = sum(p.numel() for p in model.parameters())
+    own = not is_callable_spec(spec) and ":" not in spec
+    parts = [f"width {width:g}"] if width is not None and (own or is_callable_spec(spec)) else []
+    if not own:
+        parts.insert(0, type(model).__name__)
+    parts.append(f"{params / 1e6:.3g}M params" if params >= 1e5 else f"{params} params")
+    return f"{spec} ({', '.join(parts)})"
+
+
+def method_with_options(name: str, items: list[str]) -> Any:
+    """The method ``name`` with ``--method-option`` KEY=VALUE items, every key checked against
+    the method's own options (the error lists them, with a suggestion for a near miss)."""
+    import difflib
+    import inspect
+
+    from easier.methods import create_method
+
+    opts = parse_options(items)
+    plain = create_method(name)  # an unknown method name fails here, listing the valid ones
+    params = {n: p for n, p in inspect.signature(type(plain).__init__).parameters.items()
+              if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    unknown = [k for k in opts if k not in params]
+    if unknown:
+        if not params:
+            raise ConfigError(f"--method-option {unknown[0]}: method {name!r} takes no options")
+        near = difflib.get_close_matches(unknown[0], list(params), n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        valid = ", ".join(f"{n}={p.default!r}" if p.default is not p.empty else n
+                          for n, p in params.items())
+        raise ConfigError(f"--method-option {unknown[0]}: method {name!r} has no option "
+                          f"{unknown[0]!r}{hint}; its options (with defaults): {valid}")
+    return create_method(name, **opts)
+
+
+def existing_run(out: Path, resume: bool, fold: bool = True,
+                 budget: dict[str, Any] | None = None) -> str | None:
+    """Check run directory ``out`` before anything is loaded.
+
+    Raises StateError when it holds a run and ``resume`` is off; returns a message when
+    ``resume`` is on and the run is finished (summary.json says done, with ``fold`` folded.pt2
+    is there, and ``budget`` — max_removals, max_iterations, run_all — equals the saved one):
+    there is nothing to continue. None: go on (a larger budget continues a run stopped by its
+    limit; a run killed while folding resumes to fold).
+    """
+    from easier.errors import StateError
+    from easier.io.atomic import read_verified
+    from easier.io.rundir import RunDir
+
+    run = RunDir(out)
+    if not run.exists():
+        return None
+    summary: dict[str, Any] = {}
+    with contextlib.suppress(Exception):  # unreadable: the library's own checks decide
+        summary = json.loads(read_verified(run.file("summary.json")).decode())
+    done = bool(summary.get("done"))
+    if not resume:
+        what = (f"a finished run (stopped: {summary.get('stop_reason')})" if done else
+                f"an unfinished run ({summary.get('iterations', 0)} iteration(s) saved)")
+        raise StateError(f"{out} already holds {what}; nothing was loaded or changed. Add "
+                         "--resume to continue it, or pass --out NEW_DIR (or delete "
+                         f"{out}) to start over")
+    saved: dict[str, Any] = {}
+    with contextlib.suppress(Exception):
+        saved = run.read_config()
+    same = all(saved.get(k) == v for k, v in (budget or {}).items())
+    if done and same and run.file("model.pt").is_file() and (
+            not fold or run.file("folded.pt2").is_file()):
+        return (f"{out} holds a finished run (stopped: {summary.get('stop_reason')}; "
+                f"{summary.get('iterations')} iteration(s), {len(summary.get('removed') or [])} "
+                f"unit(s) removed): nothing to resume, nothing was changed. Its results are in "
+                f"{out}/report.md; to fold it again with another plan: easier fold {out} "
+                "--plan PLAN")
+    return None
 
 
 def out_dir(args: argparse.Namespace, *parts: str) -> Path:

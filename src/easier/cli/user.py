@@ -143,10 +143,13 @@ def model_file(spec: str) -> str | None:
 
 
 def build_model(spec: str, *, num_classes: int, in_channels: int, image_size: int,
-                width: float) -> nn.Module:
-    """The user's model from ``module:callable`` (see the module docstring)."""
+                width: float | None) -> nn.Module:
+    """The user's model from ``module:callable`` (see the module docstring); ``width`` is
+    offered only when given (None: the callable's own default)."""
     offered = {"num_classes": num_classes, "in_channels": in_channels,
                "image_size": image_size, "width": width}
+    if width is None:
+        del offered["width"]
     model = _call(load_callable(spec, "--model"), offered, "--model", spec)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"--model {spec}: the callable returned a {type(model).__name__}, "

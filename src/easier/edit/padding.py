@@ -4,10 +4,12 @@ Once the activation between two convs is gone, ``conv(p1) -> [bn] -> conv(p2)`` 
 but its zero padding sits in the *middle*: a merged conv pads the *input*, so a naive merge is
 wrong on a ring at the borders. Moving all padding to the chain's first conv
 (``P = p1 + s1·p2 + s1·s2·p3 + ...``, the others 0) keeps every output size and changes the
-function only on that ring; done right when the activation is removed, the fine-tuning that
-follows adapts to it, and the fold becomes exact. The chain is read from a capture of the model
-(convs, BNs, identities/dropouts and the sites being removed, linked by single users); the new
-paddings are set on the user's eager conv modules and recorded with the edit.
+function only on that ring (the maps *inside* the chain grow; a chain whose growth changes a
+shape the model reads is left alone, :func:`shape_safe`); done right when the activation is
+removed, the fine-tuning that follows adapts to it, and the fold becomes exact. The chain is
+read from a capture of the model (convs, BNs, identities/dropouts and the sites being removed,
+linked by single users); the new paddings are set on the user's eager conv modules and
+recorded with the edit.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
-from easier.graph.capture import Capture, captured
+from easier.graph.capture import Capture, call_model, captured
 from easier.graph.sites import GraphSite
 
-__all__ = ["conv_paddings", "fold_ready", "int_padding", "relocate", "set_padding"]
+__all__ = ["conv_paddings", "fold_ready", "int_padding", "relocate", "set_padding", "shape_safe"]
 
 _CONV_OPS = {"conv1d", "conv2d", "conv3d"}
 _BN_OPS = {"batch_norm", "_native_batch_norm_legit_no_training"}
@@ -128,9 +132,61 @@ class _Links:
 
 
 def relocate(model: nn.Module, cap: Capture, removed: Sequence[GraphSite]) -> dict[str, list[int]]:
-    """New paddings {conv path: padding} for the conv chains the removed sites join."""
+    """New paddings {conv path: padding} for the conv chains the removed sites join.
+
+    A chain whose relocation changes a shape the model reads (it enlarges the maps inside the
+    chain; a model that reads their height/width, e.g. to cut patches, then fails or changes an
+    output shape) is left as it is: see :func:`shape_safe`.
+    """
     links = _Links(model, cap, removed)
-    return _relocate(model, links, [g.nodes[0] for g in removed])
+    return shape_safe(model, cap.example, _relocate(model, links, [g.nodes[0] for g in removed]))
+
+
+def _output_shapes(model: nn.Module, example_input: Any) -> list[tuple[int, ...]] | None:
+    """Shapes of every output tensor of one eval-mode run, or None when the run fails."""
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = call_model(model, example_input)
+    except Exception:
+        return None
+    finally:
+        for m, t in flags.items():
+            m.training = t
+    return [tuple(t.shape) for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def shape_safe(model: nn.Module, example_input: Any,
+               chains: Sequence[dict[str, list[int]]]) -> dict[str, list[int]]:
+    """The relocations of ``chains`` that leave the model running with the same output shapes.
+
+    Relocation keeps each chain's output size but enlarges the maps inside it; a model that
+    reads those maps' shapes (a reshape into patches, an interpolation to their size) breaks
+    or changes. Each chain is tried on ``model`` (paddings restored after): all at once first,
+    then, if that fails, one by one; those that fail are skipped.
+    """
+    chains = [c for c in chains if c]
+    if not chains:
+        return {}
+    want = _output_shapes(model, example_input)
+    if want is None:  # the model does not run on its own example: nothing to compare with
+        return {k: v for c in chains for k, v in c.items()}
+
+    def fits(padding: dict[str, list[int]]) -> bool:
+        old = {p: int_padding(model.get_submodule(p)) for p in padding}
+        conv_paddings(model, padding)
+        try:
+            return _output_shapes(model, example_input) == want
+        finally:
+            conv_paddings(model, old)  # type: ignore[arg-type]
+
+    merged = {k: v for c in chains for k, v in c.items()}
+    if fits(merged):
+        return merged
+    kept = [c for c in chains if fits(c)]
+    merged = {k: v for c in kept for k, v in c.items()}
+    return merged if fits(merged) else {}
 
 
 def fold_ready(model: nn.Module, example_input: Any) -> nn.Module:
@@ -144,14 +200,16 @@ def fold_ready(model: nn.Module, example_input: Any) -> nn.Module:
     new = copy.deepcopy(model)
     links = _Links(new, captured(new, example_input), [])
     starts = [n for n in links.nodes if links.kind(n) == "conv"]
-    padding = _relocate(new, links, starts)
+    padding = shape_safe(new, example_input, _relocate(new, links, starts))
     conv_paddings(new, padding)
     new.relocated_convs = sorted(padding)
     return new
 
 
-def _relocate(model: nn.Module, links: _Links, starts: Sequence[fx.Node]) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
+def _relocate(model: nn.Module, links: _Links, starts: Sequence[fx.Node]
+              ) -> list[dict[str, list[int]]]:
+    """New paddings per chain ({conv path: padding}, empty when nothing moves)."""
+    chains: list[dict[str, list[int]]] = []
     seen: set[fx.Node] = set()
     for start in starts:
         while (p := links.prev(start)) is not None:
@@ -172,8 +230,10 @@ def _relocate(model: nn.Module, links: _Links, starts: Sequence[fx.Node]) -> dic
             for ax, p in enumerate(int_padding(m)):  # type: ignore[arg-type]
                 total[ax] += stride[ax] * p
             stride = [a * b for a, b in zip(stride, m.stride, strict=True)]
+        out: dict[str, list[int]] = {}
         for i, (path, m) in enumerate(zip(convs, mods, strict=True)):
             want = list(total) if i == 0 else [0] * len(total)
             if list(int_padding(m)) != want:  # type: ignore[arg-type]
                 out[str(path)] = want
-    return out
+        chains.append(out)
+    return chains

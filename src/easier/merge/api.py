@@ -17,10 +17,8 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils import _pytree as pytree
 
 from easier.errors import ConfigError, FoldError
-from easier.graph.capture import call_model
 from easier.merge.algebra import apply_merges, merge_chain
 from easier.merge.build import build_folded
 from easier.merge.chains import Chain, chain_is_exact, find_chains
@@ -35,6 +33,7 @@ from easier.merge.plan import (
     register_mode,
 )
 from easier.merge.record import ChainDecision, FoldPlan
+from easier.merge.verify import explain_float64, judge_outputs, random_like
 
 __all__ = [
     "MODES",
@@ -59,26 +58,12 @@ __all__ = [
 ]
 
 
-def _flatten(out: Any) -> list[torch.Tensor]:
-    """Every tensor of a model output (tensors, tuples, dicts, Hugging Face ModelOutputs)."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):  # ModelOutput is a dict subclass
-        return [t for k in sorted(out, key=str) for t in _flatten(out[k])]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _flatten(o)]
-    return []
-
-
-def _random_like(example_input: Any) -> Any:
-    """A same-shaped random input, or None when an input is not a floating tensor."""
-    gen = torch.Generator().manual_seed(0)
-    leaves, spec = pytree.tree_flatten(example_input)
-    if not leaves or not all(isinstance(a, torch.Tensor) and a.is_floating_point()
-                             for a in leaves):
-        return None
-    out = [torch.randn(a.shape, generator=gen, dtype=a.dtype).to(a.device) for a in leaves]
-    return pytree.tree_unflatten(out, spec)
+def _inputs(example_input: Any) -> list[tuple[str, Any]]:
+    inputs = [("example", example_input)]
+    rand = random_like(example_input)
+    if rand is not None:
+        inputs.append(("random", rand))
+    return inputs
 
 
 def verify_fold(
@@ -91,43 +76,15 @@ def verify_fold(
 ) -> float:
     """Max abs output difference of two models on ``example_input`` and a random input.
 
-    Both run in eval mode (on copies of their training flags, restored after). Raises FoldError
-    when any output differs beyond ``rtol``/``atol`` (``torch.allclose`` semantics).
+    Both run in eval mode (their training flags restored after). Raises FoldError when an
+    output differs by more than ``atol + rtol * max|output|`` (rule 1 of
+    :mod:`easier.merge.verify`; :func:`fold` also re-checks a failing float32 fold in float64).
     """
-    inputs = [("example", example_input)]
-    rand = _random_like(example_input)
-    if rand is not None:
-        inputs.append(("random", rand))
-    flags = {m: m.training for mod in (reference, folded) for m in mod.modules()}
-    worst = 0.0
-    try:
-        reference.eval()
-        folded.eval()
-        for label, args in inputs:
-            with torch.no_grad():
-                want = _flatten(call_model(reference, args))
-                got = _flatten(call_model(folded, args))
-            if len(want) != len(got) or any(
-                a.shape != b.shape for a, b in zip(want, got, strict=False)
-            ):
-                raise FoldError(
-                    f"fold changed the output structure or shapes on the {label} "
-                    "input; please report this model."
-                )
-            for a, b in zip(want, got, strict=True):
-                err = float((a - b).abs().max()) if a.numel() else 0.0
-                worst = max(worst, err)
-                if not torch.allclose(a, b, rtol=rtol, atol=atol):
-                    raise FoldError(
-                        f"folded model differs from the original by max |err| = {err:.3g} on "
-                        f"the {label} input (rtol={rtol}, atol={atol}). A merged chain was not "
-                        "exact: relocate its padding (fold_ready / linearize(fold_ready=True)) "
-                        "before fine-tuning, or fold with plan='none' (BN folding only)."
-                    )
-    finally:
-        for m, t in flags.items():
-            m.training = t
-    return worst
+    v = judge_outputs(reference, folded, _inputs(example_input), rtol, atol)
+    if not v.ok:
+        raise FoldError(f"folded model differs from the original: {v} (allowed: atol {atol} + "
+                        f"rtol {rtol} x output magnitude).")
+    return v.err
 
 
 def fold(
@@ -149,8 +106,10 @@ def fold(
     merged only if no named size gets slower; ``latency`` (a :class:`LatencyConfig`) tunes the
     timing. BN folding is done in every mode. ``model`` is not modified. With
     ``verify``, the result is compared with the original on ``example_input`` and on a random
-    input of the same shape; FoldError is raised beyond ``rtol``/``atol``, and the max error is
-    recorded as ``result.fold_plan.max_abs_error``.
+    input of the same shape, by the rule of :mod:`easier.merge.verify` (tolerance scaled by the
+    output's magnitude; a float32 miss is re-checked in float64, so only a fold that is wrong
+    in float64 raises FoldError); the max error is recorded as
+    ``result.fold_plan.max_abs_error``.
 
     The result is an inference graph: BN folded, identities and dropouts removed.
     """
@@ -165,6 +124,17 @@ def fold(
     gm.eval()
     if verify:
         reference = copy.deepcopy(model)
-        fold_plan.max_abs_error = verify_fold(reference, gm, example_input, rtol=rtol, atol=atol)
+        v = judge_outputs(reference, gm, _inputs(example_input), rtol, atol)
+        if not v.ok and not _is_float64(reference):
+            _, note = explain_float64(model, example_input, fold_plan, build_folded, v,
+                                      rtol, atol)
+            fold_plan.notes.append(note)
+        elif not v.ok:
+            explain_float64(reference, example_input, fold_plan, build_folded, v, rtol, atol)
+        fold_plan.max_abs_error = v.err
     gm.fold_plan = fold_plan
     return gm
+
+
+def _is_float64(model: nn.Module) -> bool:
+    return any(p.dtype == torch.float64 for p in model.parameters())

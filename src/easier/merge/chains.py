@@ -144,6 +144,32 @@ def _residual_problem(gm: fx.GraphModule, chain: Chain, other: fx.Node) -> str:
     return ""
 
 
+def why_unchained(gm: fx.GraphModule, chains: Sequence[Chain]) -> str | None:
+    """What the layers outside every chain feed into (None when there are no such layers).
+
+    A layer merges only into a layer that is its only user; a network whose layers all feed a
+    concatenation, a pooling or several branches (squeezenet's fire modules) has nothing to merge.
+    """
+    counts = call_counts(gm)
+    inside = {n for c in chains for n in c.nodes}
+    feeds: Counter[str] = Counter()
+    for n in gm.graph.nodes:
+        if n in inside or _layer_kind(gm, n, counts) is None:
+            continue
+        users = list(n.users)
+        if len(users) != 1:
+            feeds[f"{len(users)} branches"] += 1
+        elif users[0].op == "call_module":
+            feeds[type(gm.get_submodule(str(users[0].target))).__name__] += 1
+        else:
+            feeds[getattr(users[0].target, "__name__", str(users[0].target))] += 1
+    if not feeds:
+        return None
+    what = ", ".join(f"{k} ({v})" for k, v in feeds.most_common())
+    return (f"{sum(feeds.values())} layer(s) are in no chain: a layer merges only into a layer "
+            f"that is its only user, and these feed {what}")
+
+
 def find_chains(gm: fx.GraphModule) -> list[Chain]:
     """Candidate chains of a prepared graph, in graph order: two or more layers, or a residual.
 

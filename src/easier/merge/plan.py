@@ -40,7 +40,13 @@ from easier.merge.candidates import (
     layer_flops,
     make_candidate,
 )
-from easier.merge.chains import PADDING_REASON, Chain, chain_is_exact, find_chains
+from easier.merge.chains import (
+    PADDING_REASON,
+    Chain,
+    chain_is_exact,
+    find_chains,
+    why_unchained,
+)
 from easier.merge.graph import node_shape, prepare
 from easier.merge.latency import LatencyConfig, TimingJob, judge
 from easier.merge.record import ChainDecision, FoldPlan
@@ -210,7 +216,12 @@ def plan_fold(
     gm, bn_folded = prepare(model, example_input)
     plan = FoldPlan(mode=mode, bn_folded=bn_folded, num_threads=torch.get_num_threads())
     decided: dict[str, ChainDecision] = {} if memo is None else memo
-    for chain in find_chains(gm):
+    chains = find_chains(gm)
+    if not any(len(c.nodes) > 1 for c in chains):
+        why = why_unchained(gm, chains)
+        if why:
+            plan.notes.append(f"nothing to merge: {why}")
+    for chain in chains:
         sig = chain_signature(gm, chain)
         if sig in decided and chain_is_exact(gm, chain):
             d = _undecided(gm, chain)

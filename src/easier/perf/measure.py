@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from easier.errors import ConfigError, NoSitesError, TraceError
 from easier.graph.capture import call_model, captured
@@ -73,6 +74,7 @@ class Measurement:
     activations: int | None
     num_threads: int
     latency: tuple[Latency, ...] = field(default_factory=tuple)
+    flops_note: str | None = None  # set when FLOPs were counted by the fallback
 
     def latency_ms(self, batch_size: int) -> float | None:
         """Median latency at ``batch_size`` (None when not measured)."""
@@ -156,9 +158,10 @@ def measure(
     flags = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            call_model(model, example_input)
-        flops = int(counter.get_total_flops())
+        flops, flops_note = count_flops(model, example_input)
+        if flops_note:
+            warnings.warn(f"FLOPs of {type(model).__name__}: {flops_note}", EasierWarning,
+                          stacklevel=2)
         lats = []
         if latency:
             for b in batch_sizes:
@@ -189,7 +192,47 @@ def measure(
         activations=_activations(model, example_input),
         num_threads=torch.get_num_threads(),
         latency=tuple(lats),
+        flops_note=flops_note,
     )
+
+
+class _PlainFlopCounter(TorchDispatchMode):
+    """FLOPs of every aten op with a formula in torch's ``flop_registry``, without the module
+    tracker of FlopCounterMode (whose backward hooks fail on some models under ``no_grad``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+                           ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.total += int(count(*args, **kwargs, out_val=out))
+        return out
+
+
+def count_flops(model: nn.Module, example_input: Any) -> tuple[int, str | None]:
+    """FLOPs of one no-grad call of ``model``, and a note when the count needed the fallback.
+
+    FlopCounterMode registers gradient hooks on module inputs; a model that hands a view of a
+    parameter made under ``no_grad`` to a submodule (Hugging Face Mamba) makes it fail with
+    "Expected gradient function to be set". The fallback counts the same aten formulas without
+    module tracking, so the total is the same.
+    """
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            call_model(model, example_input)
+        return int(counter.get_total_flops()), None
+    except Exception as exc:  # retried without the module tracker; a real failure raises below
+        first = f"{type(exc).__name__}: {exc}"
+    plain = _PlainFlopCounter()
+    with torch.no_grad(), plain:
+        call_model(model, example_input)
+    return plain.total, (f"counted without torch's module tracker (FlopCounterMode failed: "
+                         f"{first})")
 
 
 def measure_pair(

@@ -27,7 +27,9 @@ def cost_of(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
     from easier.perf.measure import measure
 
     m = measure(model, example, latency=False)
-    return {"params": m.params, "flops": m.flops, "depth": m.depth, "activations": m.activations}
+    # "flops" is at the example's batch (kept: older runs and ratios read it); per sample too
+    return {"params": m.params, "flops": m.flops, "flops_per_sample": m.flops_per_sample,
+            "depth": m.depth, "activations": m.activations}
 
 
 def limit_reason(stop: StopRule, k: int, n_removed: int, remaining: list[str],

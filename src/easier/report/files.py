@@ -8,8 +8,8 @@ from typing import Any
 
 from easier.io.records import RunDir, atomic_write_bytes, atomic_write_text
 
-__all__ = ["history_csv", "history_figure", "history_table", "plot_history", "png_bytes",
-           "pyplot", "write_reports"]
+__all__ = ["NOT_FOLDED", "history_csv", "history_figure", "history_table", "plot_history",
+           "png_bytes", "pyplot", "with_outcome", "write_reports"]
 
 PHASES = ("step", "finetune", "eval")  # the loop's per-iteration wall-time phases
 
@@ -51,13 +51,15 @@ def history_csv(history: list[dict[str, Any]]) -> str:
     """CSV, one row per iteration: accuracies, costs, optimizer steps of the fine-tune, wall
     time per phase (``seconds_PHASE``;
     ``seconds`` is the total) and every measured site entropy (``H:SITE``, bits; empty where
-    the site was not measured that iteration)."""
+    the site was not measured that iteration). FLOPs are per input sample
+    (``flops_per_sample``, 2·MACs), the unit of every other table; a history written before
+    that was recorded leaves the column empty."""
     sites: list[str] = []
     for h in history:
         sites += [s for s in (h.get("entropy") or {}) if s not in sites]
     cols = ["iteration", "removed", "chosen", "train_loss", "train_acc", "val_loss", "val_acc",
-            "test_loss", "test_acc", "accepted", "params", "flops", "depth", "activations",
-            "finetune_steps", "seconds", *(f"seconds_{p}" for p in PHASES), "failed",
+            "test_loss", "test_acc", "accepted", "params", "flops_per_sample", "depth",
+            "activations", "finetune_steps", "seconds", *(f"seconds_{p}" for p in PHASES), "failed",
             *(f"H:{s}" for s in sites)]
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -66,6 +68,7 @@ def history_csv(history: list[dict[str, Any]]) -> str:
         row = dict(h)
         row["removed"] = len(h["removed"])
         row["chosen"] = " ".join(h["chosen"])
+        row.setdefault("flops_per_sample", None)
         secs = h.get("seconds")
         row["seconds"] = _total_seconds(h)
         if isinstance(secs, dict):
@@ -93,11 +96,37 @@ def report_markdown(history: list[dict[str, Any]], baseline: dict[str, Any],
         "",
         history_table(history, baseline),
         "",
-        "Accuracy is top-1 in %, H is the layer entropy of the chosen site(s) when measured. "
-        "Params and FLOPs do not change until the model is folded (`easier fold`).",
+        f"Accuracy is top-1 in %, H is the layer entropy of the chosen site(s) when measured. "
+        f"{NOT_FOLDED}",
         "",
     ]
     return "\n".join(lines)
+
+
+NOT_FOLDED = "Params and FLOPs do not change until the model is folded (`easier fold RUN_DIR`)."
+
+
+def with_outcome(report: str, table: str, summary: str, fold: dict[str, Any] | None) -> str:
+    """``report`` (from :func:`report_markdown`) with what the run returned: the dense vs
+    returned table, the summary line and, when the run folded, what the fold did."""
+    head = "## What the run returned"
+    section = [head, "", table, "", summary, ""]
+    if fold is not None:
+        plan = fold.get("plan") or {}
+        chains = plan.get("chains") or []
+        merged = sum(c.get("decision") == "merge" for c in chains)
+        err = plan.get("max_abs_error")
+        section += [
+            f"Folded (plan {plan.get('mode', '?')}): {merged} of {len(chains)} chain(s) merged, "
+            f"{len(plan.get('bn_folded') or [])} BN folded, max |error| of the folded model "
+            f"{'not verified' if err is None else format(err, '.3g')}; the returned model is "
+            "`folded.pt2` (per-chain decisions in `fold.md`).",
+            *(f"- note: {n}" for n in plan.get("notes") or []),
+            "",
+        ]
+    body = report.split(head)[0]
+    body = body.replace(NOT_FOLDED, "" if fold is not None else NOT_FOLDED).rstrip()
+    return body + "\n\n" + "\n".join(section)
 
 
 def pyplot() -> Any:

@@ -122,14 +122,15 @@ def _change(a: float | None, b: float | None, kind: str) -> str:
 
 def speed(unfolded: float, folded: float, band: tuple[float, float] | None = None,
           where: str = "") -> str:
-    """``1.25× faster`` or ``1.25× slower`` (never a factor below 1), then ``where``; with the
-    noise ``band`` of the ratio folded/unfolded, a change the timing cannot tell from noise
-    says so instead of being claimed."""
-    text = (f"{unfolded / folded:.2f}× faster" if folded <= unfolded else
-            f"{folded / unfolded:.2f}× slower") + where
+    """``1.25× faster`` or ``1.25× slower`` (never a factor below 1), then ``where``.
+
+    With the noise ``band`` of the ratio folded/unfolded, a band that holds 1 makes no claim:
+    ``no measurable difference`` and the band (a factor would contradict it)."""
     if band is not None and band[0] <= 1.0 <= band[1]:
-        text += f" (within the timing noise: folded/unfolded {band[0]:.2f}–{band[1]:.2f})"
-    return text
+        return (f"no measurable difference{where} (timing noise: folded/unfolded "
+                f"{band[0]:.2f}–{band[1]:.2f})")
+    return (f"{unfolded / folded:.2f}× faster" if folded <= unfolded else
+            f"{folded / unfolded:.2f}× slower") + where
 
 
 def outcome_table(o: Outcome) -> str:
