@@ -10,6 +10,8 @@ no-grad mode with only the BN layers in train mode fix that without touching any
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,7 +21,7 @@ from easier.entropy.estimate import batch_input, model_device
 from easier.graph.capture import call_model, to_device
 from easier.parallel.loaders import make_loader
 
-__all__ = ["reestimate_bn"]
+__all__ = ["reestimate_bn", "reestimate_bn_on"]
 
 
 @torch.no_grad()
@@ -32,23 +34,35 @@ def reestimate_bn(model: nn.Module, data: Dataset | DataLoader, *, batches: int 
     run in train mode (dropout stays off); weights are untouched; modes and momenta are
     restored. Returns the number of BN layers re-estimated (0: the model is unchanged).
     """
+    device = model_device(model)
+    loader = data if isinstance(data, DataLoader) else make_loader(data, batch_size,
+                                                                     shuffle=False)
+    inputs = (to_device(batch_input(b, input_key), device) for b in itertools.islice(loader,
+                                                                                      batches))
+    return reestimate_bn_on(model, inputs)
+
+
+@torch.no_grad()
+def reestimate_bn_on(model: nn.Module, inputs: Iterable[Any]) -> int:
+    """:func:`reestimate_bn` on model inputs already on the model's device.
+
+    For callers that re-estimate many times on the same batches (scoring candidates): the
+    batches are loaded and moved once. Returns the number of BN layers re-estimated.
+    """
     norms = [m for m in model.modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return 0
     modes = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in norms}
-    device = model_device(model)
     try:
         model.eval()
         for m in norms:
             m.reset_running_stats()
             m.momentum = None
             m.train()
-        loader = data if isinstance(data, DataLoader) else make_loader(data, batch_size,
-                                                                         shuffle=False)
-        for batch in itertools.islice(loader, batches):
-            call_model(model, to_device(batch_input(batch, input_key), device))
+        for x in inputs:
+            call_model(model, x)
     finally:
         for m, was in modes.items():
             m.train(was)

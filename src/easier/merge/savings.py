@@ -107,11 +107,18 @@ class FoldSavings:
         """
         gm = _editable_copy(graph.gm)
         nodes = {n.name: n for n in gm.graph.nodes}
+        gone: dict[fx.Node, fx.Node] = {}  # erased site output -> what replaced it
         for name in sites:
             if name not in graph.sites:
                 raise ConfigError(f"unknown site {name!r}; sites: {sorted(graph.sites)}")
             src, dst = (nodes[n] for n in graph.sites[name])
+            while src in gone:  # an adjacent site's output, already bypassed
+                src = gone[src]
             dst.replace_all_uses_with(src)  # the activation's nodes are dead now; lift drops them
+            # erased here: an in-place relu_ is impure, so dead-code elimination would keep it
+            # (and its use of ``src`` would stop the chain from merging)
+            gm.graph.erase_node(dst)
+            gone[dst] = src
         gm.graph.eliminate_dead_code()
         gm, _ = prepare_graph(gm, graph.example, recompile=False)  # read, never called
         return sum(self._price(gm, chain).saving for chain in find_chains(gm))

@@ -8,6 +8,8 @@ from easier.methods import (  # noqa: F401  (registers the methods)
     lacoot,
     layer_folding,
     nepenthe,
+    probe,
+    taylor,
     tlc,
 )
 from easier.methods.base import (

@@ -27,6 +27,7 @@ from typing import Any
 from easier.errors import ConfigError
 from easier.merge.latency import LatencyConfig
 from easier.merge.savings import COSTS, FoldSavings
+from easier.methods._lib.pricing import fold_credits
 from easier.methods.base import Context, Method, Step, register_method
 
 
@@ -63,28 +64,8 @@ class EasierLatency(Method):
         A site's own saving, plus with ``lookahead`` half the synergy with an adjacent site:
         what removing both saves beyond what each saves alone (a merge that needs both).
         """
-        graph = self.savings.graph(ctx.model, self.example, ctx.kinds)
-        base = self.savings.saving(graph, [])
-        alone: dict[str, float] = {}
-
-        def single(s: str) -> float:
-            if s not in alone:
-                alone[s] = self.savings.saving(graph, [s]) - base
-            return alone[s]
-
-        gain = {s: single(s) for s in candidates}
-        if self.lookahead:
-            order = ctx.remaining
-            pairs: dict[frozenset[str], float] = {}  # a pair of candidates is priced once
-            for s in candidates:
-                i = order.index(s)
-                for t in order[max(0, i - 1): i] + order[i + 1: i + 2]:
-                    key = frozenset((s, t))
-                    if key not in pairs:
-                        pairs[key] = self.savings.saving(graph, [s, t]) - base
-                    synergy = pairs[key] - single(s) - single(t)
-                    gain[s] = max(gain[s], single(s) + synergy / 2)
-        return gain
+        return fold_credits(self.savings, ctx.model, self.example, ctx.kinds, ctx.remaining,
+                            candidates, self.lookahead)
 
     def step(self, ctx: Context) -> Step:
         report = ctx.entropy()
