@@ -249,7 +249,8 @@ def existing_run(out: Path, resume: bool, fold: bool = True,
     saved: dict[str, Any] = {}
     with contextlib.suppress(Exception):
         saved = run.read_config()
-    same = all(saved.get(k) == v for k, v in (budget or {}).items())
+    stop = saved.get("stop") if isinstance(saved.get("stop"), dict) else {}
+    same = all(stop.get(k) == v for k, v in (budget or {}).items())
     if done and same and run.file("model.pt").is_file() and (
             not fold or run.file("folded.pt2").is_file()):
         return (f"{out} holds a finished run (stopped: {summary.get('stop_reason')}; "
