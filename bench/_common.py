@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmark scripts: machine header, markdown tables, side-by-side timing.
+"""Shared helpers of the benchmark scripts: machine header, markdown tables, paired timing.
 
 Every script prints :func:`header` first, returns its results as :class:`Table` objects (the raw
 numbers stay in the rows, so tests and ``run_all`` can check them) and appends them as markdown
@@ -11,8 +11,6 @@ import math
 import os
 import platform
 import re
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +21,15 @@ from torch import nn
 
 import easier
 from easier.methods import Context, Method, Step
+from easier.perf.timing import Comparison, compare_samples, paired_samples
 
 __all__ = [
     "Delegate",
     "Table",
     "add_common_args",
+    "band",
     "header",
-    "interleaved",
-    "median_iqr",
+    "paired",
     "ratio_cell",
     "write_out",
 ]
@@ -130,46 +129,24 @@ def add_common_args(ap: Any) -> None:
     ap.add_argument("--out", default=None, help="append the header and tables to this markdown")
 
 
-def median_iqr(times_s: Sequence[float]) -> tuple[float, float]:
-    """(median ms, interquartile range ms) of per-call times in seconds."""
-    ms = sorted(t * 1e3 for t in times_s)
-    if len(ms) < 2:
-        return ms[0], 0.0
-    q = statistics.quantiles(ms, n=4, method="inclusive")
-    return statistics.median(ms), q[2] - q[0]
+def paired(
+    fns: Sequence[Callable[[], Any]], *, rounds: int = 15, min_sample_s: float = 0.05
+) -> list[Comparison]:
+    """Each function against the first, timed in paired rounds (``easier.perf.timing``).
 
-
-def interleaved(
-    fns: Sequence[Callable[[], Any]], *, rounds: int = 7, min_sample_s: float = 0.05
-) -> list[tuple[float, float]]:
-    """(median ms, IQR ms) per call of each function, timed in interleaved rounds.
-
-    Each function first gets a warm-up call and a call count per sample such that one sample
-    lasts about ``min_sample_s``; then every round times one sample of each function, in an
-    order rotated by one each round so that no function always runs right after another.
-    Machine-load changes therefore hit all functions alike and their ratios stay honest even
-    when the absolute times drift. Runs under ``torch.inference_mode()``.
+    One implementation for the library and the benchmarks: every round times one block of
+    each function in an order rotated by one each round, so load changes hit all alike; the
+    per-round ratios give each ratio its noise band (:class:`~easier.perf.timing.Comparison`).
+    ``result[0]`` compares the first function with itself (ratio 1, its own spread).
     """
-    if rounds < 1 or min_sample_s <= 0:
-        raise ValueError(f"need rounds >= 1 and min_sample_s > 0, got {rounds}, {min_sample_s}")
-    times: list[list[float]] = [[] for _ in fns]
-    with torch.inference_mode():
-        numbers = []
-        for fn in fns:
-            t0 = time.perf_counter()
-            fn()  # warm-up: allocations, oneDNN primitive creation
-            once = time.perf_counter() - t0
-            numbers.append(max(1, math.ceil(min_sample_s / max(once, 1e-6))))
-        order = list(range(len(fns)))
-        for r in range(rounds):
-            shift = r % len(order)
-            for i in order[shift:] + order[:shift]:
-                fn, n = fns[i], numbers[i]
-                t0 = time.perf_counter()
-                for _ in range(n):
-                    fn()
-                times[i].append((time.perf_counter() - t0) / n)
-    return [median_iqr(t) for t in times]
+    samples = paired_samples(fns, rounds=rounds, min_run_time=min_sample_s * rounds)
+    return [compare_samples(samples[0], s) for s in samples]
+
+
+def band(c: Comparison, *, inverse: bool = False, digits: int = 2) -> str:
+    """The noise band of a ratio as ``lo..hi`` (of its inverse, e.g. a speed-up, if asked)."""
+    lo, hi = (1 / c.ratio_hi, 1 / c.ratio_lo) if inverse else (c.ratio_lo, c.ratio_hi)
+    return f"{lo:.{digits}f}..{hi:.{digits}f}"
 
 
 def ratio_cell(num: float | None, den: float | None) -> float | None:

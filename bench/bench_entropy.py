@@ -3,9 +3,12 @@
     python bench/bench_entropy.py                 # resnet18, mobilenet_v2, swin_t at batch 128
     python bench/bench_entropy.py --quick         # tiny widths, a few seconds
 
-Time: both passes run in eval mode under torch.no_grad() on the same input tensor; they are
-interleaved (plain, hooked, plain, hooked, ...) and the medians are compared, so machine noise
-hits both alike. Target: <= 1.05x.
+Time: both passes run in eval mode on the same input tensor, in paired rounds with the order
+rotated each round (``easier.perf.timing``, one implementation with the library); the ratio is
+the median of the per-round ratios, printed with its noise band (the sign-test interval of that
+median: with 15 rounds it is the 4th..12th smallest ratio), so machine noise hits both alike
+and a difference inside the band is not a finding. Per batch (steady state; target <= 1.05x)
+and for a whole ``measure_entropy`` call over 8 batches, capture and instrumenting included.
 
 Memory: each pass also runs alone in a fresh Python process (one process per variant and repeat,
 plain and hooked alternating). The process builds the model and the input, runs a one-sample
@@ -29,9 +32,10 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 import torch
-from _common import Table, add_common_args, header, write_out
+from _common import Table, add_common_args, band, header, paired, write_out
 
 import easier
 from easier import models
@@ -40,45 +44,52 @@ MEM_FLAG = "--memory-child"
 
 
 def bench(
-    name: str, width: float, batch: int, repeats: int, batches: int, check_finite: bool = True
-) -> dict[str, float]:
-    """Per-batch cost of counting (steady state), the one-off setup, and a whole pass."""
+    name: str, width: float, batch: int, rounds: int, batches: int, check_finite: bool = True,
+    sample_s: float = 0.05,
+) -> dict[str, Any]:
+    """Per-batch cost of counting (steady state), the one-off setup, and a whole pass.
+
+    Both ratios come from paired rounds (``easier.perf.timing`` via ``_common.paired``): the
+    median of the per-round ratios and its noise band. The whole pass is ``measure_entropy``
+    from scratch (capture, instrumenting, counting ``batches`` batches) against ``batches``
+    plain forwards.
+    """
     from easier.entropy.estimate import EntropyPass
 
     torch.manual_seed(0)
     model = models.create(name, num_classes=10, width=width, image_size=32).eval()
     x = torch.randn(batch, 3, 32, 32)
     data = [x] * batches
-    plain, counted, whole_plain, whole, setup = [], [], [], [], []
+    setup = []
     with torch.no_grad():
         model(x)  # warm-up
-        easier.measure_entropy(model, [x])
-        for _ in range(repeats):
+        for i in range(3):  # the last one stays open for the per-batch timing
             t0 = time.perf_counter()
             counting = EntropyPass(model, x, check_finite=check_finite)
             setup.append(time.perf_counter() - t0)
-            counting.runner(x)  # warm the new graph
-            t0 = time.perf_counter()
-            model(x)
-            plain.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            counting.runner(x)
-            counted.append(time.perf_counter() - t0)
-            counting.close()
-            t0 = time.perf_counter()
+            if i < 2:
+                counting.close()
+
+        def plain_pass() -> None:
             for b in data:
                 model(b)
-            whole_plain.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            easier.measure_entropy(model, data, check_finite=check_finite)
-            whole.append(time.perf_counter() - t0)
-    med = statistics.median
+
+        try:
+            step = paired([lambda: model(x), lambda: counting.runner(x)], rounds=rounds,
+                          min_sample_s=sample_s)[1]
+        finally:
+            counting.close()
+        whole = paired([plain_pass,
+                        lambda: easier.measure_entropy(model, data, check_finite=check_finite)],
+                       rounds=rounds, min_sample_s=sample_s)[1]
     return {
-        "plain_s": med(plain),
-        "hooked_s": med(counted),
-        "ratio": med(counted) / med(plain),
-        "setup_s": med(setup),
-        "pass_ratio": med(whole) / med(whole_plain),
+        "plain_s": step.before_ms / 1e3,
+        "hooked_s": step.after_ms / 1e3,
+        "ratio": step.ratio,
+        "band": band(step, digits=3),
+        "setup_s": statistics.median(setup),
+        "pass_ratio": whole.ratio,
+        "pass_band": band(whole, digits=3),
         "sites": len(easier.find_sites(model)),
     }
 
@@ -187,7 +198,8 @@ def main(argv: list[str] | None = None) -> list[Table]:
     add_common_args(ap)
     ap.add_argument("--models", default="resnet18,mobilenet_v2,swin_t")
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=15,
+                    help="paired timing rounds (default 15; quick 3)")
     ap.add_argument(
         "--memory-repeats",
         type=int,
@@ -207,35 +219,39 @@ def main(argv: list[str] | None = None) -> list[Table]:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    width, batch, repeats, batches = (
-        (0.125, 8, 2, 2) if args.quick else (1.0, args.batch, args.repeats, 8)
+    width, batch, rounds, batches = (
+        (0.125, 8, 3, 2) if args.quick else (1.0, args.batch, args.rounds, 8)
     )
+    sample_s = 0.005 if args.quick else 0.05
     mem_repeats = args.memory_repeats or (1 if args.quick else 3)
     check = not args.no_check_finite
     head = header(
         [batch],
         f"32x32, width {width}, eval + no_grad, {batches} batches per pass, "
-        f"medians of {repeats} interleaved repeats, check_finite={check}",
+        f"median per-round ratios of {rounds} paired rounds (rotated order), "
+        f"check_finite={check}",
     )
     print(head)
     time_table = Table(
         "Entropy pass: time overhead",
         ["model", "sites", "plain forward (s/batch)", "entropy pass (s/batch)", "ratio",
-         "setup (s)", f"whole pass of {batches} batches"],
+         "band", "setup (s)", f"whole pass of {batches} batches", "whole band"],
         formats={"plain forward (s/batch)": ".4f", "entropy pass (s/batch)": ".4f", "ratio": ".3f",
                  "setup (s)": ".3f", f"whole pass of {batches} batches": ".3f"},
         suffix={"ratio": "x", f"whole pass of {batches} batches": "x"},
         note="Per-batch time of the instrumented forward pass (streaming ON/OFF counters on every "
-        "site) over a plain forward pass, interleaved in one process (steady state, the "
+        "site) over a plain forward pass, paired rounds in one process (steady state, the "
         "target: <= 1.05x); the one-off setup (trace + instrument); and a whole "
-        f"measure_entropy call over {batches} batches vs {batches} plain forwards.",
+        f"measure_entropy call (capture included) over {batches} batches vs {batches} plain "
+        "forwards. Ratios are medians of per-round ratios; 'band' is the noise band of that "
+        "median.",
     )
     print("\n".join(time_table.header_lines()))
     names = args.models.split(",")
     for name in names:
-        r = bench(name, width, batch, repeats, batches, check)
-        row = time_table.add(name, r["sites"], r["plain_s"], r["hooked_s"], r["ratio"],
-                             r["setup_s"], r["pass_ratio"])
+        r = bench(name, width, batch, rounds, batches, check, sample_s)
+        row = time_table.add(name, r["sites"], r["plain_s"], r["hooked_s"], r["ratio"], r["band"],
+                             r["setup_s"], r["pass_ratio"], r["pass_band"])
         print(time_table.row_line(row), flush=True)
     tables = [time_table]
     if not args.no_memory:

@@ -3,8 +3,9 @@
     python bench/bench_entropy_floor.py --threads 1     # resnet18, mobilenet_v2, swin_t, batch 128
     python bench/bench_entropy_floor.py --quick         # tiny widths, seconds
 
-Side by side in one process, interleaved rounds (``_common.interleaved``), every figure as a
-share of one plain eager forward of the same batch:
+Side by side in one process, paired rounds in rotated order (``easier.perf.timing`` through
+``_common.paired``), every figure as a share of one plain eager forward of the same batch, with
+its noise band:
 
 * the instrumented pass (capture + counters) with the counters as they were before this change
   ("previous": one reduction over all non-channel axes and a per-channel sum for the finiteness
@@ -26,7 +27,7 @@ import types
 from typing import Any
 
 import torch
-from _common import Table, add_common_args, header, interleaved, write_out
+from _common import Table, add_common_args, band, header, paired, write_out
 
 from easier import models
 from easier.entropy import counters
@@ -99,11 +100,10 @@ def measure(name: str, width: float, batch: int, rounds: int) -> dict[str, Any]:
         "clamp": lambda: [z.clamp_(min=0) for _, z in zs],
         "bare": lambda: [(z > 0).sum(dim=(0, *range(2, z.ndim))) for z in layouts],
     }
-    times = interleaved(list(fns.values()), rounds=rounds, min_sample_s=0.05)
-    base = times[0][0]
-    out: dict[str, Any] = {"sites": len(zs), "plain_ms": base}
-    for key, (med, iqr) in zip(fns, times, strict=True):
-        out[key], out[key + "_iqr"] = med / base, iqr / base
+    comps = paired(list(fns.values()), rounds=rounds, min_sample_s=0.05)
+    out: dict[str, Any] = {"sites": len(zs), "plain_ms": comps[0].before_ms}
+    for key, c in zip(fns, comps, strict=True):
+        out[key], out[key + "_band"] = c.ratio, band(c, digits=3)
     return out
 
 
@@ -112,21 +112,23 @@ def main(argv: list[str] | None = None) -> list[Table]:
     add_common_args(ap)
     ap.add_argument("--models", default="resnet18,mobilenet_v2,swin_t")
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=15)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     width, batch, rounds = (0.125, 8, 2) if args.quick else (1.0, args.batch, args.rounds)
     load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
-    head = header([batch], f"32x32, width {width}, eval + no_grad, medians of {rounds} "
-                           f"interleaved rounds; load average at start {load}")
+    head = header([batch], f"32x32, width {width}, eval + no_grad, median per-round ratios "
+                           f"of {rounds} paired rounds; load average at start {load}")
     print(head, flush=True)
-    cols = ["model", "sites", "plain (ms)", "capture", "pass, previous", "pass, now",
-            "counters, previous", "counters, now", "clamp_ floor", "bare (z>0).sum"]
+    shares = ["capture", "pass, previous", "pass, now", "counters, previous", "counters, now",
+              "clamp_ floor", "bare (z>0).sum"]
+    cols = ["model", "sites", "plain (ms)", *(c for s in shares for c in (s, f"{s} band"))]
     table = Table("Entropy pass: where the time goes", cols,
-                  formats={"plain (ms)": ".0f", **{c: ".3f" for c in cols[3:]}},
-                  note="Each figure is a share of one plain eager forward (median of "
-                       "interleaved rounds; IQR in the script's output). 'capture': the "
+                  formats={"plain (ms)": ".0f", **{c: ".3f" for c in shares}},
+                  note="Each figure is a share of one plain eager forward: the median of the "
+                       "per-round ratios of paired rounds (order rotated), with its noise band "
+                       "(sign-test interval of that median). 'capture': the "
                        "uninstrumented torch.export graph; 'pass': the instrumented one; "
                        "'counters': the counters alone on the stored pre-activations; "
                        "'clamp_ floor': one read + one write of every pre-activation; 'bare': "
@@ -134,10 +136,9 @@ def main(argv: list[str] | None = None) -> list[Table]:
     keys = ["capture", "pass_prev", "pass_now", "count_prev", "count_now", "clamp", "bare"]
     for name in args.models.split(","):
         r = measure(name, width, batch, rounds)
-        table.add(name, r["sites"], r["plain_ms"], *(r[k] for k in keys))
-        print(table.row_line(table.rows[-1]), "| IQR",
-              " ".join(f"{k}={r[k + '_iqr']:.3f}" for k in keys),
-              f"| load {os.getloadavg()[0]:.1f}", flush=True)
+        table.add(name, r["sites"], r["plain_ms"], *(v for k in keys for v in (r[k],
+                                                                                  r[k + "_band"])))
+        print(table.row_line(table.rows[-1]), f"| load {os.getloadavg()[0]:.1f}", flush=True)
     print(table.markdown())
     write_out(args.out, head, [table])
     return [table]

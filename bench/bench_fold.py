@@ -2,26 +2,26 @@
 
 Three variants per chain, all BN-folded: "orig" (the chain as built, zero padding between the
 layers), "relocated" (all padding moved to the first conv, the form fine-tuning sees after an
-activation removal; slightly more work) and "merged" (one layer). They are timed in alternating
-rounds, so their ratios hold even on a busy machine.
+activation removal; slightly more work) and "merged" (one layer). They are timed in paired rounds
+(``easier.perf.timing``), so their ratios hold even on a busy machine; each ratio is printed with
+its noise band.
 
     python bench/bench_fold.py            # batch 1 and 64
     python bench/bench_fold.py --quick    # batch 1 and 8, shorter timing
+    python bench/bench_fold.py --out f.md # also append the table to f.md
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 
 import torch
+from _common import Table, add_common_args, band, header, paired, write_out
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from easier.edit.padding import fold_ready
 from easier.merge import fold
-from easier.perf.measure import time_side_by_side
 
 
 def _bn(c: int) -> nn.BatchNorm2d:
@@ -68,32 +68,32 @@ def _flops(model: nn.Module, x: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="batch 1 and 8, shorter timing")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: as is)")
-    parser.add_argument("--min-run-time", type=float, default=None, help="seconds per variant")
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> Table:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(ap)
+    ap.add_argument("--min-run-time", type=float, default=None, help="seconds per variant")
+    ap.add_argument("--rounds", type=int, default=None, help="paired rounds (default 15)")
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = (1, 8) if args.quick else (1, 64)
     run_time = args.min_run_time or (0.3 if args.quick else 1.0)
+    rounds = args.rounds or (5 if args.quick else 15)
     torch.manual_seed(0)
-
-    print(
-        f"machine: {platform.platform()} | {platform.processor() or platform.machine()} | "
-        f"{os.cpu_count()} CPUs"
+    head = header(batches, f"{run_time:g} s per variant per batch size, {rounds} paired rounds "
+                           "(rotated order)")
+    print(head)
+    table = Table(
+        "Folding hand-built linear chains",
+        ["chain", "batch", "FLOPs/sample orig / relocated / merged", "orig ms", "relocated ms",
+         "merged ms", "speed-up vs orig", "orig band", "vs relocated", "relocated band"],
+        formats={"orig ms": ".3g", "relocated ms": ".3g", "merged ms": ".3g",
+                 "speed-up vs orig": ".2f", "vs relocated": ".2f"},
+        suffix={"speed-up vs orig": "x", "vs relocated": "x"},
+        note="ms per batch: medians over paired rounds; speed-ups: median per-round ratio, "
+             "band its noise band (sign-test interval of that median).",
     )
-    print(
-        f"torch {torch.__version__} | threads {torch.get_num_threads()} | batch sizes "
-        f"{list(batches)} | {run_time:g} s per variant per batch size, 5 alternating rounds"
-    )
-    print()
-    print(
-        "| chain | batch | FLOPs/sample orig / relocated / merged | orig ms | relocated ms "
-        "| merged ms | speed-up vs orig | vs relocated |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(table.header_lines()))
     for name, model, shape in cases():
         model.eval()
         x1 = torch.randn(1, *shape)
@@ -102,14 +102,17 @@ def main() -> None:
         flops = " / ".join(f"{_flops(v, x1) / 1e6:.1f}M" for v in variants)
         for b in batches:
             xb = torch.randn(b, *shape)
-            timed = time_side_by_side(
-                [lambda m=v, x=xb: m(x) for v in variants], min_run_time=run_time
-            )
-            ms = " | ".join(f"{t:.3g} ± {i:.2g}" for t, i in timed)
-            (orig, _), (reloc, _), (merged, _) = timed
-            print(
-                f"| {name} | {b} | {flops} | {ms} | {orig / merged:.2f}x | {reloc / merged:.2f}x |"
-            )
+            fns = [lambda m=v, x=xb: m(x) for v in variants]
+            # the merged layer first: every comparison is then (merged, other) and its
+            # inverse ratio the speed-up of the merged layer over that variant
+            orig, reloc = paired([fns[2], fns[0], fns[1]], rounds=rounds,
+                                 min_sample_s=run_time / rounds)[1:]
+            row = table.add(name, b, flops, orig.after_ms, reloc.after_ms, orig.before_ms,
+                            1 / orig.ratio, band(orig, inverse=True), 1 / reloc.ratio,
+                            band(reloc, inverse=True))
+            print(table.row_line(row), flush=True)
+    write_out(args.out, head, [table])
+    return table
 
 
 if __name__ == "__main__":

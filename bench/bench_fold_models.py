@@ -21,7 +21,8 @@ faster; the plan is made at batch 1 as ``easier.fold`` does with a one-sample ex
 the largest batch size as "latency@B", and once for both sizes together as "latency@1+B" with
 ``batch_sizes=(1, B)``: a merge only if neither size gets slower) and "all" (every exact merge).
 The unfolded model and every distinct folded model are timed side by side in one process,
-interleaved, at each batch size (median ms per batch). Speed-up = unfolded ms / folded ms.
+in paired rounds (rotated order, ``easier.perf.timing``), at each batch size (median ms per
+batch). Speed-up = median per-round unfolded ms / folded ms, with its noise band.
 Targets: >= 1.5x where the FLOPs allow it, and never slower (speed-up >= 1) under "latency".
 """
 
@@ -34,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import Table, add_common_args, header, interleaved, ratio_cell, write_out
+from _common import Table, add_common_args, band, header, paired, ratio_cell, write_out
 from torch import nn
 
 import easier
@@ -172,12 +173,16 @@ def bench_case(
         distinct.setdefault(_merged_ids(m), m)
     timed = [lin, *distinct.values()]
     ms: dict[int, list[float]] = {}
+    speed: dict[int, list[float]] = {}
+    bands: dict[int, list[str]] = {}
     for b in batches:
         xb = torch.randn(b, *x1.shape[1:])
-        res = interleaved(
-            [lambda m=m, xb=xb: m(xb) for m in timed], rounds=rounds, min_sample_s=sample_s
-        )
-        ms[b] = [r[0] for r in res]
+        with torch.no_grad():
+            comps = paired([lambda m=m, xb=xb: m(xb) for m in timed], rounds=rounds,
+                           min_sample_s=sample_s)
+        ms[b] = [c.after_ms for c in comps]
+        speed[b] = [1 / c.ratio for c in comps]  # median per-round unfolded / folded
+        bands[b] = [band(c, inverse=True) for c in comps]
     with torch.no_grad():
         scale = float(lin(x1).abs().max())
     base = easier.measure(lin, x1, latency=False)
@@ -194,6 +199,7 @@ def bench_case(
             "rel_err": None,
             "ms": {b: ms[b][0] for b in batches},
             "speedup": {b: 1.0 for b in batches},
+            "band": {b: "1.00..1.00" for b in batches},
         }
     ]
     keys = list(distinct)
@@ -214,7 +220,8 @@ def bench_case(
                 "err": err,
                 "rel_err": err / scale if err is not None and scale > 0 else None,
                 "ms": {b: ms[b][idx] for b in batches},
-                "speedup": {b: ms[b][0] / ms[b][idx] for b in batches},
+                "speedup": {b: speed[b][idx] for b in batches},
+                "band": {b: bands[b][idx] for b in batches},
             }
         )
     return rows
@@ -237,7 +244,7 @@ def main(argv: list[str] | None = None) -> list[Table]:
         default=None,
         help="batch sizes to make 'latency' plans at (default 1 and the largest; quick: 1)",
     )
-    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7)")
+    ap.add_argument("--rounds", type=int, default=None, help="paired rounds (default 15)")
     ap.add_argument(
         "--run",
         action="append",
@@ -256,7 +263,7 @@ def main(argv: list[str] | None = None) -> list[Table]:
         torch.set_num_threads(args.threads)
     width = args.width or (0.125 if args.quick else 1.0)
     batches = [int(b) for b in (args.batch_sizes or ("1,8" if args.quick else "1,64")).split(",")]
-    rounds = args.rounds or (3 if args.quick else 7)
+    rounds = args.rounds or (3 if args.quick else 15)
     sample_s = 0.01 if args.quick else 0.1
     plan_time = 0.01 if args.quick else 0.1
     plans = [p for p in args.plans.split(",") if p]
@@ -274,8 +281,8 @@ def main(argv: list[str] | None = None) -> list[Table]:
     head = header(
         batches,
         f"32x32 input, random weights with randomised BN; width {width} "
-        f"(--run sets as recorded unless --run-width); {rounds} interleaved "
-        f"rounds of >= {sample_s:g} s per variant; latency plans timed "
+        f"(--run sets as recorded unless --run-width); {rounds} paired "
+        f"rounds (rotated order) of >= {sample_s:g} s per variant; latency plans timed "
         f"{plan_time:g} s per layer",
     )
     print(head, flush=True)
@@ -294,7 +301,7 @@ def main(argv: list[str] | None = None) -> list[Table]:
         "rel err",
     ]
     for b in batches:
-        cols += [f"b{b} ms", f"b{b} speed-up"]
+        cols += [f"b{b} ms", f"b{b} speed-up", f"b{b} band"]
     main_table = Table(
         "Folding whole models: folded vs linearized-unfolded",
         cols,
@@ -310,9 +317,10 @@ def main(argv: list[str] | None = None) -> list[Table]:
         suffix={"FLOPs ratio": "x"} | {f"b{b} speed-up": "x" for b in batches},
         note="Each model with a realistic set of activations linearized (fold_ready), then "
         "folded under each planner mode; the unfolded and the folded models are timed "
-        "side by side, interleaved (median ms per batch). FLOPs ratio and speed-up are "
-        "unfolded / folded (> 1: the folded model is cheaper). Targets: speed-up >= 1.5x "
-        "where the FLOPs allow it, never < 1 under 'latency'.",
+        "side by side in paired rounds, order rotated (median ms per batch). FLOPs ratio is "
+        "unfolded / folded; speed-up the median per-round unfolded / folded ms (> 1: the "
+        "folded model is cheaper), band its noise band (sign-test interval). Targets: "
+        "speed-up >= 1.5x where the FLOPs allow it, never < 1 under 'latency'.",
     )
     sets = Table(
         "Linearized site sets",
@@ -373,7 +381,7 @@ def main(argv: list[str] | None = None) -> list[Table]:
                 r["rel_err"],
             ]
             for b in batches:
-                cells += [r["ms"][b], r["speedup"][b]]
+                cells += [r["ms"][b], r["speedup"][b], r["band"][b]]
             print(main_table.row_line(main_table.add(*cells)), flush=True)
         folded = [r for r in rows if r["plan"] != "unfolded"]
         if folded:

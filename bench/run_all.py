@@ -40,7 +40,7 @@ class Script:
     file: str
     title: str
     about: str
-    takes_out: bool = True  # bench_fold.py has no --out: its stdout is the section
+    takes_out: bool = True  # False: the script has no --out and its stdout is the section
 
 
 SCRIPTS = (
@@ -59,7 +59,6 @@ SCRIPTS = (
         "Latency of single linear chains before and after merging: the original chain, the "
         "chain with its padding relocated (the form fine-tuning sees) and the merged layer. "
         "Shows which merges pay on this CPU (merged faster than relocated) and which do not.",
-        takes_out=False,
     ),
     Script(
         "fold_models",
