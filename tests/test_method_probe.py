@@ -139,7 +139,6 @@ def test_priced_probe_ranks_by_loss_increase_per_flop():
 
 def test_listed_and_runs_through_reduce(tmp_path, capsys, one_thread):
     from _harness import tiny_run
-
     from easier.cli import main
 
     assert main(["methods"]) == 0

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import time
 from typing import Any
 
@@ -79,7 +80,8 @@ class Probe(Method):
         if int(bn_batches) < 0 or int(loss_batches) < 1:
             raise ConfigError(f"probe: bn_batches={bn_batches!r} must be >= 0 and "
                               f"loss_batches={loss_batches!r} >= 1")
-        self.bn_batches, self.loss_batches, self.seed = int(bn_batches), int(loss_batches), int(seed)
+        self.bn_batches, self.loss_batches = int(bn_batches), int(loss_batches)
+        self.seed = int(seed)
         if isinstance(batch_sizes, int):  # `--method-option batch_sizes=64`
             batch_sizes = (batch_sizes,)
         self.batch_sizes = tuple(int(b) for b in batch_sizes)
@@ -99,8 +101,8 @@ class Probe(Method):
         data = ctx.train_eval
         if isinstance(data, DataLoader):
             it = iter(data)
-            bn = [b for _, b in zip(range(self.bn_batches), it)]
-            loss = [b for _, b in zip(range(self.loss_batches), it)]
+            bn = list(itertools.islice(it, self.bn_batches))
+            loss = list(itertools.islice(it, self.loss_batches))
         else:
             perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(self.seed))
             n_bn, n_loss = split_sizes(len(data), self.bn_batches, self.loss_batches,
@@ -134,7 +136,7 @@ class Probe(Method):
             try:
                 return ctx.loss(work, loss_batches)
             finally:
-                for m, state in zip(norms, saved):
+                for m, state in zip(norms, saved, strict=True):
                     m.load_state_dict(state)
 
         base = loss_of()

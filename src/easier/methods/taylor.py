@@ -86,7 +86,7 @@ def taylor_estimates(model: torch.nn.Module, sites: list[str], batches: Any, *,
         if not loss.requires_grad:  # no site on the path to the loss
             continue
         grads = torch.autograd.grad(loss, [ts[s] for s in sites], allow_unused=True)
-        for s, g in zip(sites, grads):
+        for s, g in zip(sites, grads, strict=True):
             if g is not None:
                 total[s] += g.detach().double().cpu()
     if seen == 0:
