@@ -22,10 +22,8 @@ MAX_LINES = 400
 
 # Today's offenders. Shrink these lists as the code is fixed; a fixed entry fails the test
 # (so the list cannot go stale).
-TOO_LONG: set[str] = {"easier.merge.graph"}  # 428 lines
-PRIVATE_IMPORTS: set[tuple[str, str]] = {  # (importing module, "module.name")
-    ("easier.io.rundir", "easier.io.atomic._write_tmp_and_rename"),
-}
+TOO_LONG: set[str] = set()
+PRIVATE_IMPORTS: set[tuple[str, str]] = set()  # (importing module, "module.name")
 STALE_DOC_PATHS: set[str] = {"easier.fronts"}  # README: now easier.pipeline.fronts
 
 
@@ -159,7 +157,7 @@ def test_no_package_attribute_shadows_its_submodule():
 
 def test_only_a_handful_of_top_level_modules():
     top = {f.stem for f in SRC.glob("*.py")}
-    assert top <= {"__init__", "__main__", "errors", "batch"}, top
+    assert top <= {"__init__", "__main__", "errors", "config", "batch"}, top
 
 
 def _resolves(dotted: str) -> bool:

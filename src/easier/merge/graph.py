@@ -22,7 +22,6 @@ scale by a per-channel parameter (ConvNeXt's layer scale) and an added per-chann
 from __future__ import annotations
 
 import operator
-from collections import Counter
 from typing import Any
 
 import torch
@@ -31,9 +30,12 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from easier.errors import DataError, FoldError, TraceError
 from easier.graph.capture import captured, copy_graph, flat_inputs
+from easier.merge.affine_fold import fold_affine
+from easier.merge.graph_nodes import call_counts, node_dtype, node_shape, only_user, param_of
 from easier.merge.noop import noop_copy
 
-__all__ = ["call_counts", "node_dtype", "node_shape", "only_user", "prepare", "prepare_graph"]
+__all__ = ["call_counts", "node_dtype", "node_shape", "only_user", "param_of", "prepare",
+           "prepare_graph"]  # the node helpers are re-exported from .graph_nodes
 
 _aten = torch.ops.aten
 _CONV = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}
@@ -41,24 +43,6 @@ _BN = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3
 _IDENTITY = {"alias", "detach"}  # views: dropping them changes neither values nor strides
 _COPY = {"clone", "contiguous"}  # copies: dropped only when they change nothing (_noop_copy)
 _DROPOUT = {"dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout"}
-
-
-def node_shape(node: Any) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-
-
-def node_dtype(node: fx.Node) -> torch.dtype:
-    meta = node.meta.get("tensor_meta")
-    return getattr(meta, "dtype", torch.get_default_dtype())
-
-
-def only_user(node: fx.Node) -> fx.Node | None:
-    return next(iter(node.users)) if len(node.users) == 1 else None
-
-
-def call_counts(gm: fx.GraphModule) -> Counter[str]:
-    return Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
 
 
 def _op(node: fx.Node) -> str:
@@ -71,15 +55,6 @@ def _arg(node: fx.Node, i: int, name: str, default: Any) -> Any:
     if len(node.args) > i:
         return node.args[i]
     return node.kwargs.get(name, default)
-
-
-def _param(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
-    if isinstance(node, fx.Node) and node.op == "get_attr":
-        obj = gm
-        for part in str(node.target).split("."):
-            obj = getattr(obj, part)
-        return obj if isinstance(obj, torch.Tensor) else None
-    return None
 
 
 class _Lifter:
@@ -132,7 +107,7 @@ def _int_padding(mode: str, kernel: Any, dilation: list[int]) -> list[int] | Non
 
 def _conv(lift: _Lifter, node: fx.Node) -> None:
     gm, op = lift.gm, _op(node)
-    w, b = _param(gm, node.args[1]), _param(gm, _arg(node, 2, "bias", None))
+    w, b = param_of(gm, node.args[1]), param_of(gm, _arg(node, 2, "bias", None))
     if w is None or (_arg(node, 2, "bias", None) is not None and b is None):
         return
     n = w.dim() - 2
@@ -174,7 +149,7 @@ def _linear_module(w: torch.Tensor, b: torch.Tensor | None) -> nn.Linear:
 
 
 def _linear(lift: _Lifter, node: fx.Node) -> None:
-    w, b = _param(lift.gm, node.args[1]), _param(lift.gm, _arg(node, 2, "bias", None))
+    w, b = param_of(lift.gm, node.args[1]), param_of(lift.gm, _arg(node, 2, "bias", None))
     if w is None or w.dim() != 2 or (_arg(node, 2, "bias", None) is not None and b is None):
         return
     lift.replace(node, lift.module(node.args[1], "linear", lambda: _linear_module(w, b)),
@@ -184,7 +159,7 @@ def _linear(lift: _Lifter, node: fx.Node) -> None:
 def _addmm(lift: _Lifter, node: fx.Node) -> None:
     """``view(addmm(b, view(x, [-1, in]), W), [..., out])`` -> Linear(W.T, b) on x."""
     gm = lift.gm
-    b, x, w = _param(gm, node.args[0]), node.args[1], _param(gm, node.args[2])
+    b, x, w = param_of(gm, node.args[0]), node.args[1], param_of(gm, node.args[2])
     if b is None or w is None or w.dim() != 2 or node.kwargs or len(node.args) > 3:
         return
     source, end = x, None
@@ -207,8 +182,8 @@ def _addmm(lift: _Lifter, node: fx.Node) -> None:
 def _batch_norm(lift: _Lifter, node: fx.Node) -> None:
     gm, op = lift.gm, _op(node)
     legit = op == "_native_batch_norm_legit_no_training"
-    w, b = _param(gm, node.args[1]), _param(gm, node.args[2])
-    mean, var = _param(gm, node.args[3]), _param(gm, node.args[4])
+    w, b = param_of(gm, node.args[1]), param_of(gm, node.args[2])
+    mean, var = param_of(gm, node.args[3]), param_of(gm, node.args[4])
     if legit:
         eps = float(_arg(node, 6, "eps", 1e-5))
         users = list(node.users)
@@ -268,119 +243,6 @@ def _lift(gm: fx.GraphModule) -> None:
             node.target = operator.add
 
 
-def _fold_bn_into(layer: nn.Module, bn: nn.Module) -> None:
-    with torch.no_grad():
-        t = bn.weight if bn.affine else torch.ones_like(bn.running_var)
-        t = t / torch.sqrt(bn.running_var + bn.eps)
-        beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
-        w = layer.weight * t.reshape(-1, *([1] * (layer.weight.dim() - 1)))
-        b = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
-        b = (b - bn.running_mean) * t + beta
-        layer.weight = nn.Parameter(w.to(layer.weight.dtype))
-        layer.bias = nn.Parameter(b.to(layer.weight.dtype))
-
-
-def _scale_of(gm: fx.GraphModule, node: fx.Node, layer: fx.Node) -> torch.Tensor | None:
-    """The per-output-channel factor of ``node = layer * param``, if it is one."""
-    if node.target not in (_aten.mul.Tensor, operator.mul) or len(node.args) != 2:
-        return None
-    other = node.args[1] if node.args[0] is layer else node.args[0]
-    p = _param(gm, other)
-    shape = node_shape(layer)
-    if p is None or shape is None or not p.is_floating_point():
-        return None
-    return _per_channel(gm, p, layer)
-
-
-def _offset_of(gm: fx.GraphModule, node: fx.Node, layer: fx.Node) -> torch.Tensor | None:
-    """The per-output-channel term of ``node = layer + param``, if it is one.
-
-    An affine-linearized site (``a * z + b``) leaves such an add once its scale is folded.
-    """
-    if node.target not in (_aten.add.Tensor, operator.add) or len(node.args) != 2 or node.kwargs:
-        return None
-    other = node.args[1] if node.args[0] is layer else node.args[0]
-    p = _param(gm, other)
-    if p is None or not p.is_floating_point():
-        return None
-    return _per_channel(gm, p, layer)
-
-
-def _per_channel(gm: fx.GraphModule, p: torch.Tensor, layer: fx.Node) -> torch.Tensor | None:
-    """``p`` as a vector over ``layer``'s output channels, when it broadcasts as one."""
-    mod = gm.get_submodule(str(layer.target))
-    shape = node_shape(layer)
-    if shape is None or p.dim() > len(shape):  # it would broadcast the output to a new rank
-        return None
-    if isinstance(mod, nn.Linear):
-        ok = p.dim() >= 1 and p.shape[-1] == mod.out_features and p.numel() == p.shape[-1]
-        return p.reshape(-1) if ok else None
-    n = len(mod.kernel_size)
-    want = (mod.out_channels, *([1] * n))
-    ok = tuple(p.shape[-n - 1:]) == want and p.numel() == mod.out_channels
-    return p.reshape(-1) if ok else None
-
-
-def _fold_affine(gm: fx.GraphModule) -> list[str]:
-    """Fold BNs, per-channel scales and offsets into the single-use conv/linear before them."""
-    counts = call_counts(gm)
-    folded = []
-    for node in list(gm.graph.nodes):
-        src = node.args[0] if node.args else None
-        if node.op == "call_module":
-            bn = gm.get_submodule(str(node.target))
-            if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or counts[str(node.target)] != 1:
-                continue
-            if bn.running_mean is None:
-                continue  # no running statistics: it normalises with batch statistics
-        elif node.op == "call_function" and node.target in (_aten.mul.Tensor, operator.mul,
-                                                              _aten.add.Tensor, operator.add):
-            bn = None
-            src = next((a for a in node.args if isinstance(a, fx.Node) and a.op == "call_module"),
-                       None)
-        else:
-            continue
-        if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1:
-            continue
-        layer = gm.get_submodule(str(src.target))
-        if counts[str(src.target)] != 1 or not isinstance(layer, (nn.Linear, *_CONV.values())):
-            continue
-        if bn is not None:
-            shape = node_shape(src)
-            if isinstance(layer, nn.Linear):
-                ok = isinstance(bn, nn.BatchNorm1d) and shape is not None and len(shape) == 2
-                ok = ok and layer.out_features == bn.num_features
-            else:
-                ok = layer.out_channels == bn.num_features and shape is not None and \
-                    len(shape) == len(layer.kernel_size) + 2
-            if not ok:
-                continue
-            _fold_bn_into(layer, bn)
-            label = f"{src.target}<-{node.target}"
-        elif node.target in (_aten.add.Tensor, operator.add):
-            offset = _offset_of(gm, node, src)
-            if offset is None:
-                continue
-            with torch.no_grad():
-                bias = offset if layer.bias is None else layer.bias + offset
-                layer.bias = nn.Parameter(bias.to(layer.weight.dtype))
-            label = f"{src.target}<-offset"
-        else:
-            scale = _scale_of(gm, node, src)
-            if scale is None:
-                continue
-            with torch.no_grad():
-                w = layer.weight * scale.reshape(-1, *([1] * (layer.weight.dim() - 1)))
-                layer.weight = nn.Parameter(w)
-                if layer.bias is not None:
-                    layer.bias = nn.Parameter(layer.bias * scale)
-            label = f"{src.target}<-scale"
-        node.replace_all_uses_with(src)
-        gm.graph.erase_node(node)
-        folded.append(label)
-    return folded
-
-
 def finish(gm: fx.GraphModule, recompile: bool = True) -> None:
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
@@ -423,6 +285,6 @@ def prepare_graph(gm: fx.GraphModule, example_input: Any, name: str = "the model
             ShapeProp(gm).propagate(*flat_inputs(gm, example_input))
     except Exception as exc:
         raise DataError(f"fold could not run the model on example_input: {exc}") from exc
-    folded = _fold_affine(gm)
+    folded = fold_affine(gm)
     finish(gm, recompile)
     return gm.eval(), folded
