@@ -111,9 +111,9 @@ def run_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--delta", type=NONNEG_FLOAT, default=1.0,
                    help="allowed val top-1 drop in points")
     r.add_argument("--max-removals", type=NONNEG_INT, default=None,
-                   help="stop after removing this many units")
+                   help="stop after removing this many units (default: no limit)")
     r.add_argument("--max-iterations", type=NONNEG_INT, default=None,
-                   help="stop after this many iterations")
+                   help="stop after this many iterations (default: no limit)")
     r.add_argument("--one-shot", type=POS_INT, default=None, metavar="K",
                    help="remove the K lowest-scored units from one measurement, fine-tune once")
     r.add_argument("--all", action="store_true",
@@ -122,7 +122,8 @@ def run_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--epochs", type=NONNEG_INT, default=None,
                    help="fine-tune epochs per iteration (default: the recipe's)")
     r.add_argument("--pretrain-epochs", type=NONNEG_INT, default=None,
-                   help="epochs to train the dense model (0: use it as is)")
+                   help="epochs to train the dense model (default: the recipe's, 3 for fast; 0 or "
+                        "--checkpoint: none, the model is used as is)")
     r.add_argument("--lr", type=POS_FLOAT, default=None,
                    help="fine-tune learning rate (default: the recipe's)")
     r.add_argument("--batch-size", type=POS_INT, default=None,
@@ -130,14 +131,15 @@ def run_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--optimizer", default=None, choices=["sgd", "adam", "adamw"],
                    help="fine-tune optimizer (default: the recipe's)")
     r.add_argument("--max-steps", type=POS_INT, default=None,
-                   help="cap optimizer steps per fine-tune")
+                   help="cap optimizer steps per fine-tune (default: no cap)")
     recovery_args(r)
     r.add_argument("--checkpoint", type=existing_path, default=None,
                    help=f"start from these trained weights: {CHECKPOINT_HELP}")
     r.add_argument("--entropy-batches", type=POS_INT, default=None,
                    help="measure entropy on at most this many batches (default: all)")
     r.add_argument("--no-fold-ready", action="store_true",
-                   help="do not move conv padding when linearizing (fold becomes inexact)")
+                   help="keep each conv's own padding when linearizing: the original borders, "
+                        "but a conv chain whose later convs pad is then never merged")
     r.add_argument("--linearize", default="identity", choices=["identity", "affine"],
                    help="what a removed activation becomes: the identity (the paper) or the "
                         "per-channel least-squares a*z+b fitted on training batches (both fold "
@@ -145,7 +147,8 @@ def run_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--no-fold", action="store_true", help="do not fold at the end")
     r.add_argument("--plan", default="latency", choices=PLANS, help="what folding optimises")
     r.add_argument("--resume", action="store_true", help="continue the run in --out")
-    r.add_argument("--seed", type=NONNEG_INT, default=0, help="seed of data splits and training")
+    r.add_argument("--seed", type=NONNEG_INT, default=0,
+                   help="seed of data splits and training (default: 0)")
     r.add_argument("--device", type=device_name, default="auto",
                    help="cpu, cuda, cuda:N, mps or auto (a GPU when there is one)")
     r.add_argument("--threads", type=POS_INT, default=None,
@@ -289,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=CHECKPOINT_HELP + " (a plain state_dict needs --model)")
     model_args(e, model_default=None)
     data_args(e)
-    e.add_argument("--seed", type=NONNEG_INT, default=0, help="seed of the data split")
+    e.add_argument("--seed", type=NONNEG_INT, default=0, help="seed of the data split (default: 0)")
     e.add_argument("--batch-size", type=POS_INT, default=256, help="batch size")
     e.add_argument("--max-batches", type=POS_INT, default=None,
                    help="measure at most this many batches (default: all)")
