@@ -378,7 +378,10 @@ def run_unit(lib: dict[str, Any], root: Path, s: Setting, m: ModelSetting, seed:
 
 
 def phase_b(root: Path, s: Setting, spec: str | None, rows_path: Path,
-            only: list[str] | None = None, retry_errors: bool = False) -> None:
+            only: list[str] | None = None, retry_errors: bool = False,
+            train: bool = True) -> None:
+    """Run the missing units; ``train=False`` skips (model, seed) without a dense checkpoint
+    instead of training it (a second process beside a running phase A)."""
     lib = _lib()
     registered = set(lib["list_methods"]())
     todo = [t for t in METHODS if only is None or t[0] in only]
@@ -395,6 +398,10 @@ def phase_b(root: Path, s: Setting, spec: str | None, rows_path: Path,
                     (s.name, m.model, m.width, seed) and (not retry_errors or "error" not in r)}
             units = [t for t in todo if t[0] not in done]
             if not units:
+                continue
+            if not train and verified_dense(dense_path(root, s, m, seed),
+                                            dense_meta(m, s, seed)) is None:
+                log(f"phase B: no dense {m.model} seed {seed} yet (--phase b trains none)")
                 continue
             splits = splits or load_splits(s, seed, spec)
             dense_model, dense_rec = dense(root, s, m, seed, splits)
@@ -561,7 +568,9 @@ def report(rows: list[dict[str, Any]], dense_recs: list[dict[str, Any]], s: Sett
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--phase", choices=["a", "b", "ab"], default="ab")
+    ap.add_argument("--phase", choices=["a", "b", "ab"], default="ab",
+                    help="a: dense checkpoints; b: methods on existing checkpoints only; "
+                    "ab (default): both, training any missing checkpoint first")
     ap.add_argument("--smoke", action="store_true", help="tiny setting: seconds")
     ap.add_argument("--quick", action="store_true", help="same as --smoke (run_all passes it)")
     ap.add_argument("--data", default=None, help="dataset spec (default: the setting's)")
@@ -588,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         phase_a(root, s, args.data)
     if "b" in args.phase:
         only = args.methods.split(",") if args.methods else None
-        phase_b(root, s, args.data, rows, only, args.retry_errors)
+        phase_b(root, s, args.data, rows, only, args.retry_errors, train="a" in args.phase)
     return 0
 
 
