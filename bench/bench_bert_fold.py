@@ -34,8 +34,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import easier
 from easier import models
-from easier.capture import capture
-from easier.timing import compare_samples, paired_samples
+from easier.graph.capture import capture
+from easier.perf.timing import compare_samples, paired_samples
 
 PAPER_MODELS = ("resnet18", "mobilenet_v2", "vgg16_bn", "swin_t")
 BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -105,7 +105,7 @@ def fold_table(shape: dict[str, int], seq: int, batches: list[int], rounds: int,
               "per batch, median ± IQR over interleaved rounds (order rotated) in one process; "
               "speed-up = median over rounds of unfolded ms / folded ms *of the same round*, "
               "so load that hits both alike cancels; the band is its sign-test interval "
-              "(easier.timing.Comparison; min..max up to 8 rounds). Errors in float32 on this "
+              "(easier.perf.timing.Comparison; min..max up to 8 rounds). Errors in float32 on this "
               "batch's random token ids."),
     )
     for b in batches:

@@ -43,7 +43,7 @@ def bench(
     name: str, width: float, batch: int, repeats: int, batches: int, check_finite: bool = True
 ) -> dict[str, float]:
     """Per-batch cost of counting (steady state), the one-off setup, and a whole pass."""
-    from easier.entropy import EntropyPass
+    from easier.entropy.estimate import EntropyPass
 
     torch.manual_seed(0)
     model = models.create(name, num_classes=10, width=width, image_size=32).eval()

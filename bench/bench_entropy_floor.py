@@ -28,9 +28,10 @@ from typing import Any
 import torch
 from _common import Table, add_common_args, header, interleaved, write_out
 
-from easier import counters, models
-from easier.capture import capture
-from easier.entropy import EntropyPass
+from easier import models
+from easier.entropy import counters
+from easier.entropy.estimate import EntropyPass
+from easier.graph.capture import capture
 
 CURRENT = counters.SiteCounter.forward
 

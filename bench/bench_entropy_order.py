@@ -35,10 +35,10 @@ from torch import nn
 
 import easier
 from easier import data
+from easier.edit.recalibrate import reestimate_bn
 from easier.methods import Context, Method, Step, create_method
 from easier.methods.easier import Easier
-from easier.recalibrate import reestimate_bn
-from easier.train import FineTune, evaluate, fine_tune, seed_everything
+from easier.train.finetune import FineTune, evaluate, fine_tune, seed_everything
 
 ORDERS = "easier,easier-train,random,max-entropy"
 SIBLINGS = "egp,nepenthe,tlc,layer-folding,lacoot"
@@ -181,7 +181,7 @@ def run_setting(key: str, cfg: dict[str, Any], seeds: list[int], orders: list[st
 
 
 def _batches(ds: Any, n: int = 16, bs: int = 128) -> list[Any]:
-    from easier.train import make_loader
+    from easier.train.finetune import make_loader
 
     return [b for _, b in zip(range(n), make_loader(ds, bs, shuffle=False), strict=False)]
 

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from easier.fold import fold
-from easier.measurement import time_side_by_side
-from easier.padding import fold_ready
+from easier.edit.padding import fold_ready
+from easier.merge import fold
+from easier.perf.measure import time_side_by_side
 
 
 def _bn(c: int) -> nn.BatchNorm2d:

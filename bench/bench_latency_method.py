@@ -33,13 +33,13 @@ from torch import nn
 
 import easier
 from easier import data
-from easier.fold import LatencyConfig, build_folded, plan_fold
-from easier.measurement import measure
+from easier.io.records import model_record, rebuild
+from easier.merge import LatencyConfig, build_folded, plan_fold
 from easier.methods import Context, Method, Step, create_method
 from easier.models import create
-from easier.state import model_record, rebuild
-from easier.timing import compare_samples, paired_samples
-from easier.train import FineTune, fine_tune, seed_everything
+from easier.perf.measure import measure
+from easier.perf.timing import compare_samples, paired_samples
+from easier.train.finetune import FineTune, fine_tune, seed_everything
 
 METHODS = "easier,easier-latency,random"
 
@@ -187,7 +187,7 @@ def tables(results: dict[str, dict[str, Any]], methods: list[str], drop: float) 
 
 
 def figure(results: dict[str, dict[str, Any]], methods: list[str], path: Path) -> None:
-    from easier.report import png_bytes, pyplot
+    from easier.report.files import png_bytes, pyplot
 
     plt = pyplot()
     if plt is None:

@@ -5,9 +5,10 @@
 
 Per seed one dense model is trained (the MLP6 and CNN5 of bench_entropy_order.py, same
 recipes). Then every site is linearized alone, once as the identity and once as the affine map
-``a * z + b`` fitted by :func:`easier.affine.fit_affine` on 8 training batches, and the test top-1
+``a * z + b`` fitted by :func:`easier.edit.affine.fit_affine` on 8 training batches, and the test
+top-1
 is taken with no fine-tuning: with the dense model's BN statistics ("stale") and with them
-re-estimated on 8 training batches (:func:`easier.recalibrate.reestimate_bn`). The drop is
+re-estimated on 8 training batches (:func:`easier.edit.recalibrate.reestimate_bn`). The drop is
 dense minus edited, in points; lower is better.
 """
 
@@ -25,9 +26,9 @@ from bench_entropy_order import settings
 
 import easier
 from easier import data
-from easier.affine import fit_affine
-from easier.recalibrate import reestimate_bn
-from easier.train import evaluate, fine_tune, make_loader, seed_everything
+from easier.edit.affine import fit_affine
+from easier.edit.recalibrate import reestimate_bn
+from easier.train.finetune import evaluate, fine_tune, make_loader, seed_everything
 
 FIT_BATCHES = 8
 BN_BATCHES = 8

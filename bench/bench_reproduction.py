@@ -33,7 +33,7 @@ from _common import Table, add_common_args, header, write_out
 
 import easier
 from easier import data, models
-from easier.train import FineTune, fine_tune, seed_everything
+from easier.train.finetune import FineTune, fine_tune, seed_everything
 
 PAPER_EPOCHS = 160  # appendix Table 4: ResNet-18 / CIFAR-10, re-run in full for every removal
 

@@ -34,7 +34,7 @@ from _common import Table, add_common_args, header, write_out
 
 import easier
 from easier import Recovery, data, models
-from easier.train import FineTune, fine_tune, seed_everything
+from easier.train.finetune import FineTune, fine_tune, seed_everything
 
 EVERY, BATCHES = 10, 4  # early stop: a check every 10 optimizer steps on 4 val batches
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from easier.outcome import outcome, outcome_table, summary_line
+from easier.report.outcome import outcome, outcome_table, summary_line
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- quickstart:begin -->", "<!-- quickstart:end -->"

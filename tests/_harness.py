@@ -7,9 +7,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from easier import RunConfig, StopRule
-from easier.loop import reduce
 from easier.models import create
-from easier.train import FineTune
+from easier.pipeline.reduce import reduce
+from easier.train.finetune import FineTune
 
 
 def tiny_run(out, method, resume=False, max_removals=2):

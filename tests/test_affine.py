@@ -7,12 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from _harness import rand_bn
-from easier.affine import fit_affine
+from easier.edit.affine import fit_affine
+from easier.edit.linearize import edits_of, linearize
 from easier.errors import ConfigError
-from easier.fold import fold
-from easier.linearize import edits_of, linearize
-from easier.settings import EntropyConfig
-from easier.state import load_model, save_model
+from easier.io.records import load_model, save_model
+from easier.merge import fold
+from easier.pipeline.settings import EntropyConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

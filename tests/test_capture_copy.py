@@ -3,7 +3,7 @@ import warnings
 import torch
 from torch import nn
 
-from easier.capture import capture, copy_graph
+from easier.graph.capture import capture, copy_graph
 
 
 def test_copy_of_a_capture_is_independent_equal_and_silent():

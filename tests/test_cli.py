@@ -65,7 +65,7 @@ def test_compare_writes_one_table(tmp_path):
 
 
 def test_exported_program_matches_the_reduced_model(run_dir):
-    from easier.state import load_model
+    from easier.io.records import load_model
 
     x = torch.randn(3, 1, 8, 8)
     ep = torch.export.load(str(run_dir / "folded.pt2")).module()
@@ -116,7 +116,7 @@ def test_help_shows_defaults(capsys):
 
 
 def test_affine_linearization_is_recorded_resumed_and_folded(tmp_path, run_dir, capsys):
-    from easier.state import load_model
+    from easier.io.records import load_model
 
     # a run without the flag records no key: run directories made before it resume as identity
     assert "linearize" not in json.loads((run_dir / "config.json").read_text())
@@ -138,13 +138,13 @@ def test_disk_full_while_writing_reports_is_one_line_exit_1(tmp_path, capsys, mo
     import errno
     import os
 
-    import easier.report
+    import easier.report.files
 
     def full(run, *_a, **_k):
         path = run.file("history.csv")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(easier.report, "write_reports", full)
+    monkeypatch.setattr(easier.report.files, "write_reports", full)
     out = tmp_path / "run"
     assert main(["reduce", *TINY, "--max-removals", "1", "--delta", "100", "--out", str(out)]) == 1
     line = one_line_error(capsys)
@@ -192,7 +192,7 @@ def test_fold_of_a_locked_run_is_refused_naming_the_holder(broken_run, capsys):
     import sys
 
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from easier.state import lock_run_dir\n"
+        [sys.executable, "-c", "import sys; from easier.io.records import lock_run_dir\n"
          "with lock_run_dir(sys.argv[1]):\n print('locked', flush=True); sys.stdin.read()",
          str(broken_run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

@@ -1,4 +1,4 @@
-"""Tests of easier.distributed.
+"""Tests of easier.parallel.
 
 Fast tests check sharding and the single-process fallbacks in this process. The slow ones run
 this file under ``torchrun --nproc_per_node 2`` (gloo, 127.0.0.1, a free port): each rank
@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 import easier
 from easier import ConfigError, DataError
-from easier.distributed import (
+from easier.parallel import (
     DistInfo,
     all_reduce_counters,
     evaluate_distributed,
@@ -38,7 +38,7 @@ from easier.distributed import (
     unwrap,
     wrap_ddp,
 )
-from easier.train import evaluate, make_loader
+from easier.train.finetune import evaluate, make_loader
 
 # Branchy is untraceable on purpose; its hook-fallback warning is expected
 pytestmark = pytest.mark.filterwarnings("ignore:torch.fx could not trace Branchy")
@@ -414,7 +414,7 @@ def test_ddp_step_equals_single_process_step_on_the_union_batch(ranks):
 def _rank_main(out: Path) -> None:
     import torch.distributed as dist
 
-    from easier.distributed import barrier, cleanup
+    from easier.parallel import barrier, cleanup
 
     info = init_from_env("cpu", timeout_s=60)
     res: dict = {}

@@ -246,8 +246,8 @@ def test_inf_and_nan_are_caught_unless_check_is_off():
 def test_counts_equal_brute_force_over_layouts_and_chunks(monkeypatch, shape, axis):
     """Both reduction orders (few / many positions), channel-last tokens, a moved axis, exact
     zeros, and batches split into several chunks: counts equal a comparison loop."""
-    from easier import counters
-    from easier.sites import Site
+    from easier.entropy import counters
+    from easier.graph.sites import Site
 
     monkeypatch.setattr(counters, "_CHUNK", 50)  # several chunks per batch
     torch.manual_seed(0)
@@ -280,16 +280,16 @@ class _ReadsTwice(nn.Module):
 
 
 def test_inplace_sites_only_where_nothing_else_reads_the_pre_activation():
-    from easier.capture import capture
-    from easier.counters import inplace_sites
-    from easier.entropy import EntropyPass
-    from easier.sites import graph_sites
+    from easier.entropy.counters import inplace_sites
+    from easier.entropy.estimate import EntropyPass
+    from easier.graph.capture import capture
+    from easier.graph.sites import graph_sites
 
     torch.manual_seed(0)
     model = _ReadsTwice().eval()
     x = torch.randn(64, 6)
     cap = capture(model, x)
-    assert inplace_sites(cap.gm, graph_sites(model, cap, easier.sites.KINDS)) == 1  # act2 only
+    assert inplace_sites(cap.gm, graph_sites(model, cap, easier.graph.sites.KINDS)) == 1
     with torch.no_grad():
         assert torch.equal(cap.gm(x), model(x))
     counted = EntropyPass(model, x)

@@ -23,7 +23,7 @@ import torch
 
 from easier.cli import main
 from easier.errors import StateError
-from easier.state import RunDir, atomic_torch_save, atomic_write_text
+from easier.io.records import RunDir, atomic_torch_save, atomic_write_text
 
 TINY = ["--model", "convnet", "--width", "0.25", "--data", "digits", "--quiet",
         "--pretrain-epochs", "1", "--epochs", "1", "--plan", "flops", "--threads", "1",
@@ -75,12 +75,12 @@ class _FullDisk:
 @pytest.fixture
 def full_disk(monkeypatch):
     """After ``full_disk(room)``, files that easier opens for writing have ``room`` bytes."""
-    import easier.atomic
+    import easier.io.atomic
 
     real = os.fdopen
 
     def arm(room: int = 100) -> None:
-        monkeypatch.setattr(easier.atomic.os, "fdopen",
+        monkeypatch.setattr(easier.io.atomic.os, "fdopen",
                             lambda fd, *a, **k: _FullDisk(real(fd, *a, **k), room))
     return arm
 

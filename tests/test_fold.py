@@ -11,12 +11,12 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import easier
 from _harness import InvertedResidual, rand_bn
-from easier.capture import capture
+from easier.edit.linearize import edits_of
+from easier.edit.padding import conv_paddings, fold_ready, relocate
 from easier.errors import FoldError, TraceError
-from easier.fold import fold, plan_fold
-from easier.linearize import edits_of
-from easier.padding import conv_paddings, fold_ready, relocate
-from easier.sites import graph_sites
+from easier.graph.capture import capture
+from easier.graph.sites import graph_sites
+from easier.merge import fold, plan_fold
 
 D = torch.float64
 
@@ -567,7 +567,7 @@ def test_chain_is_cut_at_a_residual_add_that_feeds_more_layers():
 def fold_dir(tmp_path):
     """A run directory as `easier reduce` leaves it: config.json and a linearized model.pt."""
     from easier import models
-    from easier.state import RunDir, save_model
+    from easier.io.records import RunDir, save_model
 
     torch.manual_seed(0)
     base = models.create("convnet", num_classes=10, in_channels=1, width=0.25, image_size=8)
@@ -588,8 +588,8 @@ def test_fold_run_writes_pt2_first_and_every_file_checksummed(fold_dir):
     import hashlib
     import json as _json
 
-    from easier.run_outputs import fold_run
-    from easier.state import CHECKSUMS, verify_file
+    from easier.io.artifacts import fold_run
+    from easier.io.records import CHECKSUMS, verify_file
 
     path, model = fold_dir
     out = fold_run(path, "all", batch_sizes=(1, 2))
@@ -615,8 +615,8 @@ def test_fold_run_writes_pt2_first_and_every_file_checksummed(fold_dir):
 
 
 def test_flipped_byte_in_folded_pt2_is_caught_on_load(fold_dir):
-    from easier.run_outputs import fold_run, load_folded
-    from easier.state import verify_file
+    from easier.io.artifacts import fold_run, load_folded
+    from easier.io.records import verify_file
 
     path, model = fold_dir
     fold_run(path, "none", batch_sizes=(1,))
@@ -636,7 +636,7 @@ def test_onnx_without_the_extra_fails_first_and_writes_nothing(fold_dir, monkeyp
     import sys
 
     from easier.cli import main
-    from easier.run_outputs import fold_run
+    from easier.io.artifacts import fold_run
 
     path, _ = fold_dir
     fold_run(path, "none", batch_sizes=(1,), torchscript=True)  # a complete earlier fold
@@ -655,7 +655,7 @@ def test_onnx_without_the_extra_fails_first_and_writes_nothing(fold_dir, monkeyp
 def test_torchscript_on_request_and_stale_artifacts_removed(fold_dir):
     import json as _json
 
-    from easier.run_outputs import FoldOptions, fold_run
+    from easier.io.artifacts import FoldOptions, fold_run
 
     path, model = fold_dir
     fold_run(path, FoldOptions("none", torchscript=True), batch_sizes=(1,))

@@ -17,8 +17,10 @@ from _harness import crash_at
 from easier import RunConfig, StopRule
 from easier.cli import main
 from easier.errors import ConfigError, StateError
-from easier.fold import LatencyConfig
-from easier.fronts import (
+from easier.io.records import RunDir, load_iteration, saved_iterations
+from easier.merge import LatencyConfig
+from easier.methods.easier import Easier
+from easier.pipeline.fronts import (
     FrontConfig,
     fold_point,
     front_run,
@@ -26,10 +28,8 @@ from easier.fronts import (
     pareto_indices,
     read_front,
 )
-from easier.loop import reduce
-from easier.methods.easier import Easier
-from easier.state import RunDir, load_iteration, saved_iterations
-from easier.train import FineTune
+from easier.pipeline.reduce import reduce
+from easier.train.finetune import FineTune
 
 reduce_mod = importlib.import_module(reduce.__module__)
 
@@ -290,7 +290,7 @@ def test_cli_bad_front_options_exit_2(tmp_path, capsys, extra, says):
 
 
 def test_compare_refuses_to_resume_fronts_of_a_run_that_kept_none(tmp_path):
-    from easier.compare import compare
+    from easier.pipeline.compare import compare
 
     out = tmp_path / "cmp"
     run(out / "easier", "easier", keep=False, most=1)

@@ -126,7 +126,7 @@ def test_hf_sites_entropy_linearize(name: str) -> None:
 def test_hf_module_kinds_by_what_they_compute() -> None:
     from transformers.activations import ACT2CLS
 
-    from easier.sites import module_kind
+    from easier.graph.sites import module_kind
 
     for act, want in [("gelu", "GELU"), ("gelu_new", "GELU"), ("quick_gelu", "GELU"),
                       ("silu", "SiLU"), ("relu", "ReLU"), ("relu6", "ReLU6"),
@@ -229,6 +229,6 @@ def test_reduce_runs_on_a_model_with_data_dependent_control_flow() -> None:
         res = easier.reduce(_DataDependent(), data, data, finetune=easier.FineTune(epochs=1),
                             stop=easier.StopRule(max_removals=1, delta=100.0))
     assert len(res.linearized) == 1 and res.linearized[0] in {"act1", "act2"}
-    from easier.linearize import Linearized
+    from easier.edit.linearize import Linearized
 
     assert isinstance(res.model.get_submodule(res.linearized[0]), Linearized)

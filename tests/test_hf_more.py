@@ -36,7 +36,7 @@ def _hooked_calls(model: nn.Module, x: dict, cls: type[nn.Module]) -> list[torch
     return seen
 
 
-def _fold_matches_float64(model: nn.Module, x: dict, sites: list[str]) -> easier.fold.FoldPlan:
+def _fold_matches_float64(model: nn.Module, x: dict, sites: list[str]) -> easier.merge.FoldPlan:
     model = model.double().eval()
     lin = easier.linearize(model, sites, example_input=x).eval()
     folded = easier.fold(lin, x, plan="all", rtol=1e-10, atol=0)
@@ -166,7 +166,7 @@ def test_segformer_sites_have_channels_last() -> None:
 
 def test_hardswish_is_a_site_kind() -> None:
     """LeViT and MobileNetV3 use hardswish: by class, by probe, and as the aten op."""
-    from easier.sites import module_kind
+    from easier.graph.sites import module_kind
 
     class HS(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -214,8 +214,8 @@ class _LMData(torch.utils.data.Dataset):
 
 
 def test_next_token_labels_score_like_the_models_own_loss() -> None:
-    from easier.objective import cross_entropy, hits
-    from easier.train import evaluate
+    from easier.train.finetune import evaluate
+    from easier.train.objective import cross_entropy, hits
 
     torch.manual_seed(0)
     model = _llama().eval()
@@ -233,7 +233,7 @@ def test_next_token_labels_score_like_the_models_own_loss() -> None:
 
 
 def test_aligned_token_labels_score_like_token_classification() -> None:
-    from easier.objective import cross_entropy
+    from easier.train.objective import cross_entropy
 
     torch.manual_seed(0)
     cfg = T.DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64, vocab_size=100,

@@ -8,8 +8,8 @@ from torch import nn
 
 import easier
 from easier import EasierWarning, SiteError
+from easier.edit.linearize import CallSwitch, Linearized, apply_edits, edits_of
 from easier.errors import ConfigError
-from easier.linearize import CallSwitch, Linearized, apply_edits, edits_of
 
 X = torch.randn(2, 3, 5, 5)  # example input for captures
 

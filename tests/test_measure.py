@@ -7,8 +7,8 @@ from torch import nn
 
 import easier
 from easier.errors import ConfigError
-from easier.measurement import Measurement, compare_table, measure, weight_depth
-from easier.sites import EasierWarning
+from easier.graph.sites import EasierWarning
+from easier.perf.measure import Measurement, compare_table, measure, weight_depth
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -178,7 +178,7 @@ def test_compare_table_ratios():
 
 
 def test_time_call_never_rests_on_one_run():
-    from easier.timing import MIN_RUNS, time_call
+    from easier.perf.timing import MIN_RUNS, time_call
 
     a = torch.randn(256, 256)
     calls = []
@@ -200,7 +200,7 @@ def test_time_call_never_rests_on_one_run():
 def test_measure_warns_about_noisy_or_thin_latencies(monkeypatch, median, iqr, runs, words):
     import warnings
 
-    import easier.measurement as measurement
+    import easier.perf.measure as measurement
 
     monkeypatch.setattr(measurement, "time_call", lambda fn, **kw: (median, iqr, runs))
     with warnings.catch_warnings(record=True) as caught:
@@ -223,7 +223,7 @@ def _binomial_cdf(k: int, n: int) -> float:
 def test_comparison_band_is_the_sign_test_interval_and_quartiles_match_numpy():
     import numpy as np
 
-    from easier.timing import compare_samples
+    from easier.perf.timing import compare_samples
 
     rng = np.random.default_rng(0)
     for n in (5, 7, 9, 12):
@@ -241,7 +241,7 @@ def test_comparison_band_is_the_sign_test_interval_and_quartiles_match_numpy():
 
 
 def test_verdicts_from_hand_made_rounds():
-    from easier.timing import compare_samples
+    from easier.perf.timing import compare_samples
 
     before = [10.0] * 7
     faster = compare_samples(before, [5.0, 5.5, 6.0, 5.2, 5.1, 5.9, 5.0])
@@ -270,7 +270,7 @@ class _Sleepy(nn.Module):
 
 
 def test_measure_pair_times_side_by_side_and_tells_a_real_slowdown():
-    from easier.measurement import measure_pair
+    from easier.perf.measure import measure_pair
 
     fast, slow = _Sleepy(0.0), _Sleepy(3.0)
     slow.load_state_dict(fast.state_dict())

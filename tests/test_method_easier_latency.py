@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import easier
 from easier.errors import ConfigError
-from easier.fold.latency import LatencyConfig
+from easier.merge.latency import LatencyConfig
 from easier.methods import Context, create_method
 from easier.methods.easier import Easier
 from easier.methods.easier_latency import EasierLatency

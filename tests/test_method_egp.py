@@ -15,12 +15,12 @@ from torch.utils.data import TensorDataset
 
 import easier
 from easier import ConfigError, RunConfig, StopRule, measure_entropy
-from easier.loop import reduce
 from easier.methods import Context, create_method
 from easier.methods.egp import Egp, site_layers, waterfill
 from easier.methods.nepenthe import Nepenthe, nepenthe_logits
 from easier.models import create
-from easier.train import FineTune, TrainResult, fine_tune
+from easier.pipeline.reduce import reduce
+from easier.train.finetune import FineTune, TrainResult, fine_tune
 
 reduce_mod = importlib.import_module(reduce.__module__)  # the loop's module, to monkeypatch
 
@@ -310,7 +310,7 @@ def scripted(monkeypatch, accuracies):
         "fine_tune",
         lambda *a, **k: TrainResult(epochs=1, steps=1, loss=0.1, accuracy=50.0),
     )
-    monkeypatch.setattr("easier.scores.evaluate", lambda *a, **k: (0.5, next(seq)))
+    monkeypatch.setattr("easier.pipeline.scores.evaluate", lambda *a, **k: (0.5, next(seq)))
 
 
 def test_loop_stops_at_first_drop_and_keeps_the_last_accepted_round(monkeypatch):
@@ -368,7 +368,8 @@ KW = {
 def _no_png():
     """The run directory's PNG report costs ~1 s per iteration and is not under test here."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(importlib.import_module("easier.report"), "plot_history", lambda *a, **k: None)
+        mp.setattr(importlib.import_module("easier.report.files"), "plot_history", lambda *a, **k:
+        None)
         yield
 
 

@@ -10,9 +10,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from easier import ConfigError, DataError, EasierWarning, RunConfig, StopRule, find_sites, models
-from easier.fold import fold
-from easier.linearize import edits_of, replace_with_identity
-from easier.loop import reduce
+from easier.edit.linearize import edits_of, replace_with_identity
+from easier.io.records import load_model
+from easier.merge import fold
 from easier.methods import create_method
 from easier.methods.lacoot import (
     Lacoot,
@@ -22,10 +22,10 @@ from easier.methods.lacoot import (
     max_sliced_wasserstein,
     wasserstein2_1d,
 )
-from easier.state import load_model
-from easier.train import FineTune, TrainResult
+from easier.pipeline.reduce import reduce
+from easier.train.finetune import FineTune, TrainResult
 
-reduce_mod = importlib.import_module("easier.loop")  # the package re-exports the function
+reduce_mod = importlib.import_module("easier.pipeline.reduce")
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -265,7 +265,7 @@ def test_regularizer_warns_when_there_is_nothing_to_regularize():
 
 
 def test_fine_tune_attaches_and_detaches_the_hooks():
-    from easier.train import fine_tune
+    from easier.train.finetune import fine_tune
 
     net = tiny_resnet()
     reg = Lacoot().regularizer()
@@ -349,7 +349,7 @@ def scripted(monkeypatch, accuracies):
         return TrainResult(epochs=1, steps=1, loss=0.1, accuracy=50.0)
 
     monkeypatch.setattr(reduce_mod, "fine_tune", fake_fine_tune)
-    monkeypatch.setattr("easier.scores.evaluate", lambda *a, **k: (0.5, next(seq)))
+    monkeypatch.setattr("easier.pipeline.scores.evaluate", lambda *a, **k: (0.5, next(seq)))
     return calls
 
 
@@ -376,7 +376,7 @@ def test_finetune_after_fine_tunes_with_the_regularizer(monkeypatch):
 
 @pytest.mark.parametrize("finetune_after", [False, True])
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch, finetune_after):
-    monkeypatch.setattr("easier.report.plot_history", lambda *a, **k: None)  # speed only
+    monkeypatch.setattr("easier.report.files.plot_history", lambda *a, **k: None)  # speed only
 
     def go(out, resume=False):
         torch.manual_seed(0)

@@ -11,10 +11,10 @@ from torch.utils.data import TensorDataset
 import easier
 from _harness import crash_at, history_rows, tiny_run
 from easier import SiteError, StopRule
-from easier.capture import capture, node_scope
-from easier.fold import fold
-from easier.linearize import Linearized, edits_of
-from easier.loop import reduce
+from easier.edit.linearize import Linearized, edits_of
+from easier.graph.capture import capture, node_scope
+from easier.io.records import load_model, save_model
+from easier.merge import fold
 from easier.methods import Context, create_method
 from easier.methods.layer_folding import (
     SLOPES,
@@ -24,10 +24,10 @@ from easier.methods.layer_folding import (
     slope_values,
 )
 from easier.models import create
-from easier.state import load_model, save_model
-from easier.train import FineTune, TrainResult
+from easier.pipeline.reduce import reduce
+from easier.train.finetune import FineTune, TrainResult
 
-reduce_mod = importlib.import_module("easier.loop")  # the package exports reduce()
+reduce_mod = importlib.import_module("easier.pipeline.reduce")  # the package exports reduce()
 
 X6 = torch.randn(2, 6)  # example input of MLP and InPlace (captures find their sites)
 
@@ -227,7 +227,7 @@ def test_loop_stops_at_the_first_drop(monkeypatch):
     monkeypatch.setattr(
         reduce_mod, "fine_tune", lambda *a, **k: TrainResult(epochs=1, loss=0.1, accuracy=50.0)
     )
-    monkeypatch.setattr("easier.scores.evaluate", lambda *a, **k: (0.5, next(seq)))
+    monkeypatch.setattr("easier.pipeline.scores.evaluate", lambda *a, **k: (0.5, next(seq)))
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
     res = reduce(MLP(), data, data, method="layer-folding", finetune=FineTune(batch_size=16),

@@ -12,14 +12,14 @@ from torch.utils.data import TensorDataset
 import easier
 from _harness import crash_at, history_rows, tiny_run
 from easier import StopRule
-from easier.fold import fold
-from easier.loop import reduce
+from easier.merge import fold
 from easier.methods import Context, create_method
 from easier.methods.tlc import TLC, collapse_plans, select_joint
 from easier.models import create
-from easier.train import FineTune, TrainResult, fine_tune
+from easier.pipeline.reduce import reduce
+from easier.train.finetune import FineTune, TrainResult, fine_tune
 
-reduce_mod = importlib.import_module("easier.loop")  # the package exports reduce()
+reduce_mod = importlib.import_module("easier.pipeline.reduce")  # the package exports reduce()
 
 
 class BNNet(nn.Module):
@@ -256,7 +256,7 @@ def test_loop_stops_at_the_first_drop(monkeypatch):
     monkeypatch.setattr(
         reduce_mod, "fine_tune", lambda *a, **k: TrainResult(epochs=1, loss=0.1, accuracy=50.0)
     )
-    monkeypatch.setattr("easier.scores.evaluate", lambda *a, **k: (0.5, next(seq)))
+    monkeypatch.setattr("easier.pipeline.scores.evaluate", lambda *a, **k: (0.5, next(seq)))
     res = reduce(BNNet(), images(32), images(16, 1), method="tlc",
                  finetune=FineTune(batch_size=16), stop=StopRule(delta=1.0))
     assert [h["accepted"] for h in res.history] == [True, True, False]

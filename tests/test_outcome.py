@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from easier.outcome import nonzero_params, outcome, outcome_table, summary_line
+from easier.report.outcome import nonzero_params, outcome, outcome_table, summary_line
 
 HISTORY = [
     {"iteration": 0, "removed": [], "accepted": True, "val_acc": 97.0, "test_acc": 96.5,

@@ -2,7 +2,7 @@
 
 import io
 
-from easier.progress import plain_progress, progress
+from easier.report.progress import plain_progress, progress
 
 
 class Clock:

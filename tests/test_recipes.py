@@ -3,8 +3,8 @@
 import pytest
 
 from easier import ConfigError
-from easier.recipes import RECIPES, recipe
-from easier.train import FineTune
+from easier.train.finetune import FineTune
+from easier.train.recipes import RECIPES, recipe
 
 # Table 4: (epochs, batch, optimizer, momentum, lr, milestones, drop, weight decay)
 TABLE4 = {

@@ -11,12 +11,12 @@ from torch.utils.data import TensorDataset
 
 from _harness import crash_at, history_rows
 from easier import ConfigError, Recovery, RunConfig, StopRule
-from easier.atomic import atomic_write_text
-from easier.loop import reduce
+from easier.io.atomic import atomic_write_text
+from easier.io.records import load_model
 from easier.methods.easier import Easier
-from easier.recovery import TEACHER_FILE, Distill, EarlyStop, distill_loss
-from easier.state import load_model
-from easier.train import FineTune, fine_tune, seed_everything
+from easier.pipeline.reduce import reduce
+from easier.train.finetune import FineTune, fine_tune, seed_everything
+from easier.train.recovery import TEACHER_FILE, Distill, EarlyStop, distill_loss
 
 
 def mlp(seed=0):
@@ -249,7 +249,7 @@ class DictNet(nn.Module):
 
 
 def test_distill_and_subset_check_take_dict_batches_and_model_outputs():
-    from easier.recovery import read_subset, subset_accuracy
+    from easier.train.recovery import read_subset, subset_accuracy
 
     x, y = data(64, seed=1).tensors
     rows = [{"pixel_values": x[i], "scale": torch.tensor([2.0]), "label": y[i]} for i in range(64)]

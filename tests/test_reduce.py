@@ -16,9 +16,9 @@ from torch.utils.data import TensorDataset
 
 import easier
 from easier import ConfigError, EntropyConfig, RunConfig, StateError, StopRule
-from easier.loop import reduce
-from easier.state import load_model
-from easier.train import FineTune, TrainResult
+from easier.io.records import load_model
+from easier.pipeline.reduce import reduce
+from easier.train.finetune import FineTune, TrainResult
 
 
 class Net(nn.Module):
@@ -84,7 +84,7 @@ def scripted(monkeypatch, accuracies):
     seq = iter(accuracies)
     monkeypatch.setattr(reduce_mod, "fine_tune", lambda *a, **k: TrainResult(epochs=1, loss=0.1,
                                                                               accuracy=50.0))
-    monkeypatch.setattr("easier.scores.evaluate", lambda *a, **k: (0.5, next(seq)))
+    monkeypatch.setattr("easier.pipeline.scores.evaluate", lambda *a, **k: (0.5, next(seq)))
 
 
 def test_delta_rule_stops_at_first_drop_and_keeps_last_good(monkeypatch):
@@ -144,8 +144,8 @@ SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from test_reduce import Net, toy_data, FT
     from easier import RunConfig, StopRule
-    from easier.loop import reduce
-    from easier.train import FineTune
+    from easier.pipeline.reduce import reduce
+    from easier.train.finetune import FineTune
     torch.set_num_threads(1)
     torch.manual_seed(0)
     ft = FineTune(epochs=3, lr=0.05, batch_size=8)
@@ -271,7 +271,7 @@ def test_configs_are_recorded_flat_and_a_changed_one_blocks_resume(tmp_path):
 
 HOLDER = textwrap.dedent("""
     import sys
-    from easier.state import lock_run_dir
+    from easier.io.records import lock_run_dir
     with lock_run_dir(sys.argv[1]):
         print("locked", flush=True)
         sys.stdin.read()  # hold until the parent closes stdin
@@ -292,7 +292,7 @@ def test_reduce_takes_the_run_directory_lock(tmp_path):
         proc.stdin.close()
         proc.wait(timeout=60)
     # the lock is re-entrant: a caller holding it (as the CLI does) can still run reduce
-    with easier.state.lock_run_dir(out):
+    with easier.io.records.lock_run_dir(out):
         res = reduce(Net(), toy_data(), toy_data(30), finetune=FT, out=out,
                      stop=StopRule(max_removals=1), run=RunConfig(verbose=False))
     assert len(res.history) == 2

@@ -3,7 +3,7 @@
 import csv
 import io
 
-from easier.report import history_csv, history_table, plot_history, report_markdown
+from easier.report.files import history_csv, history_table, plot_history, report_markdown
 
 BASE = {"val_acc": 90.0, "test_acc": 89.5}
 HISTORY = [
@@ -80,7 +80,7 @@ def _offsets(ax, label):
 def test_plot_marks_the_rejected_iteration_and_the_kept_model():
     import matplotlib.pyplot as plt
 
-    from easier.report import history_figure
+    from easier.report.files import history_figure
 
     fig = history_figure(HISTORY, BASE, 1.0, CFG["sites"])
     try:
@@ -103,7 +103,7 @@ def _row(method, latency, acc):
 def test_comparison_plot_names_methods_in_a_legend_and_clips_an_outlier():
     import matplotlib.pyplot as plt
 
-    from easier.compare import comparison_figure, latency_axis_limit
+    from easier.pipeline.compare import comparison_figure, latency_axis_limit
 
     rows = [_row("easier", 1.0, 88.0), _row("egp", 1.2, 87.0), _row("tlc", 0.9, 86.0),
             _row("random", 30.0, 85.0)]

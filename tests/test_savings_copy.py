@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from easier import models
-from easier.fold.chains import find_chains
-from easier.fold.graph import prepare_graph
-from easier.fold.savings import FoldSavings
-from easier.sites import KINDS
+from easier.graph.sites import KINDS
+from easier.merge.chains import find_chains
+from easier.merge.graph import prepare_graph
+from easier.merge.savings import FoldSavings
 
 
 def _reference_saving(fs, graph, sites):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from easier.errors import StateError
-from easier.state import (
+from easier.io.records import (
     CHECKSUMS,
     RunDir,
     atomic_write_text,
@@ -131,7 +131,7 @@ def test_files_are_created_with_the_users_umask(tmp_path, umask):
 
 HOLDER = textwrap.dedent("""
     import sys
-    from easier.state import lock_run_dir
+    from easier.io.records import lock_run_dir
     with lock_run_dir(sys.argv[1]):
         print("locked", flush=True)
         sys.stdin.read()  # hold until the parent closes stdin (or kills us)

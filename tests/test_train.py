@@ -6,7 +6,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from easier import ConfigError, FineTune
-from easier.train import _optimizer, _scheduler, evaluate, fine_tune, make_loader
+from easier.train.finetune import _optimizer, _scheduler, evaluate, fine_tune, make_loader
 
 
 def data(n=64):

@@ -12,10 +12,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import easier
+from easier.entropy.train_counts import TrainCounts
 from easier.errors import ConfigError
 from easier.methods.easier import Easier
-from easier.methods.train_counts import TrainCounts
-from easier.train import FineTune, fine_tune
+from easier.train.finetune import FineTune, fine_tune
 
 
 def _h(p: np.ndarray) -> np.ndarray:
@@ -170,7 +170,7 @@ def test_from_a_checkpoint_the_first_measurement_is_a_train_mode_pass():
 
 
 def test_reestimate_bn_matches_hand_statistics_and_keeps_weights():
-    from easier.recalibrate import reestimate_bn
+    from easier.edit.recalibrate import reestimate_bn
 
     torch.manual_seed(5)
     m = BNNet()

@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from easier.cli import main
-from easier.errors import ConfigError, StateError
-from easier.user import (
+from easier.cli.user import (
     build_model,
     is_callable_spec,
     load_callable,
@@ -21,6 +20,7 @@ from easier.user import (
     load_data,
     short_name,
 )
+from easier.errors import ConfigError, StateError
 
 USER_FILE = textwrap.dedent('''
     import torch

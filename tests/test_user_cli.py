@@ -11,13 +11,13 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from easier.checkpoints import load_checkpoint, strip_prefix
 from easier.cli import main
+from easier.cli.user import build_model, load_data
 from easier.data.checks import check_datasets
 from easier.errors import ConfigError, DataError, StateError, UserCodeError
-from easier.outcome import nonzero_params, returned_nonzero
-from easier.rundir import lock_run_dir
-from easier.user import build_model, load_data
+from easier.io.checkpoints import load_checkpoint, strip_prefix
+from easier.io.rundir import lock_run_dir
+from easier.report.outcome import nonzero_params, returned_nonzero
 
 
 def _net() -> nn.Module:

@@ -5,8 +5,10 @@ The pipeline, one module per step::
     find_sites -> measure_entropy -> choose (method) -> linearize -> fine-tune -> fold -> measure
 """
 
-from .entropy import EntropyReport, NeuronStats, binary_entropy, measure_entropy
-from .errors import (
+from easier.edit.linearize import linearize, linearized_sites, replace_with_identity
+from easier.edit.padding import fold_ready
+from easier.entropy.estimate import EntropyReport, NeuronStats, binary_entropy, measure_entropy
+from easier.errors import (
     ConfigError,
     DataError,
     EasierError,
@@ -17,16 +19,14 @@ from .errors import (
     StateError,
     TraceError,
 )
-from .fold import FoldPlan, fold, plan_fold
-from .linearize import linearize, linearized_sites, replace_with_identity
-from .loop import ReduceResult, reduce
-from .measurement import Measurement, compare_table, measure
-from .padding import fold_ready
-from .recovery import Recovery
-from .settings import EntropyConfig, RunConfig, StopRule
-from .sites import KINDS, EasierWarning, Site, find_sites
-from .state import load_model, save_model
-from .train import FineTune
+from easier.graph.sites import KINDS, EasierWarning, Site, find_sites
+from easier.io.records import load_model, save_model
+from easier.merge import FoldPlan, fold, plan_fold
+from easier.perf.measure import Measurement, compare_table, measure
+from easier.pipeline.reduce import ReduceResult, reduce
+from easier.pipeline.settings import EntropyConfig, RunConfig, StopRule
+from easier.train.finetune import FineTune
+from easier.train.recovery import Recovery
 
 __version__ = "0.1.0"
 

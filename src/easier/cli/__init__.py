@@ -14,8 +14,8 @@ import threading
 import traceback
 from collections.abc import Iterator
 
-from .failures import describe_failure
-from .parser import build_parser
+from easier.cli.failures import describe_failure
+from easier.cli.parser import build_parser
 
 __all__ = ["build_parser", "describe_failure", "main"]
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"easier: error: {message}", file=sys.stderr)
         return code
     finally:
-        from ..distributed import cleanup
+        from easier.parallel import cleanup
 
         with contextlib.suppress(Exception):  # a group broken by a dead rank may not close
             cleanup()

@@ -8,9 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, StateError
-from ..outcome import near_chance, returned_nonzero
-from .session import (
+from easier.cli.session import (
     build_base,
     device,
     join,
@@ -20,6 +18,8 @@ from .session import (
     say,
     setup,
 )
+from easier.errors import ConfigError, StateError
+from easier.report.outcome import near_chance, returned_nonzero
 
 __all__ = ["cmd_compare", "cmd_entropy", "cmd_fold", "cmd_list", "cmd_reduce", "end_of_run"]
 
@@ -27,7 +27,7 @@ __all__ = ["cmd_compare", "cmd_entropy", "cmd_fold", "cmd_list", "cmd_reduce", "
 def end_of_run(result: Any, *, num_classes: int, dense_nonzero: int | None,
                unit: str) -> list[str]:
     """The lines printed after a run: dense vs returned table, warnings, one summary line."""
-    from ..outcome import outcome, outcome_table, summary_line
+    from easier.report.outcome import outcome, outcome_table, summary_line
 
     o = outcome(result.history, result.extras.get("fold"), unit=unit,
                 dense_nonzero=dense_nonzero, returned_nonzero=returned_nonzero(result))
@@ -40,11 +40,11 @@ def end_of_run(result: Any, *, num_classes: int, dense_nonzero: int | None,
 
 
 def cmd_reduce(args: argparse.Namespace) -> int:
-    from ..distributed import is_main
-    from ..loop import reduce
-    from ..methods import create_method
-    from ..outcome import nonzero_params
-    from ..run_outputs import FoldOptions
+    from easier.io.artifacts import FoldOptions
+    from easier.methods import create_method
+    from easier.parallel import is_main
+    from easier.pipeline.reduce import reduce
+    from easier.report.outcome import nonzero_params
 
     method = create_method(args.method, **parse_options(args.method_option))
     out = out_dir(args, args.model, args.data, args.method, f"s{args.seed}")
@@ -74,7 +74,7 @@ def cmd_reduce(args: argparse.Namespace) -> int:
 
 def compare_methods(args: argparse.Namespace) -> tuple[list[str], dict[str, dict[str, Any]]]:
     """Method names and options, every one checked before anything runs."""
-    from ..methods import create_method
+    from easier.methods import create_method
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
@@ -93,7 +93,7 @@ def compare_methods(args: argparse.Namespace) -> tuple[list[str], dict[str, dict
 
 def compare_fronts(args: argparse.Namespace) -> Any:
     """The fronts' settings (False without --fronts), checked before anything runs."""
-    from ..fronts import FrontConfig
+    from easier.pipeline.fronts import FrontConfig
 
     if args.front_batch is not None and not args.fronts:
         raise ConfigError("--front-batch times the fronts: add --fronts")
@@ -103,7 +103,7 @@ def compare_fronts(args: argparse.Namespace) -> Any:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from ..compare import compare, comparison_table
+    from easier.pipeline.compare import compare, comparison_table
 
     methods, opts = compare_methods(args)
     fronts = compare_fronts(args)
@@ -124,9 +124,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_entropy(args: argparse.Namespace) -> int:
-    from ..entropy import measure_entropy
-    from ..train import make_loader
-    from ..user import load_checkpoint, load_data
+    from easier.cli.user import load_checkpoint, load_data
+    from easier.entropy.estimate import measure_entropy
+    from easier.train.finetune import make_loader
 
     splits = load_data(args.data, seed=args.seed, image_size=args.image_size,
                        input_key=args.input_key)
@@ -149,8 +149,8 @@ def cmd_entropy(args: argparse.Namespace) -> int:
 
 
 def cmd_fold(args: argparse.Namespace) -> int:
-    from ..run_outputs import FoldOptions, fold_run
-    from ..state import RunDir, lock_run_dir
+    from easier.io.artifacts import FoldOptions, fold_run
+    from easier.io.records import RunDir, lock_run_dir
 
     run = RunDir(args.run_dir)
     if not run.config_path.is_file():
@@ -181,19 +181,19 @@ def cmd_fold(args: argparse.Namespace) -> int:
 
 def cmd_list(what: str) -> int:
     if what == "models":
-        from ..models import list_models
+        from easier.models import list_models
 
         lines = [*list_models(), "torchvision:NAME, timm:NAME (when installed)",
                  "module.path:callable or path/to/file.py:callable (your own)"]
     elif what == "datasets":
-        from ..data import dataset_forms
+        from easier.data import dataset_forms
 
         forms = [*dataset_forms(), ("module.path:callable", "your own: returns (train, val) "
                                     "or (train, val, test); also path/to/file.py:callable")]
         width = max(len(f) for f, _ in forms)
         lines = [f"{f:<{width}}  {h}" for f, h in forms]
     else:
-        from ..methods import list_methods
+        from easier.methods import list_methods
 
         lines = list_methods()
     print("\n".join(lines))

@@ -5,14 +5,14 @@ from __future__ import annotations
 import errno
 import os
 
-from ..errors import ConfigError, EasierError
+from easier.errors import ConfigError, EasierError
 
 __all__ = ["describe_failure"]
 
 
 def describe_failure(exc: BaseException) -> tuple[str, int]:
     """(one-line message, exit code) of an error: 2 for a bad option, 1 for a runtime failure."""
-    from ..distributed import get_info, timed_out
+    from easier.parallel import get_info, timed_out
 
     if isinstance(exc, ConfigError):
         return str(exc), 2

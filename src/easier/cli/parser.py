@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import commands
+from easier.cli import commands
 
 __all__ = ["NONNEG_FLOAT", "NONNEG_INT", "POS_FLOAT", "POS_INT", "build_parser"]
 

@@ -10,8 +10,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
-from ..user import is_callable_spec
+from easier.cli.user import is_callable_spec
+from easier.errors import ConfigError
 
 __all__ = ["build_base", "device", "join", "locked", "out_dir", "parse_options",
            "say", "setup"]
@@ -56,14 +56,14 @@ def parse_options(items: list[str]) -> dict[str, Any]:
 
 def join(args: argparse.Namespace) -> Any:
     """The device and the process group (a no-op unless launched by torchrun)."""
-    from ..distributed import init_from_env
+    from easier.parallel import init_from_env
 
     return init_from_env(device(args.device), timeout_s=args.dist_timeout)
 
 
 def locked(path: Path, info: Any) -> contextlib.AbstractContextManager[None]:
     """Hold the writer lock of run directory ``path`` for every rank of the job."""
-    from ..rundir import lock_run_dir_ranks
+    from easier.io.rundir import lock_run_dir_ranks
 
     return lock_run_dir_ranks(path, info)
 
@@ -72,8 +72,8 @@ def build_base(name: str, *, num_classes: int, in_channels: int, image_size: int
                width: float) -> Any:
     """A fresh model: a registry name or the user's ``module:callable``. A model that needs
     larger images says which ``--image-size`` to pass."""
-    from .. import models
-    from ..user import build_model
+    from easier import models
+    from easier.cli.user import build_model
 
     if is_callable_spec(name):
         return build_model(name, num_classes=num_classes, in_channels=in_channels,
@@ -99,11 +99,11 @@ def setup(args: argparse.Namespace, info: Any) -> dict[str, Any]:
     """Data, schedules and a model factory shared by reduce and compare."""
     import torch
 
-    from ..recipes import recipe
-    from ..recovery import Recovery
-    from ..settings import EntropyConfig, RunConfig, StopRule
-    from ..train import seed_everything
-    from ..user import load_checkpoint, load_data, model_file
+    from easier.cli.user import load_checkpoint, load_data, model_file
+    from easier.pipeline.settings import EntropyConfig, RunConfig, StopRule
+    from easier.train.finetune import seed_everything
+    from easier.train.recipes import recipe
+    from easier.train.recovery import Recovery
 
     dev = str(info.device) if info.enabled else device(args.device)
     if args.threads:
@@ -168,7 +168,7 @@ def setup(args: argparse.Namespace, info: Any) -> dict[str, Any]:
 
 def out_dir(args: argparse.Namespace, *parts: str) -> Path:
     """``--out``, else ``runs/`` plus the parts joined by '-' (user specs by their short name)."""
-    from ..user import short_name
+    from easier.cli.user import short_name
 
     if args.out:
         return Path(args.out)

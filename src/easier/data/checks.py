@@ -176,8 +176,8 @@ def _dict_outputs(model: nn.Module, item: dict[str, Any], input_key: Any, name: 
     """:func:`num_outputs` for a dict item, passed as the loop passes a dict batch."""
     from torch.utils.data import default_collate
 
-    from easier.capture import call_model, to_device
-    from easier.entropy import batch_input
+    from easier.entropy.estimate import batch_input
+    from easier.graph.capture import call_model, to_device
 
     batch = batch_input(default_collate([item]), input_key)
     how = ("positionally" if not isinstance(batch, dict)

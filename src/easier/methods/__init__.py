@@ -1,6 +1,6 @@
 """Depth-reduction methods behind one interface: ``reduce(..., method=NAME)``."""
 
-from . import (  # noqa: F401  (registers the methods)
+from easier.methods import (  # noqa: F401  (registers the methods)
     controls,
     easier,
     easier_latency,
@@ -10,7 +10,7 @@ from . import (  # noqa: F401  (registers the methods)
     nepenthe,
     tlc,
 )
-from .base import (
+from easier.methods.base import (
     Context,
     Method,
     SiteMethod,

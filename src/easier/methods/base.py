@@ -13,7 +13,8 @@ iteration changes and may hook into training:
 * ``finetune``: whether the loop fine-tunes after each step.
 
 Every change to the model must go through a recorded edit (:func:`easier.linearize`,
-:func:`easier.linearize.replace_with_identity`, or an edit the method registers), or be a change
+:func:`easier.edit.linearize.replace_with_identity`, or an edit the method registers), or be a
+change
 of weights, so that checkpoints rebuild under ``weights_only=True``.
 """
 
@@ -28,13 +29,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..capture import call_model, default_example, to_device
-from ..entropy import EntropyReport, batch_input, measure_entropy, model_device
-from ..errors import ConfigError
-from ..linearize import linearize
-from ..objective import cross_entropy, hits
-from ..sites import KINDS, find_sites
-from ..train import logits_of, targets
+from easier.edit.linearize import linearize
+from easier.entropy.estimate import EntropyReport, batch_input, measure_entropy, model_device
+from easier.errors import ConfigError
+from easier.graph.capture import call_model, default_example, to_device
+from easier.graph.sites import KINDS, find_sites
+from easier.train.finetune import logits_of, targets
+from easier.train.objective import cross_entropy, hits
 
 __all__ = ["Context", "Method", "SiteMethod", "Step", "create_method", "list_methods",
            "register_method"]
@@ -68,8 +69,8 @@ class Context:
 
     def entropy(self, model: nn.Module | None = None, **options: Any) -> EntropyReport:
         """Entropy of the remaining sites on the training images (cached for ``ctx.model``)."""
-        from ..distributed import get_info, measure_entropy_distributed
-        from ..train import make_loader
+        from easier.parallel import get_info, measure_entropy_distributed
+        from easier.train.finetune import make_loader
 
         target = self.model if model is None else model
         if model is None and self.report is not None and not options:
@@ -111,8 +112,8 @@ class Context:
         Fitted on the first ``fit_batches`` unshuffled training batches, so every rank of a
         distributed run fits the same values.
         """
-        from ..affine import fit_affine
-        from ..train import make_loader
+        from easier.edit.affine import fit_affine
+        from easier.train.finetune import make_loader
 
         target = self.model if model is None else model
         if id(target) not in self.fits:
@@ -125,7 +126,7 @@ class Context:
 
     def val_batches(self, n: int | None = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The first ``n`` validation batches (all when None), on the device."""
-        from ..train import make_loader
+        from easier.train.finetune import make_loader
 
         out = []
         for i, batch in enumerate(make_loader(self.val, self.batch_size, shuffle=False)):
@@ -185,7 +186,7 @@ class Method:
 
     def units(self, model: nn.Module, kinds: Sequence[str] = KINDS) -> list[str]:
         """The units still removable in ``model``. Default: its activation sites."""
-        from ..errors import NoSitesError
+        from easier.errors import NoSitesError
 
         try:
             example = to_device(self.example, model_device(model))

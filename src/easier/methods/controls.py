@@ -6,7 +6,7 @@ Both still measure the entropy (it is recorded in the history for analysis), but
 
 from __future__ import annotations
 
-from .base import Context, SiteMethod, register_method
+from easier.methods.base import Context, SiteMethod, register_method
 
 
 @register_method

@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..capture import call_model, to_device
-from ..entropy import EntropyReport, batch_input, model_device
-from ..errors import ConfigError
-from .base import Context, SiteMethod, Step, register_method
-from .train_counts import TrainCounts
+from easier.entropy.estimate import EntropyReport, batch_input, model_device
+from easier.entropy.train_counts import TrainCounts
+from easier.errors import ConfigError
+from easier.graph.capture import call_model, to_device
+from easier.methods.base import Context, SiteMethod, Step, register_method
 
 WHEN = ("eval", "train-epoch")
 
@@ -73,7 +73,7 @@ class Easier(SiteMethod):
     def _measured_in_training(self, ctx: Context) -> EntropyReport:
         counts = self._train_counts()
         if counts.batches == 0:  # nothing trained yet: one train-mode pass, weights frozen
-            from ..train import make_loader
+            from easier.train.finetune import make_loader
 
             probe = copy.deepcopy(ctx.model).train()  # its BN statistics may move: a copy
             counts.example = self.example if self.example is not None else ctx.example

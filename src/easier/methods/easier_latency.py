@@ -7,7 +7,7 @@ this method keeps EASIER's criterion as the guard on accuracy and adds that payo
 
 1. rank the remaining sites by entropy and keep the ``pool`` fraction with the lowest;
 2. price each of them by the time the fold would save once it is linear
-   (:class:`easier.fold.savings.FoldSavings`: chains timed unmerged vs merged at the real input
+   (:class:`easier.merge.savings.FoldSavings`: chains timed unmerged vs merged at the real input
    shape, at ``batch_sizes``, a merge counted only when it is faster beyond the noise band);
    with ``lookahead`` a site is also credited half its synergy with an adjacent site (what
    removing both saves beyond each alone: an inverted residual collapses only when both go);
@@ -24,10 +24,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..errors import ConfigError
-from ..fold.latency import LatencyConfig
-from ..fold.savings import COSTS, FoldSavings
-from .base import Context, Method, Step, register_method
+from easier.errors import ConfigError
+from easier.merge.latency import LatencyConfig
+from easier.merge.savings import COSTS, FoldSavings
+from easier.methods.base import Context, Method, Step, register_method
 
 
 @register_method

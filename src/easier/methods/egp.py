@@ -73,11 +73,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, StateError
-from ..sites import KINDS
-from .base import Context, Method, Step, register_method
-from .budget import egp_logits, round_half_up, waterfill
-from .layer_map import LayerLink, site_layers
+from easier.errors import ConfigError, StateError
+from easier.graph.sites import KINDS
+from easier.methods._lib.budget import egp_logits, round_half_up, waterfill
+from easier.methods._lib.layer_map import LayerLink, site_layers
+from easier.methods.base import Context, Method, Step, register_method
 
 __all__ = ["Egp", "LayerLink", "egp_logits", "site_layers", "waterfill"]
 

@@ -49,13 +49,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..linearize import replace_with_identity
-from ..sites import KINDS
-from .base import Context, Method, Step, register_method
-from .blocks import RULES, candidate_blocks
-from .msw import MSWRegularizer, block_distances, max_sliced_wasserstein, wasserstein2_1d
-from .warmup import Warmup, warm_up
+from easier.edit.linearize import replace_with_identity
+from easier.errors import ConfigError
+from easier.graph.sites import KINDS
+from easier.methods._lib.blocks import RULES, candidate_blocks
+from easier.methods._lib.msw import (
+    MSWRegularizer,
+    block_distances,
+    max_sliced_wasserstein,
+    wasserstein2_1d,
+)
+from easier.methods._lib.warmup import Warmup, warm_up
+from easier.methods.base import Context, Method, Step, register_method
 
 __all__ = [
     "PUBLISHED_LAMBDAS",

@@ -4,7 +4,7 @@ Every activation site ``y = act(x)`` becomes ``alpha * x + (1 - alpha) * act(x)`
 trainable ``alpha`` (init 0: the original function). A penalty pulls the slopes towards 1
 during training; each iteration linearizes the ``k`` sites with the largest ``alpha`` and
 fine-tunes. The slopes are a recorded eager edit (op ``"slopes"``: the site's call is overridden
-in place, see :func:`easier.switches.set_site_rule`, and the alphas live in one new submodule),
+in place, see :func:`easier.edit.switches.set_site_rule`, and the alphas live in one new submodule),
 so any model ``find_sites`` handles gets slopes, and saved models rebuild under
 ``torch.load(weights_only=True)``.
 
@@ -55,13 +55,13 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..capture import call_model, default_example, eval_mode
-from ..errors import ConfigError, SiteError
-from ..linearize import linearized_sites, record_edit, register_edit
-from ..sites import KINDS, find_sites
-from ..switches import set_site_rule
-from .base import Context, SiteMethod, Step, register_method
-from .warmup import Warmup, warm_up
+from easier.edit.linearize import linearized_sites, record_edit, register_edit
+from easier.edit.switches import set_site_rule
+from easier.errors import ConfigError, SiteError
+from easier.graph.capture import call_model, default_example, eval_mode
+from easier.graph.sites import KINDS, find_sites
+from easier.methods._lib.warmup import Warmup, warm_up
+from easier.methods.base import Context, SiteMethod, Step, register_method
 
 __all__ = [
     "SLOPES",
@@ -192,7 +192,7 @@ def add_slopes(
 ) -> nn.Module:
     """A copy of ``model`` whose sites compute ``alpha*x + (1-alpha)*act(x)``, alpha = 0.
 
-    The edit is eager (see :func:`easier.switches.set_site_rule`): the activation keeps its
+    The edit is eager (see :func:`easier.edit.switches.set_site_rule`): the activation keeps its
     name and stays a site for ``find_sites`` and :func:`easier.linearize`. ``sites=None`` means
     every site of ``kinds``, found on a capture made on ``example_input`` (default: the input the
     model's spec describes). With an example input the copy is checked to compute the model's

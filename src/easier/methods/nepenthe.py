@@ -37,9 +37,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import ConfigError
-from .base import register_method
-from .egp import Egp
+from easier.errors import ConfigError
+from easier.methods.base import register_method
+from easier.methods.egp import Egp
 
 __all__ = ["Nepenthe", "nepenthe_logits"]
 

@@ -52,12 +52,18 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..capture import Capture, default_example, flat_inputs
-from ..errors import ConfigError, SiteError, StateError
-from ..recalibrate import reestimate_bn
-from ..sites import KINDS, GraphSite, graph_sites
-from .base import Context, Method, Step, register_method
-from .graph_walk import capture_for, layer_calls, module_of, norm_input, pass_input
+from easier.edit.recalibrate import reestimate_bn
+from easier.errors import ConfigError, SiteError, StateError
+from easier.graph.capture import Capture, default_example, flat_inputs
+from easier.graph.sites import KINDS, GraphSite, graph_sites
+from easier.methods._lib.graph_walk import (
+    capture_for,
+    layer_calls,
+    module_of,
+    norm_input,
+    pass_input,
+)
+from easier.methods.base import Context, Method, Step, register_method
 
 __all__ = ["TLC", "Collapse", "apply_masks", "collapse_plans", "select_joint"]
 
@@ -277,7 +283,7 @@ class TLC(Method):
     ``batches`` is how many validation batches score the candidates (1 as in the reference;
     None for all); ``select`` is ``"joint"`` (the reference rule) or ``"lowest"``.
     ``bn_batches`` training batches re-estimate the BN statistics of every collapsed candidate
-    before its loss is taken (:func:`easier.recalibrate.reestimate_bn`): a loss gap measured
+    before its loss is taken (:func:`easier.edit.recalibrate.reestimate_bn`): a loss gap measured
     with the dense model's statistics mostly measures how stale they are. 0 scores as the
     reference does (and as runs made before this option did).
     """

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError, DataError, NonFiniteError
-from .runtime import DistInfo, comm_device, get_info
+from easier.errors import ConfigError, DataError, NonFiniteError
+from easier.parallel.runtime import DistInfo, comm_device, get_info
 
 __all__ = ["all_finite", "all_reduce_counters", "any_failed", "reduce_accuracy", "sum_counters"]
 
@@ -126,7 +126,8 @@ def all_reduce_counters(counters: dict[str, Any], info: DistInfo | None = None) 
 def reduce_accuracy(
     loss_sum: float, correct: int, count: int, info: DistInfo | None = None
 ) -> tuple[float, float]:
-    """(mean loss, top-1 accuracy in %) from per-rank sums, as :func:`easier.train.evaluate`."""
+    """(mean loss, top-1 accuracy in %) from per-rank sums, as
+    :func:`easier.train.finetune.evaluate`."""
     info = info or get_info()
     if info.enabled:
         t = torch.tensor(

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ..errors import ConfigError
-from .runtime import DistInfo, get_info
+from easier.errors import ConfigError
+from easier.parallel.runtime import DistInfo, get_info
 
 __all__ = ["make_loader", "shard_indices_exact", "shard_loader", "targets"]
 

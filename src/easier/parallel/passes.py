@@ -9,14 +9,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..capture import call_model, logits_of, to_device
-from ..entropy import EntropyPass, EntropyReport, batch_input
-from ..errors import ConfigError, DataError, EasierError
-from ..objective import cross_entropy, hits
-from ..sites import KINDS
-from .collectives import reduce_accuracy, sum_counters
-from .loaders import shard_indices_exact, shard_loader, targets
-from .runtime import DistInfo, get_info
+from easier.entropy.estimate import EntropyPass, EntropyReport, batch_input
+from easier.errors import ConfigError, DataError, EasierError
+from easier.graph.capture import call_model, logits_of, to_device
+from easier.graph.sites import KINDS
+from easier.parallel.collectives import reduce_accuracy, sum_counters
+from easier.parallel.loaders import shard_indices_exact, shard_loader, targets
+from easier.parallel.runtime import DistInfo, get_info
+from easier.train.objective import cross_entropy, hits
 
 __all__ = ["evaluate_distributed", "measure_entropy_distributed", "unwrap", "wrap_ddp"]
 
@@ -131,7 +131,7 @@ def evaluate_distributed(
 ) -> tuple[float, float]:
     """(mean cross-entropy, top-1 %) over ``dataset`` split exactly across ranks.
 
-    Mirrors :func:`easier.train.evaluate` (tensor, tuple or dict batches; tensor, tuple or
+    Mirrors :func:`easier.train.finetune.evaluate` (tensor, tuple or dict batches; tensor, tuple or
     ``ModelOutput`` results): the accuracy is the single-process one exactly, the
     loss up to the order of additions. Restores the model's mode.
     """

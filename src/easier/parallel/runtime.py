@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError, EasierError
+from easier.errors import ConfigError, EasierError
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",

@@ -1,0 +1,1 @@
+"""Private helpers shared by several methods (budgets, blocks, graph walks, warm-up, MSW)."""
