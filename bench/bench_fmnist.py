@@ -37,7 +37,7 @@ import torch
 import easier
 from easier import data, models
 from easier.data.idx import FASHION_DIR
-from easier.train import FineTune, evaluate, fine_tune, seed_everything
+from easier.train.finetune import FineTune, evaluate, fine_tune, seed_everything
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -165,7 +165,7 @@ def dense_meta(m: ModelSetting, s: Setting, seed: int) -> dict[str, Any]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from easier.atomic import atomic_write_text
+    from easier.io.atomic import atomic_write_text
 
     atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
@@ -250,9 +250,9 @@ def _lib() -> dict[str, Any]:
     """Library pieces outside the top-level API, wherever the layout puts them."""
     from _common import Delegate
 
-    from easier.measurement import measure_pair
+    from easier.edit.recalibrate import reestimate_bn
     from easier.methods import create_method, list_methods
-    from easier.recalibrate import reestimate_bn
+    from easier.perf.measure import measure_pair
 
     return {"measure_pair": measure_pair, "create_method": create_method,
             "list_methods": list_methods, "reestimate_bn": reestimate_bn,
@@ -301,7 +301,7 @@ def fold_and_time(lib: dict[str, Any], dense_model: torch.nn.Module, reduced: to
                   example: torch.Tensor, s: Setting) -> dict[str, Any]:
     """Both models folded (BN everywhere; linear chains under the latency plan), then timed
     side by side: the ratio reduced/dense per batch size with its noise band."""
-    from easier.fold.latency import LatencyConfig
+    from easier.merge import LatencyConfig
 
     batch_sizes = s.batch_sizes
     # the plan's own chain timings: the library defaults (7 rounds, 0.1 s), less for smoke
