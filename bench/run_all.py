@@ -133,9 +133,21 @@ SCRIPTS = (
         "removed at the same delta with <= 0.5x the fine-tuning steps.",
     ),
 )
+SCRIPTS += (
+    Script(
+        "fmnist",
+        "bench_fmnist.py",
+        "Fashion-MNIST: the method comparison on real data",
+        "Every method from the same dense ResNet-18 / MobileNetV2 checkpoints per seed, the same "
+        "fine-tune budget per removal, delta 1 point: activations removed, test top-1, folded "
+        "latency vs dense. Full mode reports the campaign's saved rows "
+        "(bench/results/fmnist.jsonl; the campaign itself takes hours: "
+        "`python bench/bench_fmnist.py`); --quick runs a tiny campaign.",
+    ),
+)
 # fold_models uses the reproduction's run
 RUN_ORDER = ("entropy", "entropy_floor", "fold", "reproduction", "fold_models", "bert_fold",
-             "entropy_order", "linear_replacement", "time_to_result", "latency_method")
+             "entropy_order", "linear_replacement", "time_to_result", "latency_method", "fmnist")
 
 
 def run_script(script: Script, args: list[str], out: Path | None) -> tuple[int, str, float]:
@@ -217,6 +229,8 @@ def main(argv: list[str] | None = None) -> list[str]:
                 extra += ["--run", str(work / "seed0" / "easier")]
                 if not args.quick:
                     extra += ["--run-width", "1.0"]
+            if key == "fmnist" and not args.quick:
+                extra += ["--report"]  # the saved campaign rows, not hours of training
             out = tmpdir / f"{key}.md" if script.takes_out else None
             rc, output, secs = run_script(script, extra, out)
             sections[key] = section(script, rc, output, out, secs)

@@ -6,7 +6,7 @@ Importing this package registers the built-in sources; ``list_datasets()`` names
 
 from __future__ import annotations
 
-from easier.data import builtin, cifar, folders  # noqa: F401  (registers the sources)
+from easier.data import builtin, cifar, folders, idx  # noqa: F401  (registers the sources)
 from easier.data.common import TEST_SPLIT_SEED, ArrayDataset
 from easier.data.folders import ImageFileDataset
 from easier.data.spec import (

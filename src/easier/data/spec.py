@@ -15,7 +15,13 @@ from easier.errors import ConfigError
 __all__ = ["DataSplits", "LoadOptions", "list_datasets", "load", "parse_spec", "register"]
 
 # Common spellings accepted for the registered names.
-_ALIASES = {"cifar-10": "cifar10", "tinyimagenet": "tiny-imagenet", "image-folder": "imagefolder"}
+_ALIASES = {
+    "cifar-10": "cifar10",
+    "tinyimagenet": "tiny-imagenet",
+    "image-folder": "imagefolder",
+    "fashion": "fashion-mnist",
+    "fmnist": "fashion-mnist",
+}
 
 
 @dataclass(frozen=True)
@@ -80,18 +86,25 @@ class _Source:
     loader: Loader
     needs_path: bool
     help: str
+    default_path: str | None = None
 
 
 _REGISTRY: dict[str, _Source] = {}
 
 
-def register(name: str, *, needs_path: bool, help: str) -> Callable[[Loader], Loader]:
-    """Return a decorator that makes ``loader`` loadable as ``name`` (or ``name:PATH``)."""
+def register(
+    name: str, *, needs_path: bool, help: str, default_path: str | None = None
+) -> Callable[[Loader], Loader]:
+    """Return a decorator that makes ``loader`` loadable as ``name`` (or ``name:PATH``).
+
+    ``default_path`` (with ``needs_path=True``): the directory used when the spec gives none,
+    so plain ``name`` works too (e.g. a dataset installed by a system package).
+    """
 
     def deco(loader: Loader) -> Loader:
         if name in _REGISTRY:
             raise ConfigError(f"dataset {name!r} is registered twice; pick another name")
-        _REGISTRY[name] = _Source(loader, needs_path, help)
+        _REGISTRY[name] = _Source(loader, needs_path, help, default_path)
         return loader
 
     return deco
@@ -105,11 +118,17 @@ def list_datasets() -> list[str]:
 def dataset_forms() -> list[tuple[str, str]]:
     """Return ``(form, help)`` per registered source, the form as typed: ``NAME`` or
     ``NAME:PATH`` for sources read from a directory."""
-    return [(f"{n}:PATH" if s.needs_path else n, s.help) for n, s in _REGISTRY.items()]
+    return [(_form(n, s), s.help) for n, s in _REGISTRY.items()]
+
+
+def _form(name: str, s: _Source) -> str:
+    if s.default_path is not None:
+        return f"{name}[:PATH]"
+    return f"{name}:PATH" if s.needs_path else name
 
 
 def _syntax() -> str:
-    forms = [f"{n}:PATH" if s.needs_path else n for n, s in _REGISTRY.items()]
+    forms = [_form(n, s) for n, s in _REGISTRY.items()]
     return f"valid datasets: {', '.join(forms)} (spec syntax: NAME or NAME:PATH)"
 
 
@@ -160,6 +179,8 @@ def load(
             raise ConfigError(
                 f"{name}: spec path {path!r} and root={os.fspath(root)!r} disagree; give one"
             )
+        if path is None and source.default_path is not None:
+            path = source.default_path
         if path is None:
             raise ConfigError(
                 f"{name} needs a directory: use '{name}:PATH' (or root=PATH); {source.help}"

@@ -1,0 +1,60 @@
+"""bench/bench_fmnist.py at --smoke size on a hand-made IDX set: both phases, resume, report."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _bench():
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module("bench_fmnist")
+
+
+def idx_set(d: Path, n_train: int = 264, n_test: int = 40) -> Path:
+    d.mkdir(parents=True)
+    rng = np.random.RandomState(1)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        y = (np.arange(n) % 10).astype(np.uint8)
+        x = rng.randint(0, 256, size=(n, 16, 16)).astype(np.uint8)
+        (d / f"{split}-images-idx3-ubyte").write_bytes(
+            struct.pack(">BBBBIII", 0, 0, 8, 3, n, 16, 16) + x.tobytes())
+        (d / f"{split}-labels-idx1-ubyte").write_bytes(
+            struct.pack(">BBBBI", 0, 0, 8, 1, n) + y.tobytes())
+    return d
+
+
+def test_smoke_campaign_rows_resume_and_report(tmp_path: Path) -> None:
+    n = torch.get_num_threads()
+    bf = _bench()
+    d = idx_set(tmp_path / "idx")
+    rows, root, out = tmp_path / "rows.jsonl", tmp_path / "root", tmp_path / "r.md"
+    argv = ["--smoke", "--data", f"idx:{d}", "--root", str(root), "--rows", str(rows),
+            "--methods", "easier,random"]
+    try:
+        assert bf.main(argv) == 0
+        got = [json.loads(line) for line in rows.read_text().splitlines()]
+        assert [r["method"] for r in got] == ["easier", "random"]
+        for r in got:
+            assert "error" not in r, r.get("error")
+            assert 0 <= r["removed"] <= 2  # smoke: max_removals 2
+            assert r["curve"][0]["k"] == 0 and r["speedup_b1"] > 0
+            assert r["settings"]["delta"] == 100.0 and r["machine"]["threads"] == 1
+            assert r["dense_depth"] >= r["reduced_depth"]
+        assert (root / "smoke" / "dense").is_dir()
+        assert bf.main(argv) == 0  # resumed: nothing left to do, no new rows
+        assert len(rows.read_text().splitlines()) == 2
+        assert bf.main([*argv, "--report", "--out", str(out)]) == 0
+        text = out.read_text()
+        assert "### resnet18 (width 0.0625)" in text and "| random | 1 |" in text
+    finally:
+        torch.set_num_threads(n)
