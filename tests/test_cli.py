@@ -53,6 +53,7 @@ def test_bad_names_exit_2_with_valid_choices(tmp_path, capsys):
     assert "valid methods" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_compare_writes_one_table(tmp_path):
     out = tmp_path / "cmp"
     assert main(["compare", *TINY, "--methods", "easier,random", "--max-removals", "1",
@@ -115,6 +116,7 @@ def test_help_shows_defaults(capsys):
         "(default: identity)") == 1
 
 
+@pytest.mark.slow
 def test_affine_linearization_is_recorded_resumed_and_folded(tmp_path, run_dir, capsys):
     from easier.io.records import load_model
 
@@ -187,6 +189,7 @@ def test_edited_run_file_is_caught_by_its_checksum(run_dir, tmp_path, capsys):
     assert "config.json is corrupt" in one_line_error(capsys)
 
 
+@pytest.mark.slow
 def test_fold_of_a_locked_run_is_refused_naming_the_holder(broken_run, capsys):
     import subprocess
     import sys

@@ -161,6 +161,7 @@ def test_full_disk_at_state_pt_is_one_line_and_resumes(reference, tmp_path, full
     assert_sound(out)
 
 
+@pytest.mark.slow
 def test_a_deleted_state_pt_is_refused_not_restarted(reference, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(reference, out)

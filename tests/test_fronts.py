@@ -251,6 +251,7 @@ TINY = ["--model", "convnet", "--width", "0.25", "--data", "digits", "--quiet",
         "--pretrain-epochs", "1", "--epochs", "1", "--plan", "flops", "--threads", "1"]
 
 
+@pytest.mark.slow
 def test_cli_compare_fronts_end_to_end(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", *TINY, "--methods", "easier,random", "--max-removals", "1",

@@ -192,6 +192,7 @@ class _Pairs(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.y[i]}
 
 
+@pytest.mark.slow
 def test_reduce_runs_on_a_hf_model_with_dict_batches(tmp_path) -> None:
     torch.manual_seed(0)
     model, _, _ = _hf("bert")
@@ -221,6 +222,7 @@ class _DataDependent(nn.Module):
         return self.head(h)
 
 
+@pytest.mark.slow
 def test_reduce_runs_on_a_model_with_data_dependent_control_flow() -> None:
     torch.manual_seed(0)
     x = torch.randn(64, 4)

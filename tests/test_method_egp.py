@@ -382,6 +382,7 @@ def full_run(request, tmp_path_factory, _no_png):
     return request.param, res
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_equals_uninterrupted_run(full_run, tmp_path):
     cls, full = full_run
     out = tmp_path / "killed"
@@ -482,6 +483,7 @@ def test_site_layers_on_a_hf_resnet_that_fx_cannot_trace():
     assert {k: (v.layer, v.norm, v.direct) for k, v in links.items()} == expected
 
 
+@pytest.mark.slow
 def test_egp_prunes_a_hf_resnet_end_to_end():
     m = _hf_resnet()
     res = reduce(m, _Pixels(32, 0), _Pixels(16, 1), method="egp", delta=100.0,
@@ -508,6 +510,7 @@ class _DataDependent(nn.Module):
         return self.head(h)
 
 
+@pytest.mark.slow
 def test_egp_on_a_model_export_cannot_capture_says_why():
     data = vectors(32)
     with pytest.warns(easier.EasierWarning), pytest.raises(easier.TraceError,

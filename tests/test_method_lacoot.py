@@ -374,6 +374,7 @@ def test_finetune_after_fine_tunes_with_the_regularizer(monkeypatch):
     assert all(h["reason"].endswith("(re-measured)") for h in res.history[1:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("finetune_after", [False, True])
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch, finetune_after):
     monkeypatch.setattr("easier.report.files.plot_history", lambda *a, **k: None)  # speed only
