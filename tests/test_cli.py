@@ -136,6 +136,7 @@ def test_affine_linearization_is_recorded_resumed_and_folded(tmp_path, run_dir, 
     assert "linearize" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_disk_full_while_writing_reports_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
     import errno
     import os
@@ -265,6 +266,7 @@ def test_datasets_lists_the_forms_to_type(capsys):
     assert len(firsts) == len(list_datasets()) + 1
 
 
+@pytest.mark.slow
 def test_reduce_ends_with_dense_vs_returned_and_a_summary(tmp_path, capsys):
     out = tmp_path / "again"
     assert main(["reduce", *TINY, "--max-removals", "1", "--delta", "100", "--out",
