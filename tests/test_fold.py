@@ -653,6 +653,7 @@ def test_onnx_without_the_extra_fails_first_and_writes_nothing(fold_dir, monkeyp
     assert _snapshot(path) == before  # byte for byte, and no new file
 
 
+@pytest.mark.slow
 def test_torchscript_on_request_and_stale_artifacts_removed(fold_dir):
     import json as _json
 

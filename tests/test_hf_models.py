@@ -99,6 +99,7 @@ def _brute_entropy(model: nn.Module, path: str, x: dict, axis: int) -> float:
     return sum(hs) / len(hs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_hf_sites_entropy_linearize(name: str) -> None:
     torch.manual_seed(0)

@@ -407,6 +407,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(full_run, tmp_path):
     assert res.history[-1]["sparsity"] > 0.9  # four rounds at rho=0.75 kept pruning
 
 
+@pytest.mark.slow
 def test_output_linearizes_and_folds(full_run):
     _, full = full_run
     assert full.linearized  # some layer reached zero entropy through pruning
@@ -420,6 +421,7 @@ def test_output_linearizes_and_folds(full_run):
     assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_nepenthe_runs_in_the_loop_and_options_are_checked():
     res = reduce(
         convnet(), images(64, 0), images(32, 1), method="nepenthe",
