@@ -114,6 +114,7 @@ def test_every_script_takes_out():
         assert "write_out(args.out" in text, f"{f.name}: --out is parsed but never written"
 
 
+@pytest.mark.slow
 def test_fold_quick_prints_and_writes_bands(tmp_path):
     bf = _bench("bench_fold")
     out = tmp_path / "f.md"
@@ -166,6 +167,7 @@ def reproduction(tmp_path_factory):
     return tables, tmp
 
 
+@pytest.mark.slow
 def test_reproduction_quick_tables(reproduction):
     (acc, summary, budget), tmp = reproduction
     methods = ["easier", "random", "max-entropy"]
@@ -207,6 +209,7 @@ def test_reproduction_quick_tables(reproduction):
 # bench_fold_models
 
 
+@pytest.mark.slow
 def test_fold_models_quick(reproduction):
     fm = _bench("bench_fold_models")
     run_dir = reproduction[1] / "work" / "seed0" / "easier"
@@ -250,6 +253,7 @@ def test_fold_models_quick(reproduction):
 # bench_bert_fold
 
 
+@pytest.mark.slow
 def test_bert_fold_quick():
     pytest.importorskip("transformers")
     bb = _bench("bench_bert_fold")
@@ -274,6 +278,7 @@ def test_bert_fold_quick():
 # bench_entropy
 
 
+@pytest.mark.slow
 def test_entropy_quick_time_and_memory(tmp_path):
     be = _bench("bench_entropy")
     out = tmp_path / "e.md"
@@ -302,6 +307,7 @@ def test_entropy_quick_time_and_memory(tmp_path):
 # run_all
 
 
+@pytest.mark.slow
 def test_run_all_quick_writes_the_document(tmp_path):
     ra = _bench("run_all")
     doc = tmp_path / "docs" / "BENCH.md"
@@ -315,6 +321,7 @@ def test_run_all_quick_writes_the_document(tmp_path):
     assert (doc.parent / "reproduction.png").is_file()  # the plot lands next to the document
 
 
+@pytest.mark.slow
 def test_thread_count_is_restored_after_the_scripts(reproduction):
     assert torch.get_num_threads() == THREADS_AT_IMPORT
 
@@ -335,6 +342,7 @@ def test_run_all_quick_never_defaults_to_the_real_document():
 # bench_entropy_order
 
 
+@pytest.mark.slow
 def test_entropy_order_quick_run_tables_and_pairing(tmp_path):
     eo = _bench("bench_entropy_order")
     js = tmp_path / "r.json"
@@ -381,6 +389,7 @@ def test_entropy_order_statistics_against_hand_values():
 # bench_latency_method
 
 
+@pytest.mark.slow
 def test_latency_method_quick_run_fronts(tmp_path):
     bl = _bench("bench_latency_method")
     summary, _ = bl.main(["--quick", "--methods", "easier,easier-latency",
@@ -415,6 +424,7 @@ def test_latency_method_pareto_against_brute_force():
 # bench_linear_replacement, bench_entropy_floor
 
 
+@pytest.mark.slow
 def test_linear_replacement_quick_rows_per_site():
     lr = _bench("bench_linear_replacement")
     table, summary = lr.main(["--quick", *ONE])
@@ -427,6 +437,7 @@ def test_linear_replacement_quick_rows_per_site():
     assert model == "mlp6" and sites == 2 and wins.endswith("/2")
 
 
+@pytest.mark.slow
 def test_entropy_floor_quick_counts_agree_and_shares_are_positive():
     ef = _bench("bench_entropy_floor")
     (table,) = ef.main(["--quick", *ONE, "--models", "resnet18"])  # asserts equal counts first
@@ -443,6 +454,7 @@ def test_entropy_floor_quick_counts_agree_and_shares_are_positive():
 # bench_time_to_result
 
 
+@pytest.mark.slow
 def test_time_to_result_quick_tables(tmp_path):
     tt = _bench("bench_time_to_result")
     out = tmp_path / "t.md"
@@ -466,6 +478,7 @@ def test_time_to_result_quick_tables(tmp_path):
     assert "### Time to result: default" in text and "load average" in text
 
 
+@pytest.mark.slow
 def test_time_to_result_rows_file_resumes_without_rerunning(tmp_path, monkeypatch):
     tt = _bench("bench_time_to_result")
     rows = tmp_path / "rows.jsonl"

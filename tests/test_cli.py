@@ -53,6 +53,7 @@ def test_bad_names_exit_2_with_valid_choices(tmp_path, capsys):
     assert "valid methods" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_compare_writes_one_table(tmp_path):
     out = tmp_path / "cmp"
     assert main(["compare", *TINY, "--methods", "easier,random", "--max-removals", "1",
@@ -117,6 +118,7 @@ def test_help_shows_defaults(capsys):
         "(default: identity)") == 1
 
 
+@pytest.mark.slow
 def test_affine_linearization_is_recorded_resumed_and_folded(tmp_path, run_dir, capsys):
     from easier.io.records import load_model
 
@@ -135,6 +137,7 @@ def test_affine_linearization_is_recorded_resumed_and_folded(tmp_path, run_dir, 
     assert "linearize" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_disk_full_while_writing_reports_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
     import errno
     import os
@@ -188,6 +191,7 @@ def test_edited_run_file_is_caught_by_its_checksum(run_dir, tmp_path, capsys):
     assert "config.json is corrupt" in one_line_error(capsys)
 
 
+@pytest.mark.slow
 def test_fold_of_a_locked_run_is_refused_naming_the_holder(broken_run, capsys):
     import subprocess
     import sys
@@ -264,6 +268,7 @@ def test_datasets_lists_the_forms_to_type(capsys):
     assert len(firsts) == len(list_datasets()) + 1
 
 
+@pytest.mark.slow
 def test_reduce_ends_with_dense_vs_returned_and_a_summary(tmp_path, capsys):
     out = tmp_path / "again"
     assert main(["reduce", *TINY, "--max-removals", "1", "--delta", "100", "--out",

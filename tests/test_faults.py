@@ -146,6 +146,7 @@ def reference(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_full_disk_at_state_pt_is_one_line_and_resumes(reference, tmp_path, full_disk,
                                                          monkeypatch, capsys):
     out = tmp_path / "run"
@@ -161,6 +162,7 @@ def test_full_disk_at_state_pt_is_one_line_and_resumes(reference, tmp_path, full
     assert_sound(out)
 
 
+@pytest.mark.slow
 def test_a_deleted_state_pt_is_refused_not_restarted(reference, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(reference, out)
@@ -270,6 +272,7 @@ def test_killed_at_a_write_resumes_to_the_uninterrupted_result(reference, tmp_pa
         assert (out / name).is_file(), name
 
 
+@pytest.mark.slow
 def test_resume_with_another_thread_count_warns(reference, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(reference, out)

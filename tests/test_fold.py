@@ -322,6 +322,7 @@ def random_chains(draw):
     return model.to(D).eval(), size
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=random_chains(), seed=st.integers(0, 2**16))
 def test_random_chains_fold_to_one_conv_exactly_after_relocation(case, seed):
@@ -652,6 +653,7 @@ def test_onnx_without_the_extra_fails_first_and_writes_nothing(fold_dir, monkeyp
     assert _snapshot(path) == before  # byte for byte, and no new file
 
 
+@pytest.mark.slow
 def test_torchscript_on_request_and_stale_artifacts_removed(fold_dir):
     import json as _json
 

@@ -69,6 +69,7 @@ def kept_run(tmp_path_factory):
     return out, run(out, "easier")
 
 
+@pytest.mark.slow
 def test_every_iteration_is_kept_bit_identical_and_marked(tmp_path, monkeypatch):
     # scripted accuracies: iteration 2 falls below the floor (rejected), --all goes on to 3;
     # each evaluated model is copied as the loop holds it in memory
@@ -111,6 +112,7 @@ def test_runs_keep_no_iterations_unless_asked(tmp_path):
         measure_front(tmp_path / "r", FrontConfig(plan="all"), model=Net())
 
 
+@pytest.mark.slow
 def test_resumed_run_keeps_the_same_iterations(kept_run, tmp_path):
     whole, res = kept_run
     with pytest.raises(KeyboardInterrupt):
@@ -251,6 +253,7 @@ TINY = ["--model", "convnet", "--width", "0.25", "--data", "digits", "--quiet",
         "--pretrain-epochs", "1", "--epochs", "1", "--plan", "flops", "--threads", "1"]
 
 
+@pytest.mark.slow
 def test_cli_compare_fronts_end_to_end(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", *TINY, "--methods", "easier,random", "--max-removals", "1",

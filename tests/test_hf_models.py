@@ -99,6 +99,7 @@ def _brute_entropy(model: nn.Module, path: str, x: dict, axis: int) -> float:
     return sum(hs) / len(hs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_hf_sites_entropy_linearize(name: str) -> None:
     torch.manual_seed(0)
@@ -192,6 +193,7 @@ class _Pairs(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.y[i]}
 
 
+@pytest.mark.slow
 def test_reduce_runs_on_a_hf_model_with_dict_batches(tmp_path) -> None:
     torch.manual_seed(0)
     model, _, _ = _hf("bert")
@@ -221,6 +223,7 @@ class _DataDependent(nn.Module):
         return self.head(h)
 
 
+@pytest.mark.slow
 def test_reduce_runs_on_a_model_with_data_dependent_control_flow() -> None:
     torch.manual_seed(0)
     x = torch.randn(64, 4)

@@ -155,6 +155,7 @@ def test_channel_axis_follows_flatten_and_transpose() -> None:
     assert torch.equal(stats.on, (z > 0).sum(0)) and torch.equal(stats.off, (z < 0).sum(0))
 
 
+@pytest.mark.slow
 def test_segformer_sites_have_channels_last() -> None:
     cfg = T.SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1],
                             hidden_sizes=[8, 16], num_attention_heads=[1, 2], patch_sizes=[7, 3],
@@ -186,6 +187,7 @@ def test_hardswish_is_a_site_kind() -> None:
     assert [c.modules for c in folded.fold_plan.merged] == [["0", "2", "4"]]
 
 
+@pytest.mark.slow
 def test_levit_hardswish_sites_match_hook_counts() -> None:
     cfg = T.LevitConfig(image_size=64, hidden_sizes=[16, 32, 48], num_attention_heads=[1, 2, 3],
                         depths=[1, 1, 1], key_dim=[8, 8, 8], patch_size=16, mlp_ratio=[2, 2, 2],

@@ -198,6 +198,7 @@ def test_options_are_validated_and_recorded():
     assert one.options()["batch_sizes"] == [64]
 
 
+@pytest.mark.slow
 def test_loop_runs_resumes_and_folds(tmp_path, one_thread):
     """Through reduce(): a killed run resumes to the same history; the kept model folds."""
     from _harness import crash_at, history_rows, tiny_run

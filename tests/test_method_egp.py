@@ -382,6 +382,7 @@ def full_run(request, tmp_path_factory, _no_png):
     return request.param, res
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_equals_uninterrupted_run(full_run, tmp_path):
     cls, full = full_run
     out = tmp_path / "killed"
@@ -406,6 +407,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(full_run, tmp_path):
     assert res.history[-1]["sparsity"] > 0.9  # four rounds at rho=0.75 kept pruning
 
 
+@pytest.mark.slow
 def test_output_linearizes_and_folds(full_run):
     _, full = full_run
     assert full.linearized  # some layer reached zero entropy through pruning
@@ -419,6 +421,7 @@ def test_output_linearizes_and_folds(full_run):
     assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_nepenthe_runs_in_the_loop_and_options_are_checked():
     res = reduce(
         convnet(), images(64, 0), images(32, 1), method="nepenthe",
@@ -482,6 +485,7 @@ def test_site_layers_on_a_hf_resnet_that_fx_cannot_trace():
     assert {k: (v.layer, v.norm, v.direct) for k, v in links.items()} == expected
 
 
+@pytest.mark.slow
 def test_egp_prunes_a_hf_resnet_end_to_end():
     m = _hf_resnet()
     res = reduce(m, _Pixels(32, 0), _Pixels(16, 1), method="egp",
@@ -509,6 +513,7 @@ class _DataDependent(nn.Module):
         return self.head(h)
 
 
+@pytest.mark.slow
 def test_egp_on_a_model_export_cannot_capture_says_why():
     data = vectors(32)
     with pytest.warns(easier.EasierWarning), pytest.raises(easier.TraceError,

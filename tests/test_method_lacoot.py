@@ -353,6 +353,7 @@ def scripted(monkeypatch, accuracies):
     return calls
 
 
+@pytest.mark.slow
 def test_delta_rule_stops_at_first_drop_and_keeps_last_good(monkeypatch):
     calls = scripted(monkeypatch, [90.0, 89.5, 89.0, 88.5])  # floor 89.0
     res = reduce(tiny_resnet(), image_data(64, 0), image_data(32, 1), method="lacoot",
@@ -364,6 +365,7 @@ def test_delta_rule_stops_at_first_drop_and_keeps_last_good(monkeypatch):
     assert sum(isinstance(m, nn.Identity) for m in res.model.modules()) == 2
 
 
+@pytest.mark.slow
 def test_finetune_after_fine_tunes_with_the_regularizer(monkeypatch):
     calls = scripted(monkeypatch, [90.0, 90.0, 90.0, 90.0, 90.0])
     res = reduce(tiny_resnet(), image_data(64, 0), image_data(32, 1),
@@ -374,6 +376,7 @@ def test_finetune_after_fine_tunes_with_the_regularizer(monkeypatch):
     assert all(h["reason"].endswith("(re-measured)") for h in res.history[1:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("finetune_after", [False, True])
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch, finetune_after):
     monkeypatch.setattr("easier.report.files.plot_history", lambda *a, **k: None)  # speed only

@@ -407,6 +407,7 @@ def test_slopes_on_a_model_export_cannot_capture_match_hand_computation():
     assert list(s.state_dict()) == [*m.state_dict(), f"{SLOPES}.alpha.act1", f"{SLOPES}.alpha.act2"]
 
 
+@pytest.mark.slow
 def test_layer_folding_reduces_a_hf_resnet_end_to_end(tmp_path):
     T = pytest.importorskip("transformers")
     torch.manual_seed(0)

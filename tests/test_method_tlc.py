@@ -389,6 +389,7 @@ class _Pixels(torch.utils.data.Dataset):
         return {"pixel_values": self.x[i], "labels": self.y[i]}
 
 
+@pytest.mark.slow
 def test_tlc_reduces_a_hf_resnet_end_to_end():
     T = pytest.importorskip("transformers")
     from transformers.models.resnet.modeling_resnet import ResNetConvLayer
@@ -424,6 +425,7 @@ class _DataDependent(nn.Module):
         return self.fc2(h)
 
 
+@pytest.mark.slow
 def test_tlc_on_a_model_export_cannot_capture_says_why():
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g))

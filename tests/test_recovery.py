@@ -137,6 +137,7 @@ def rigged_val(n=64):
     return TensorDataset(x, y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("finish", [True, False])
 def test_a_removal_is_rejected_only_after_the_whole_budget(tmp_path, finish):
     rec = Recovery(early_stop_every=2, early_stop_batches=1, finish_on_reject=finish)
@@ -186,6 +187,7 @@ def test_steps_recorded_are_the_steps_that_ran(tmp_path):
     assert cfg["recovery"] == REC.to_dict()
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_keeps_the_dense_teacher(tmp_path):
     whole = run(tmp_path / "whole")
     with pytest.raises(KeyboardInterrupt):

@@ -194,6 +194,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_resume_with_larger_budget_equals_uninterrupted(tmp_path):
     def run(out, limit, resume=False):
         torch.manual_seed(0)
@@ -278,6 +279,7 @@ HOLDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_reduce_takes_the_run_directory_lock(tmp_path):
     out = tmp_path / "r"
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdin=subprocess.PIPE,
@@ -318,6 +320,7 @@ def test_one_log_line_per_iteration_by_default_and_none_when_silenced(monkeypatc
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow
 def test_without_logging_configured_the_lines_go_to_stderr(tmp_path):
     script = textwrap.dedent("""
         import sys, torch

@@ -78,6 +78,7 @@ def _model(name):
     return model, torch.randn(2, 2, 16, 16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(BUILDS))
 def test_shared_weight_copy_prices_like_a_real_fold(name, one_thread):
     model, x = _model(name)

@@ -135,6 +135,7 @@ def test_bad_options():
         TrainCounts(torch.randn(2, 4), window=0)
 
 
+@pytest.mark.slow
 def test_reduce_chooses_the_lowest_train_mode_entropy():
     torch.manual_seed(3)
     x = torch.randn(96, 5)

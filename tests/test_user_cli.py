@@ -220,6 +220,7 @@ def test_returned_nonzero_counts_the_folded_program(tmp_path):
     assert returned_nonzero(result) == 3 + 2 != nonzero_params(kept)
 
 
+@pytest.mark.slow
 def test_fold_rebuilds_a_file_model_from_another_directory(user_dir, tmp_path, monkeypatch,
                                                           capsys):
     (user_dir / "mlp.py").write_text(textwrap.dedent('''
