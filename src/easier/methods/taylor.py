@@ -70,9 +70,10 @@ def taylor_estimates(model: torch.nn.Module, sites: list[str], batches: Any, *,
     work = copy.deepcopy(model).to(device).eval()
     for p in work.parameters():
         p.requires_grad_(False)  # only ∂L/∂t is needed
-    ts = {}
+    dtype = next((p.dtype for p in work.parameters() if p.is_floating_point()), torch.float32)
+    ts = {}  # in the model's dtype: float64 is not available on every device (MPS)
     for site in sites:
-        t = ts[site] = torch.zeros((), dtype=torch.float64, device=device, requires_grad=True)
+        t = ts[site] = torch.zeros((), dtype=dtype, device=device, requires_grad=True)
         fit = (fits or {}).get(site)
         rule = (functools.partial(_toward, t) if fit is None
                 else functools.partial(_toward_affine, t, fit.a.to(device), fit.b.to(device)))
