@@ -140,3 +140,15 @@ def test_concatenating_network_plan_says_why_nothing_folded():
                             "all")
     assert not plan.merged
     assert any("cat" in n for n in plan.notes), plan.notes
+
+
+def test_shape_check_leaves_the_users_model_as_it_was():
+    class SameBlock(PatchBlock):
+        def __init__(self) -> None:
+            super().__init__()
+            self.b = nn.Conv2d(8, 8, 3, padding="same")
+
+    m = SameBlock()
+    x = torch.randn(2, 4, 8, 8)
+    easier.linearize(m, ["act"], example_input=x, fold_ready=True)
+    assert m.b.padding == "same" and tuple(m.a.padding) == (0, 0)  # tried, then restored

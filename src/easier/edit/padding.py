@@ -174,12 +174,15 @@ def shape_safe(model: nn.Module, example_input: Any,
         return {k: v for c in chains for k, v in c.items()}
 
     def fits(padding: dict[str, list[int]]) -> bool:
-        old = {p: int_padding(model.get_submodule(p)) for p in padding}
+        convs = {p: model.get_submodule(p) for p in padding}
+        # the exact attributes, so a 'same' padding comes back as the string it was
+        old = {p: (c.padding, c._reversed_padding_repeated_twice) for p, c in convs.items()}
         conv_paddings(model, padding)
         try:
             return _output_shapes(model, example_input) == want
         finally:
-            conv_paddings(model, old)  # type: ignore[arg-type]
+            for p, c in convs.items():
+                c.padding, c._reversed_padding_repeated_twice = old[p]
 
     merged = {k: v for c in chains for k, v in c.items()}
     if fits(merged):
