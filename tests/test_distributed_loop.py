@@ -120,14 +120,16 @@ def test_rank_dying_mid_run_leaves_a_resumable_state(tmp_path):
 @pytest.mark.slow
 def test_frozen_rank_times_out_on_every_rank_and_the_run_resumes(tmp_path):
     t0 = time.monotonic()
-    frozen = launch(tmp_path, tmp_path / "run", 0, freeze_at=2, timeout=3)
+    # 20 s: long enough that a loaded machine's ordinary collectives never time out before the
+    # freeze (3 s did once, at load 15), short enough to prove the frozen rank is noticed
+    frozen = launch(tmp_path, tmp_path / "run", 0, freeze_at=2, timeout=20)
     took = time.monotonic() - t0
     assert frozen.returncode != 0
     # each rank prints its own line, in whichever order the ranks reach the timeout
     failed = [x for x in frozen.stdout.splitlines() if x.startswith("FAILED")]
     assert any("rank 0" in x for x in failed), failed
     assert all("--dist-timeout" in x and "--resume" in x for x in failed), failed
-    assert took < 120  # without a timeout this waited forever (the issue saw > 180 s)
+    assert took < 240  # without a timeout this waited forever (the issue saw > 180 s)
     hist = (tmp_path / "run" / "history.jsonl").read_text().splitlines()
     assert len(hist) == 2  # baseline and iteration 1 were saved before the freeze
     resumed = result(launch(tmp_path, tmp_path / "run", 0, "resume", ranks=1))

@@ -375,3 +375,19 @@ def test_a_dense_model_near_chance_is_flagged_before_any_removal(k, share0, warn
     if warned:
         assert flagged == [1] and lines[0].startswith("iter  0")  # right after the baseline
         assert f"{100 / k:.1f}% for {k} classes" in lines[1] and "12.0% val top-1" in lines[1]
+
+
+def test_every_decision_reports_the_val_standard_error_and_a_noisy_delta_warns():
+    lines: list[str] = []
+    res = reduce(Net(), toy_data(), toy_data(30), finetune=FT,
+                 stop=StopRule(delta=1.0, max_removals=1), run=RunConfig(log=lines.append))
+    for h in res.history:  # binomial standard error of a top-1 on 30 images, by hand
+        p = h["val_acc"] / 100
+        assert h["val_se"] == pytest.approx(100 * (p * (1 - p) / 30) ** 0.5)
+    se = res.history[0]["val_se"]
+    assert 2 * se > 1.0  # 30 images: one point is far inside the noise, and the run says so
+    assert any("below two standard errors" in x and "30 samples" in x for x in lines)
+    quiet: list[str] = []
+    reduce(Net(), toy_data(), toy_data(30), finetune=FT,
+           stop=StopRule(delta=2 * se + 1, max_removals=1), run=RunConfig(log=quiet.append))
+    assert not any("standard errors" in x for x in quiet)

@@ -19,7 +19,8 @@ from torch import nn
 
 from easier.io.rundir import RunDir
 from easier.methods import Context, Method
-from easier.pipeline.scores import cost_of, evaluate_all, limit_reason
+from easier.pipeline.confidence import standard_error
+from easier.pipeline.scores import cost_of, evaluate_all, limit_reason, val_size
 from easier.pipeline.settings import Settings
 from easier.pipeline.state import RunState
 from easier.report.progress import status_line
@@ -52,8 +53,13 @@ class Run:
                 "after_step": self.strategy.after_step}
 
     def scores(self, model: nn.Module) -> dict[str, Any]:
-        return evaluate_all(model, self.data["val"], self.data["test"], self.device,
-                            self.settings.run.input_key)
+        """Val/test loss and top-1, and the standard error of val top-1 in points (the noise
+        every δ decision is made against; None when the val set has no length)."""
+        out = evaluate_all(model, self.data["val"], self.data["test"], self.device,
+                           self.settings.run.input_key)
+        n = val_size(self.data["val"])
+        out["val_se"] = None if n is None else standard_error(out["val_acc"], n)
+        return out
 
 
 def iterate(r: Run, state: RunState) -> None:
@@ -93,8 +99,10 @@ def iterate(r: Run, state: RunState) -> None:
     if not ok and not state.rejected:
         state.rejected = True
         if not s.stop.run_all:
+            se = state.baseline.get("val_se")
             state.stop("rejected", f"val top-1 {scores['val_acc']:.2f} < baseline "
-                       f"{state.baseline['val_acc']:.2f} - delta {s.stop.delta}")
+                       f"{state.baseline['val_acc']:.2f} - delta {s.stop.delta}"
+                       + ("" if se is None else f" (val standard error ±{se:.2f} points)"))
     state.save(r.rundir, r.cfg, r.strategy)
 
 

@@ -34,8 +34,9 @@ from easier.io.artifacts import FoldOptions, fold_run
 from easier.io.rundir import RunDir, check_resume_environment, lock_run_dir_ranks
 from easier.methods import Method, create_method
 from easier.parallel import barrier, get_info
+from easier.pipeline.confidence import delta_warning
 from easier.pipeline.iteration import Run, iterate
-from easier.pipeline.scores import cost_of, example_batch, num_classes
+from easier.pipeline.scores import cost_of, example_batch, num_classes, val_size
 from easier.pipeline.settings import EditConfig, EntropyConfig, RunConfig, Settings, StopRule
 from easier.pipeline.state import RunState
 from easier.report.files import history_table
@@ -214,6 +215,10 @@ def _start(r: Run) -> RunState:
     warning = near_chance(baseline["val_acc"], num_classes(current, r.example))
     if warning:  # now, not after minutes of removals that cannot mean anything
         r.say(warning)
+    n = val_size(r.data["val"])
+    noisy = None if n is None else delta_warning(s.stop.delta, baseline["val_acc"], n)
+    if noisy:
+        r.say(f"warning: {noisy}")
     state.save(r.rundir, r.cfg, r.strategy)
     return state
 

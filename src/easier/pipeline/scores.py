@@ -14,7 +14,7 @@ from easier.graph.capture import call_model, eval_mode, logits_of
 from easier.pipeline.settings import StopRule
 from easier.train.finetune import evaluate, make_loader
 
-__all__ = ["cost_of", "evaluate_all", "example_batch", "limit_reason", "num_classes"]
+__all__ = ["cost_of", "evaluate_all", "example_batch", "limit_reason", "num_classes", "val_size"]
 
 
 def example_batch(data: Dataset | DataLoader, input_key: Any) -> Any:
@@ -52,6 +52,15 @@ def num_classes(model: nn.Module, example: Any) -> int:
     with eval_mode(model):
         out = logits_of(call_model(model, example))
     return int(out.shape[-1]) if out.ndim >= 2 else 1
+
+
+def val_size(data: Any) -> int | None:
+    """Samples in a val set (a Dataset or a DataLoader over one), None when it has no length."""
+    data = getattr(data, "dataset", data)
+    try:
+        return len(data)
+    except TypeError:
+        return None
 
 
 def evaluate_all(model: nn.Module, val: Any, test: Any, device: torch.device,
