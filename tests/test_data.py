@@ -505,7 +505,8 @@ def test_tiny_imagenet_bad_layouts(tmp_path):
 
 
 def test_spec_errors_and_aliases(tmp_path):
-    assert list_datasets() == ["mnist5k", "digits", "cifar10", "tiny-imagenet", "imagefolder"]
+    assert list_datasets() == ["mnist5k", "digits", "cifar10", "tiny-imagenet", "imagefolder",
+                               "fashion-mnist", "idx"]
     with pytest.raises(ConfigError, match=r"unknown dataset 'svhn'.*cifar10:PATH.*NAME:PATH"):
         load("svhn")
     with pytest.raises(ConfigError, match=r"cifar10 needs a directory: use 'cifar10:PATH'"):

@@ -170,8 +170,8 @@ def test_a_larger_budget_still_resumes_a_finished_run(finished_run):
     from easier.cli.session import existing_run
 
     cfg = json.loads((finished_run / "config.json").read_text())
-    same = {"max_removals": cfg["max_removals"], "max_iterations": cfg["max_iterations"],
-            "run_all": cfg["run_all"]}
+    stop = cfg["stop"]
+    same = {k: stop[k] for k in ("max_removals", "max_iterations", "run_all")}
     assert existing_run(finished_run, True, True, same) is not None  # finished: nothing to do
     assert existing_run(finished_run, True, True, dict(same, max_removals=2)) is None  # go on
     assert existing_run(finished_run, True, True, dict(same, run_all=True)) is None
