@@ -214,9 +214,13 @@ def copy_graph(gm: G) -> G:
     (``isinstance(treespec, LeafSpec)`` is deprecated) on every copy: a warning about torch's
     internals that a user can do nothing about, printed once per iteration otherwise.
     """
+    return _deepcopy(gm)
+
+
+def _deepcopy(obj: Any) -> Any:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
-        return copy.deepcopy(gm)
+        return copy.deepcopy(obj)
 
 
 def flat_inputs(gm: fx.GraphModule, example_input: Any) -> list[Any]:
@@ -298,8 +302,5 @@ def captured(model: nn.Module, example_input: Any, *, dynamic_batch: bool = True
 
 def counting_copy(cap: Capture) -> Capture:
     """A capture with its own graph but the same weights (for a pass that inserts nodes)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
-        graph = copy.deepcopy(cap.gm.graph)
-    gm = fx.GraphModule(cap.gm, graph)
+    gm = fx.GraphModule(cap.gm, _deepcopy(cap.gm.graph))  # graph copied, weights shared
     return Capture(gm, cap.example, cap.dynamic_batch, cap.program)

@@ -19,7 +19,7 @@ from easier.edit.linearize import linearized_sites
 from easier.io.records import model_record, rebuild, save_iteration, save_model
 from easier.io.rundir import RunDir
 from easier.methods import Method
-from easier.parallel import get_info, is_main
+from easier.parallel import is_main
 from easier.report.files import write_reports
 
 __all__ = ["RunState"]
@@ -83,7 +83,6 @@ class RunState:
             "history": self.history, "baseline": self.baseline, "stop_code": self.stop_code,
             "stop_reason": self.stop_reason, "rejected": self.rejected,
             "current": model_record(self.current), "method_state": strategy.state_dict(),
-            "threads": torch.get_num_threads(), "world_size": get_info().world_size,
             "accepted": None if self.accepted is self.current else model_record(self.accepted),
         })
         save_model(self.accepted, run.file("model.pt"))
