@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -106,6 +107,25 @@ SMOKE = Setting(
     timing_rounds=5,
     timing_seconds=0.03,
 )
+
+
+def restrict(s: Setting, models_arg: str | None, seeds_arg: str | None) -> Setting:
+    """The setting cut to some models and seeds (same name: rows and checkpoints are shared)."""
+    ms, seeds = s.models, s.seeds
+    if models_arg:
+        want = [x for x in models_arg.split(",") if x]
+        unknown = sorted(set(want) - {m.model for m in ms})
+        if unknown:
+            raise SystemExit(f"bench_fmnist: unknown model(s) {unknown}; the setting has "
+                             f"{[m.model for m in ms]}")
+        ms = tuple(m for m in ms if m.model in want)
+    if seeds_arg:
+        want_seeds = [int(x) for x in seeds_arg.split(",") if x]
+        unknown_seeds = sorted(set(want_seeds) - set(seeds))
+        if unknown_seeds:
+            raise SystemExit(f"bench_fmnist: seed(s) {unknown_seeds} not in {list(seeds)}")
+        seeds = tuple(x for x in seeds if x in want_seeds)
+    return dataclasses.replace(s, models=ms, seeds=seeds)
 
 
 def log(msg: str) -> None:
@@ -589,10 +609,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", action="store_true",
                     help="write the markdown report of the rows (to --out, default docs/FMNIST.md)")
     ap.add_argument("--retry-errors", action="store_true", help="rerun units whose row failed")
+    ap.add_argument("--models", default=None,
+                    help="comma-separated model names of the setting (default all); with "
+                         "--seeds, splits the campaign between processes that never share a "
+                         "checkpoint or a run directory")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds (default all)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     smoke = args.smoke or args.quick
-    s = SMOKE if smoke else FULL
+    s = restrict(SMOKE if smoke else FULL, args.models, args.seeds)
     with tempfile.TemporaryDirectory(prefix="fmnist-smoke-") as tmp:
         # smoke: checkpoints and rows in a temporary directory unless named; the data is the
         # installed Fashion-MNIST, else a synthetic IDX set (the pipeline runs, numbers mean

@@ -93,8 +93,9 @@ def input_keys(text: str) -> str | list[str]:
 
 def data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="mnist5k",
-                   help="dataset: mnist5k, digits, cifar10:PATH, tiny-imagenet:PATH, "
-                        "imagefolder:PATH (easier datasets), or module:callable returning "
+                   help="dataset: mnist5k, digits, fashion-mnist[:DIR], idx:DIR, cifar10:PATH, "
+                        "tiny-imagenet:PATH, imagefolder:PATH (easier datasets), or "
+                        "module:callable returning "
                         "(train, val[, test])")
     p.add_argument("--image-size", type=POS_INT, default=None,
                    help="resize images to this side (default: the dataset's own)")
@@ -118,6 +119,10 @@ def run_args(r: argparse.ArgumentParser) -> None:
                    help="remove the K lowest-scored units from one measurement, fine-tune once")
     r.add_argument("--all", action="store_true",
                    help="keep going to the last unit and log everything")
+    r.add_argument("--confidence", type=open_fraction, default=None, metavar="C",
+                   help="accept a removal only when a paired bootstrap of the val samples "
+                        "puts its drop within --delta with probability C, e.g. 0.9 (default: "
+                        "off, val top-1 within --delta suffices)")
     r.add_argument("--recipe", default="fast", help="fast (CPU minutes) or paper (Table 4)")
     r.add_argument("--epochs", type=NONNEG_INT, default=None,
                    help="fine-tune epochs per iteration (default: the recipe's)")
@@ -166,6 +171,14 @@ def fraction(text: str) -> float:
     v = NONNEG_FLOAT(text)
     if v > 1:
         raise argparse.ArgumentTypeError(f"{text!r}: must be a number in [0, 1]")
+    return v
+
+
+def open_fraction(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1."""
+    v = NONNEG_FLOAT(text)
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a number strictly between 0 and 1")
     return v
 
 

@@ -161,7 +161,7 @@ def setup(args: argparse.Namespace, info: Any) -> dict[str, Any]:
         "test": splits.test, "train_eval": splits.train_eval, "finetune": ft, "pretrain": pre,
         "stop": StopRule(delta=args.delta, max_removals=args.max_removals,
                          max_iterations=args.max_iterations, run_all=args.all,
-                         one_shot=args.one_shot),
+                         one_shot=args.one_shot, confidence=args.confidence),
         "recovery": Recovery(early_stop_every=args.early_stop_every,
                              early_stop_batches=args.early_stop_batches,
                              early_stop_margin=args.early_stop_margin, distill=args.distill,

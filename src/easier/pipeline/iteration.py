@@ -19,11 +19,12 @@ from torch import nn
 
 from easier.io.rundir import RunDir
 from easier.methods import Context, Method
-from easier.pipeline.confidence import standard_error
+from easier.pipeline.confidence import paired_bootstrap, standard_error
 from easier.pipeline.scores import cost_of, evaluate_all, limit_reason, val_size
 from easier.pipeline.settings import Settings
 from easier.pipeline.state import RunState
 from easier.report.progress import status_line
+from easier.train.correct import per_sample_correct
 from easier.train.finetune import TrainResult, fine_tune, seed_everything
 from easier.train.recovery import RecoveryHooks
 
@@ -88,7 +89,7 @@ def iterate(r: Run, state: RunState) -> None:
         r.say(f"iter {k:>2} | {', '.join(step.chosen)} | {state.stop_reason}")
         return
     t2 = time.perf_counter()
-    scores, ok, t_more = _judge(r, candidate, k, ft, state.baseline, row)
+    scores, ok, t_more = _judge(r, candidate, k, ft, state, row)
     row.update(scores, meets_threshold=ok, accepted=ok and not state.rejected,
                **cost_of(candidate, r.example))
     row["seconds"] = {"step": t_step, "finetune": t_ft + t_more,
@@ -99,10 +100,7 @@ def iterate(r: Run, state: RunState) -> None:
     if not ok and not state.rejected:
         state.rejected = True
         if not s.stop.run_all:
-            se = state.baseline.get("val_se")
-            state.stop("rejected", f"val top-1 {scores['val_acc']:.2f} < baseline "
-                       f"{state.baseline['val_acc']:.2f} - delta {s.stop.delta}"
-                       + ("" if se is None else f" (val standard error ±{se:.2f} points)"))
+            state.stop("rejected", _rejection(row, state.baseline, s.stop.delta))
     state.save(r.rundir, r.cfg, r.strategy)
 
 
@@ -140,13 +138,42 @@ def _fine_tune(r: Run, model: nn.Module, k: int, row: dict[str, Any]) -> tuple[T
     return ft, time.perf_counter() - t1
 
 
-def _judge(r: Run, model: nn.Module, k: int, ft: TrainResult, baseline: dict[str, Any],
+def _rejection(row: dict[str, Any], baseline: dict[str, Any], delta: float) -> str:
+    """Why a removal was rejected, with the noise the decision was made against."""
+    boot = row.get("bootstrap")
+    if boot is not None and row["val_acc"] >= baseline["val_acc"] - delta:
+        return (f"val top-1 {row['val_acc']:.2f} is within delta {delta} of baseline "
+                f"{baseline['val_acc']:.2f}, but the paired bootstrap's "
+                f"{boot['confidence']:.0%} bound on the drop is {boot['upper']:.2f} points > "
+                f"{delta}")
+    se = baseline.get("val_se")
+    return (f"val top-1 {row['val_acc']:.2f} < baseline {baseline['val_acc']:.2f} - delta "
+            f"{delta}" + ("" if se is None else f" (val standard error ±{se:.2f} points)"))
+
+
+def _within(r: Run, model: nn.Module, scores: dict[str, Any], state: RunState,
+            row: dict[str, Any]) -> bool:
+    """The δ rule: val top-1 within δ of the baseline, and with ``StopRule.confidence`` also
+    the paired bootstrap's bound on the drop (recorded in ``row["bootstrap"]``)."""
+    stop = r.settings.stop
+    ok = scores["val_acc"] >= state.baseline["val_acc"] - stop.delta
+    if stop.confidence is None or state.baseline_correct is None:
+        return ok
+    new = per_sample_correct(model, r.data["val"], r.device, r.settings.run.input_key)
+    boot = paired_bootstrap(state.baseline_correct, new, stop.delta, stop.confidence,
+                            stop.bootstrap_rounds, seed=r.settings.run.seed)
+    row["bootstrap"] = {"confidence": stop.confidence, "p_within": boot.p_within,
+                        "lower": boot.lower, "upper": boot.upper}
+    return ok and boot.upper <= stop.delta
+
+
+def _judge(r: Run, model: nn.Module, k: int, ft: TrainResult, state: RunState,
            row: dict[str, Any]) -> tuple[dict[str, Any], bool, float]:
     """(scores, within δ?, seconds of extra training): when an early stop said "recovered"
     and the full validation set says no, the rest of the budget is trained first."""
     s = r.settings
     scores = r.scores(model)
-    ok = scores["val_acc"] >= baseline["val_acc"] - s.stop.delta
+    ok = _within(r, model, scores, state, row)
     rest = 0 if ok else s.recovery.steps_left(ft)
     if not rest:
         return scores, ok, 0.0
@@ -159,5 +186,5 @@ def _judge(r: Run, model: nn.Module, k: int, ft: TrainResult, baseline: dict[str
                failed=more.failed, early_stop_val_acc=scores["val_acc"])
     if not more.failed:
         scores = r.scores(model)
-        ok = scores["val_acc"] >= baseline["val_acc"] - s.stop.delta
+        ok = _within(r, model, scores, state, row)
     return scores, ok, time.perf_counter() - t3

@@ -42,6 +42,7 @@ from easier.pipeline.state import RunState
 from easier.report.files import history_table
 from easier.report.outcome import near_chance
 from easier.report.progress import status_line, talker
+from easier.train.correct import per_sample_correct
 from easier.train.finetune import FineTune, fine_tune, seed_everything
 from easier.train.recovery import (
     Recovery,
@@ -209,6 +210,9 @@ def _start(r: Run) -> RunState:
            **cost_of(current, r.example), "seconds": {"total": time.perf_counter() - t0},
            "failed": None}
     state = RunState([row], baseline, current, current)
+    if s.stop.confidence is not None:  # kept in state.pt: a resumed run compares to the same
+        state.baseline_correct = per_sample_correct(current, r.data["val"], r.device,
+                                                    s.run.input_key)
     if s.recovery.active:
         state.teacher = teacher_of(current, r.rundir, write=get_info().is_main)
     r.say(status_line(row, baseline, s.stop.delta))

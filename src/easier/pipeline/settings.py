@@ -36,6 +36,11 @@ class StopRule(Config):
     first rejection). ``one_shot=K`` removes the K lowest-scored units from one measurement and
     fine-tunes once. ``max_removals``, ``max_iterations`` and ``run_all`` are budgets: a resumed
     run may raise them.
+
+    ``confidence=c`` makes acceptance stricter than the point rule: a removal is kept only when
+    a paired bootstrap of the val samples (``bootstrap_rounds`` resamples of which samples the
+    dense and the new model get right) puts the drop within δ with probability ``c`` — its
+    ``c`` quantile is <= δ. Single-label classification only (one class per sample).
     """
 
     delta: float = setting(1.0, kind="number", low=0.0)
@@ -43,6 +48,15 @@ class StopRule(Config):
     max_iterations: int | None = setting(None, kind="int", low=0, optional=True)
     run_all: bool = setting(False, kind="flag")
     one_shot: int | None = setting(None, kind="int", low=1, optional=True)
+    confidence: float | None = setting(None, kind="number", low=0.0, high=1.0, low_open=True,
+                                       optional=True)
+    bootstrap_rounds: int = setting(2000, kind="int", low=1)
+
+    def check(self) -> None:
+        if self.confidence is not None and self.confidence >= 1.0:
+            raise ConfigError(f"StopRule.confidence={self.confidence!r} must be below 1 "
+                              "(e.g. 0.9: accept when the drop is within delta with 90 % "
+                              "confidence)")
 
 
 @dataclass(frozen=True)

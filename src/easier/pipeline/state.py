@@ -39,6 +39,8 @@ class RunState:
     stop_reason: str | None = None
     rejected: bool = False
     teacher: nn.Module | None = None
+    # which val samples the dense model gets right (StopRule.confidence's paired bootstrap)
+    baseline_correct: torch.Tensor | None = None
 
     @property
     def done(self) -> bool:
@@ -71,7 +73,8 @@ class RunState:
         accepted = (current if saved["accepted"] is None
                     else rebuild(saved["accepted"], copy.deepcopy(base)).to(device))
         return cls(saved["history"], saved["baseline"], current, accepted,
-                   saved.get("stop_code"), saved["stop_reason"], bool(saved.get("rejected")))
+                   saved.get("stop_code"), saved["stop_reason"], bool(saved.get("rejected")),
+                   baseline_correct=saved.get("baseline_correct"))
 
     def save(self, run: RunDir | None, cfg: dict[str, Any], strategy: Method) -> None:
         """Write the state, the kept model, summary.json and the reports (rank 0 only)."""
@@ -84,6 +87,7 @@ class RunState:
             "stop_reason": self.stop_reason, "rejected": self.rejected,
             "current": model_record(self.current), "method_state": strategy.state_dict(),
             "accepted": None if self.accepted is self.current else model_record(self.accepted),
+            "baseline_correct": self.baseline_correct,
         })
         save_model(self.accepted, run.file("model.pt"))
         final = next(h for h in reversed(self.history) if h["accepted"])
