@@ -87,7 +87,7 @@ def test_confidence_refuses_what_the_point_rule_accepts(tmp_path):
     plain = _run(tmp_path / "plain", delta, None, max_removals=3)
     strict = _run(tmp_path / "strict", delta, 0.99, max_removals=3)
     # same seeds, same choices: the models are identical, only the decisions differ
-    for a, b in zip(plain.history[1:], strict.history[1:]):
+    for a, b in zip(plain.history[1:], strict.history[1:], strict=True):
         assert a["val_acc"] == b["val_acc"]
         assert b["meets_threshold"] <= a["meets_threshold"]
         if a["meets_threshold"] and not b["meets_threshold"]:
