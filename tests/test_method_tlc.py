@@ -196,6 +196,20 @@ def test_joint_rule_of_the_reference():
     seen.clear()
     assert select_joint({"a": 0.2, "b": 0.0}, additive(1.0)) == (["b"], [])
     assert seen == []
+    # a budget caps the joint set: it stops growing at the limit and is taken as it is
+    seen.clear()
+    assert select_joint(gaps, additive(0.0), limit=2) == (
+        ["b", "c"], [{"k": 2, "gap": pytest.approx(-0.3)}])
+    assert seen == [["b", "c"]]
+    assert select_joint(gaps, additive(0.0), limit=1) == (["b"], [])
+    assert select_joint(gaps, additive(0.0), limit=0) == ([], [])
+
+
+def test_tlc_respects_max_removals(tmp_path):
+    """The reference rule may collapse several sites at once; the run's budget still holds."""
+    res = run(tmp_path / "r", max_removals=1)
+    assert len(res.linearized) <= 1
+    assert all(len(h["removed"]) <= 1 for h in res.history)
 
 
 def test_without_bn_uses_pre_activation_statistics():
@@ -280,8 +294,9 @@ def test_resume_equals_uninterrupted_and_result_folds(tmp_path, one_thread):
     assert len(rows(tmp_path / "cut")) == 2  # baseline + iteration 1 saved
     resumed = run(tmp_path / "cut", resume=True)
     assert rows(tmp_path / "cut") == rows(tmp_path / "full")
-    # a run stopped by a small budget continues when resumed with the full one
-    run(tmp_path / "short", max_removals=1)
+    # a run stopped by a budget continues when resumed with the full one (a budget that does
+    # not cut iteration 1's joint set, which a smaller one would: max_removals caps it)
+    run(tmp_path / "short", max_removals=len(full.history[1]["removed"]))
     assert run(tmp_path / "short", resume=True).linearized == full.linearized
     assert rows(tmp_path / "short") == rows(tmp_path / "full")
     assert resumed.linearized == full.linearized and len(full.linearized) >= 3

@@ -391,3 +391,24 @@ def test_every_decision_reports_the_val_standard_error_and_a_noisy_delta_warns()
     reduce(Net(), toy_data(), toy_data(30), finetune=FT,
            stop=StopRule(delta=2 * se + 1, max_removals=1), run=RunConfig(log=quiet.append))
     assert not any("standard errors" in x for x in quiet)
+
+
+def test_a_method_that_overspends_the_budget_is_stopped(tmp_path):
+    """A method choosing more units than max_removals still allows is a bug in the method: the
+    loop refuses it before editing anything, naming the method and Context.max_k."""
+    import dataclasses
+
+    from easier.methods.controls import RandomOrder
+
+    class Greedy(RandomOrder):
+        def step(self, ctx):
+            return super().step(dataclasses.replace(ctx, k=len(ctx.remaining)))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                          nn.Linear(8, 2))
+    x = torch.randn(64, 4)
+    data = TensorDataset(x, (x[:, 0] > 0).long())
+    with pytest.raises(ConfigError, match=r"chose 2 sites .*allows 1 more.*Context\.max_k"):
+        reduce(model, data, data, method=Greedy(), stop=StopRule(delta=100.0, max_removals=1),
+               finetune=FineTune(epochs=1, batch_size=32), run=RunConfig(verbose=False))

@@ -257,18 +257,23 @@ def apply_masks(
 
 
 def select_joint(
-    gaps: dict[str, float], joint_gap: Callable[[list[str]], float]
+    gaps: dict[str, float], joint_gap: Callable[[list[str]], float], limit: int | None = None
 ) -> tuple[list[str], list[dict[str, Any]]]:
     """The reference's rule: sites chosen from per-site gaps, plus the joint gaps it tried.
 
     ``gaps`` is in model order (ties go to the earlier site); ``joint_gap(sites)`` is the loss
-    gap of collapsing those sites together.
+    gap of collapsing those sites together. ``limit`` caps the sites chosen (the run's
+    ``max_removals`` budget): the joint set stops growing there and is taken as it is.
     """
     order = {n: i for i, n in enumerate(gaps)}
     ranked = sorted(gaps, key=lambda n: (gaps[n], order[n]))
     tried: list[dict[str, Any]] = []
+    if limit is not None and limit < 1:
+        return [], tried
     if ranked and gaps[ranked[0]] < 0:
         for k in range(2, len(ranked)):
+            if limit is not None and k > limit:
+                return ranked[:limit], tried
             gap = joint_gap(ranked[:k])
             tried.append({"k": k, "gap": gap})
             if gap > 0:
@@ -344,7 +349,7 @@ class TLC(Method):
         gaps = {s: gap([s]) for s in ctx.remaining}
         tried: list[dict[str, Any]] = []
         if self.select == "joint" and ctx.k == 1:
-            chosen, tried = select_joint(gaps, gap)
+            chosen, tried = select_joint(gaps, gap, ctx.max_k)
             reason = f"joint: {len(chosen)} lowest gaps" if len(chosen) > 1 else "lowest loss gap"
         else:
             order = {n: i for i, n in enumerate(ctx.remaining)}

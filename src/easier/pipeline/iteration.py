@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from easier.errors import ConfigError
 from easier.io.rundir import RunDir
 from easier.methods import Context, Method
 from easier.pipeline.confidence import paired_bootstrap, standard_error
@@ -75,6 +76,10 @@ def iterate(r: Run, state: RunState) -> None:
     t0 = time.perf_counter()
     ctx = _context(r, state, k, removed, remaining)
     step = r.strategy.step(ctx)
+    if ctx.max_k is not None and len(step.chosen) > ctx.max_k:
+        raise ConfigError(f"method {r.strategy.name!r} chose {len(step.chosen)} {r.strategy.unit}s "
+                          f"({', '.join(step.chosen)}) but max_removals={s.stop.max_removals} "
+                          f"allows {ctx.max_k} more; the method must respect Context.max_k")
     candidate, t_step = step.model.to(r.device), time.perf_counter() - t0
     row = {"iteration": k, "chosen": step.chosen, "removed": removed + step.chosen,
            "entropy": ctx.report.as_dict() if ctx.report is not None else None,
