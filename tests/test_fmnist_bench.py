@@ -51,10 +51,25 @@ def test_smoke_campaign_rows_resume_and_report(tmp_path: Path) -> None:
             assert r["settings"]["delta"] == 100.0 and r["machine"]["threads"] == 1
             assert r["dense_depth"] >= r["reduced_depth"]
         assert (root / "smoke" / "dense").is_dir()
+        # the lean path (test_curve=False): curves on val, test once on the kept model
+        import easier
+
+        splits = bf.load_splits(bf.SMOKE, 0, f"idx:{d}")
+        x = torch.stack([splits.test[i][0] for i in range(len(splits.test))])
+        y = torch.tensor([int(splits.test[i][1]) for i in range(len(splits.test))])
+        for r in got:
+            assert r["test_curve"] is False
+            assert all(c["test"] is None and c["val"] is not None for c in r["curve"])
+            kept = easier.load_model(root / "smoke" / "runs" / "resnet18-w0.0625-s0"
+                                     / r["method"] / "model.pt").eval()
+            with torch.no_grad():
+                by_hand = (kept(x).argmax(1) == y).double().mean().item() * 100
+            assert abs(r["test"] - by_hand) < 1e-6
         assert bf.main(argv) == 0  # resumed: nothing left to do, no new rows
         assert len(rows.read_text().splitlines()) == 2
         assert bf.main([*argv, "--report", "--out", str(out)]) == 0
         text = out.read_text()
         assert "### resnet18 (width 0.0625)" in text and "| random | 1 |" in text
+        assert "Val top-1 after k removals, after fine-tuning" in text
     finally:
         torch.set_num_threads(n)
