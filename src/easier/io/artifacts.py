@@ -197,15 +197,26 @@ def fold_run(run_dir: str | Path, plan: str | FoldOptions = "latency", *,
                                    torchscript=torchscript)
 
 
+def _example(run: RunDir) -> Any:
+    """What the fold captures on: a random batch of config.json's input_shape (image models),
+    else the run's own example input (example.pt: token ids must be real ids)."""
+    shape = run.read_config().get("input_shape")
+    if shape:
+        return torch.randn(2, *shape)  # batch 2: a one-sample capture would pin the batch
+    example = run.read_example()
+    if example is None:
+        raise FoldError(f"{run.config_path} has no input_shape and the run has no "
+                        f"{run.file('example.pt').name} (runs made before easier kept it): "
+                        "rerun `easier reduce`, or fold in Python with "
+                        "easier.fold(model, example_input)")
+    return example
+
+
 def _fold_and_write(run: RunDir, reduced: nn.Module, opts: FoldOptions,
                     batch_sizes: Sequence[int], *, onnx: bool,
                     torchscript: bool) -> dict[str, Any]:
     """Fold ``reduced`` (in eval mode), measure it against the folded model, write."""
-    shape = run.read_config().get("input_shape")
-    if not shape:
-        raise FoldError(f"{run.config_path} has no input_shape; rerun `easier reduce` to "
-                        "record it")
-    example = torch.randn(2, *shape)  # batch 2: a one-sample capture would pin the batch
+    example = _example(run)
     sizes = tuple(opts.plan_batch or batch_sizes)
     folded = fold(reduced, example, plan=opts.plan, latency=LatencyConfig(batch_sizes=sizes))
     fold_plan = folded.fold_plan  # type: ignore[attr-defined]

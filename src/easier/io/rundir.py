@@ -34,11 +34,13 @@ from easier.io.atomic import (
 from easier.io.lock import LOCK_FILE, lock_run_dir, lock_run_dir_ranks
 from easier.io.pickles import pickle_refusal, why_unreadable
 
-__all__ = ["ITERATIONS", "LOCK_FILE", "STATE_FORMAT", "RunDir", "check_resume_environment",
+__all__ = ["EXAMPLE", "ITERATIONS", "LOCK_FILE", "STATE_FORMAT", "RunDir",
+           "check_resume_environment",
            "lock_run_dir", "lock_run_dir_ranks", "resume_environment"]
 
 STATE_FORMAT = "easier.io.records/1"
 ITERATIONS = "iterations"  # the per-iteration models of a run that keeps them
+EXAMPLE = "example.pt"  # the example input of a run whose input is not one tensor
 # written only once state.pt exists (the loop saves the state first): their presence without
 # state.pt means it was removed, not that the run was killed before its first iteration
 _AFTER_STATE = ("state.prev.pt", "model.pt", "summary.json", "history.jsonl")
@@ -189,6 +191,30 @@ class RunDir:
                 record_checksums(self.path, {cur.name: [digest]})
 
         atomic_write(cur, lambda f: torch.save(state, f), before_rename)
+
+    def write_example(self, example: Any) -> None:
+        """Keep the input the run was captured on when it is not one tensor (a dict of token
+        ids and masks...): a fold of the run needs a real one, while an image tensor is
+        rebuilt from config.json's input_shape. Tensors and plain containers only."""
+        data = torch.utils._pytree.tree_map(
+            lambda t: t.detach().cpu() if isinstance(t, torch.Tensor) else t, example)
+        atomic_write(self.file(EXAMPLE), lambda f: torch.save(data, f),
+                     lambda digest: record_checksums(self.path, {EXAMPLE: [digest]}))
+
+    def read_example(self) -> Any:
+        """The example saved by :meth:`write_example` (None when the run has none), verified
+        against its sha256 and loaded with ``weights_only=True``."""
+        path = self.file(EXAMPLE)
+        if not path.exists():
+            return None
+        data = read_verified(path)
+        try:
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            refused = pickle_refusal(path, exc)
+            raise StateError(refused or f"{path} is corrupt or truncated "
+                             f"({why_unreadable(exc)}); run `easier reduce` again to write it"
+                             ) from exc
 
     def lock(self) -> contextlib.AbstractContextManager[Path]:
         """The directory's writer lock (:func:`lock_run_dir`), for a ``with`` block."""

@@ -182,6 +182,8 @@ def _open(model: nn.Module, data: dict[str, Any], method: str | Method, settings
         barrier()
         if info.is_main:
             rundir.start(cfg, resume=resume, mutable=_MUTABLE_KEYS)
+            if facts["input_shape"] is None:  # what a later fold captures on
+                rundir.write_example(strategy.example)
         barrier()
     say = talker(run.verbose, run.log, info.is_main)  # only rank 0 talks and writes
     if saved is None and resume and rundir is not None:  # e.g. a relative --out elsewhere
