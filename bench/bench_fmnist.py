@@ -394,6 +394,8 @@ def run_unit(lib: dict[str, Any], root: Path, s: Setting, m: ModelSetting, seed:
         "test_drop": (dense_test or 0) - (kept_test or 0),
         "iterations": len(hist) - 1, "stop_reason": res.stop_reason,
         "finetune_steps": sum(h.get("finetune_steps") or 0 for h in hist[1:]),
+        # what choosing costs: the method's step (scores, edit) per iteration, no fine-tune
+        "step_seconds": [(h.get("seconds") or {}).get("step") for h in hist[1:]],
         # the run's own time (a resumed unit: summed over its sessions)
         "seconds": sum((h.get("seconds") or {}).get("total", 0.0) for h in hist),
         "loop_seconds_this_session": loop_secs, "timing_seconds": time.perf_counter() - t1,
@@ -467,6 +469,47 @@ _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 
 def t975(df: int) -> float:
     return _T975.get(df) or _T975[max(k for k in _T975 if k <= df)]
+
+
+def answer(mrows: list[dict[str, Any]], methods: list[str], s: Setting) -> list[str]:
+    """The two questions of issue 23 for one model, answered from the rows: which method
+    removes the most within delta, and which lie on the accuracy-vs-latency front (no other
+    method has both a higher mean test top-1 and a higher mean batch-1 speedup)."""
+    stats = {}
+    for lab in methods:
+        rs = [r for r in mrows if r["method"] == lab]
+        sp = [measured_speedup(r) for r in rs if r.get("speedup_b1") is not None]
+        stats[lab] = (sum(r["removed"] for r in rs) / len(rs),
+                      sum(r["test"] for r in rs) / len(rs),
+                      sum(sp) / len(sp) if sp else math.nan, len(rs))
+    if not stats:
+        return []
+    most = max(v[0] for v in stats.values())
+    top = [lab for lab, v in stats.items() if v[0] == most]
+    front = [lab for lab, (_, acc, sp, _) in stats.items()
+             if not any(o_acc >= acc and o_sp >= sp and (o_acc, o_sp) != (acc, sp)
+                        for o, (_, o_acc, o_sp, _) in stats.items() if o != lab)]
+    seeds = sorted({n for *_, n in stats.values()})
+    return ["### Answer", "",
+            f"- Most activations removed within delta {s.delta} (mean over "
+            f"{'/'.join(map(str, seeds))} seeds): {', '.join(top)} ({most:.1f}).",
+            "- Accuracy-vs-latency front (mean test top-1 after, mean batch-1 speedup of the "
+            "folded model; a speedup whose paired noise band includes 1 counts as 1.00x): "
+            + ", ".join(
+                f"{lab} ({stats[lab][1]:.2f} %, {stats[lab][2]:.2f}x)"
+                for lab in sorted(front, key=lambda x: -stats[x][1])) + ".", ""]
+
+
+def measured_speedup(row: dict[str, Any]) -> float:
+    """The batch-1 speedup, or 1.0 when its paired noise band includes 1 (no measured change)."""
+    lo, hi = row.get("speedup_b1_band") or (math.nan, math.nan)
+    return 1.0 if lo <= 1.0 <= hi else row["speedup_b1"]
+
+
+def mean_step(row: dict[str, Any]) -> float | None:
+    """Mean seconds of the method's step (choosing and editing) per iteration of a unit."""
+    xs = [x for x in row.get("step_seconds") or [] if x is not None]
+    return sum(xs) / len(xs) if xs else None
 
 
 def mean_ci(xs: list[float]) -> tuple[float, float | None]:
@@ -549,10 +592,12 @@ def report(rows: list[dict[str, Any]], dense_recs: list[dict[str, Any]], s: Sett
                 fmt_ci([r["reduced_depth"] for r in rs], ".1f") + f" / {rs[0]['dense_depth']}",
                 fmt_ci([r["finetune_steps"] for r in rs], ".0f"),
                 fmt_ci([r["seconds"] / 60 for r in rs], ".1f"),
+                fmt_ci([mean_step(r) for r in rs if mean_step(r) is not None], ".1f"),
             ])
         lines += _table(["method", "seeds", "removed", "dense test", "test after", "test drop",
                          "speedup b1", f"speedup b{s.batch_sizes[-1]}", "FLOPs ratio",
-                         "depth (dense)", "fine-tune steps", "wall min"], tab)
+                         "depth (dense)", "fine-tune steps", "wall min", "choose s/iter"], tab)
+        lines += answer(mrows, methods, s)
         base = {r["seed"]: r for r in mrows if r["method"] == BASELINE_METHOD}
         if base:
             lines += ["### Paired by seed: each method minus easier", "",
