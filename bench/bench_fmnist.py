@@ -578,7 +578,11 @@ def report(rows: list[dict[str, Any]], dense_recs: list[dict[str, Any]], s: Sett
         mrows = [r for r in ok if r["model"] == model]
         width = mrows[0]["width"]
         methods = [lab for lab, _, _ in METHODS if any(r["method"] == lab for r in mrows)]
-        lines += [f"## {model} (width {width})", "", "### Per method", ""]
+        lines += [f"## {model} (width {width})", ""]
+        if not nested:  # the figure bench_fmnist --report draws beside this file
+            lines += [f"![{model}: top-1 vs activations removed, and vs batch-1 speedup]"
+                      f"(fmnist_{model}.png)", ""]
+        lines += ["### Per method", ""]
         tab = []
         for lab in methods:
             rs = sorted((r for r in mrows if r["method"] == lab), key=lambda r: r["seed"])
@@ -701,8 +705,67 @@ def main(argv: list[str] | None = None) -> int:
                     f.write(text + "\n")
             else:
                 out.write_text(text + "\n", encoding="utf-8")
+                for png in plot(read_rows(rows), s, ROOT / "docs"):
+                    log(f"wrote {png}")
             log(f"wrote {out}")
     return 0
+
+
+def plot(rows: list[dict[str, Any]], s: Setting, folder: Path) -> list[Path]:
+    """docs/fmnist_MODEL.png per model: top-1 vs k before and after fine-tuning (mean over
+    seeds), and test top-1 vs batch-1 speedup per unit (one point per seed, mean marked)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r and r.get("setting") == s.name]
+    written = []
+    for model in sorted({r["model"] for r in ok}):
+        mrows = [r for r in ok if r["model"] == model]
+        split = "test" if all(r.get("test_curve", True) for r in mrows) else "val"
+        methods = [lab for lab, _, _ in METHODS if any(r["method"] == lab for r in mrows)]
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+        for i, (key, title) in enumerate(((f"pre_ft_{split}", "before fine-tuning (BN re-est.)"),
+                                          (split, "after fine-tuning"))):
+            ax = axes[i]
+            for lab in methods:
+                at = [{c["k"]: c for c in r["curve"]} for r in mrows if r["method"] == lab]
+                ks = sorted({k for a in at for k in a})
+                pts = []
+                for k in ks:
+                    vals = [a[k].get(key if k else split) for a in at if k in a]
+                    vals = [v for v in vals if v is not None]
+                    if vals:
+                        pts.append((k, sum(vals) / len(vals)))
+                if len(pts) > 1:
+                    ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=lab)
+            ax.set_title(f"{model}: {split} top-1 {title}", fontsize=9)
+            ax.set_xlabel("activations removed (k)")
+            ax.set_ylabel(f"{split} top-1 (%)")
+            ax.legend(fontsize=6)
+        ax = axes[2]
+        for lab in methods:
+            rs = [r for r in mrows if r["method"] == lab and r.get("speedup_b1")]
+            if not rs:
+                continue
+            xs, ys = [r["speedup_b1"] for r in rs], [r["test"] for r in rs]
+            line = ax.scatter(xs, ys, s=10, alpha=0.5)
+            ax.scatter([sum(xs) / len(xs)], [sum(ys) / len(ys)], s=45, marker="D",
+                       color=line.get_facecolor()[0], label=lab)
+        ax.axvline(1.0, color="grey", lw=0.6)
+        ax.set_title(f"{model}: kept model, test top-1 vs batch-1 speedup (folded)", fontsize=9)
+        ax.set_xlabel("speedup at batch 1 (dense / reduced, > 1 faster)")
+        ax.set_ylabel("test top-1 (%)")
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        path = folder / f"fmnist_{model}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
 
 
 def write_synthetic_idx(d: Path, n_train: int = 300, n_test: int = 100) -> Path:
