@@ -582,6 +582,14 @@ def report(rows: list[dict[str, Any]], dense_recs: list[dict[str, Any]], s: Sett
         if not nested:  # the figure bench_fmnist --report draws beside this file
             lines += [f"![{model}: top-1 vs activations removed, and vs batch-1 speedup]"
                       f"(fmnist_{model}.png)", ""]
+        n_units = len(METHODS) * len(s.seeds)
+        ckpt = [d for d in dense_recs if d["model"] == model]
+        lines += [f"Campaign: {len(mrows)} of {n_units} units finished ({len(METHODS)} methods "
+                  f"x {len(s.seeds)} seeds); their run time adds up to "
+                  f"{sum(r['seconds'] for r in mrows) / 3600:.1f} h on one thread, the "
+                  f"{len(ckpt)} dense checkpoint(s) took "
+                  f"{sum(d['seconds'] for d in ckpt) / 3600:.1f} h; two processes share the "
+                  "two cores.", ""]
         lines += ["### Per method", ""]
         tab = []
         for lab in methods:
