@@ -77,3 +77,32 @@ def test_nonzero_params_counts_by_hand():
         net.weight.copy_(torch.tensor([[0.0, 1.0, 0.0], [2.0, 0.0, -3.0]]))
         net.bias.zero_()
     assert nonzero_params(net) == 3
+
+
+def test_a_python_run_writes_what_it_returned_into_report_md(tmp_path):
+    """easier.reduce (no CLI) ends report.md with the dense vs returned table; the non-zero
+    counts are those of the models, counted here entry by entry."""
+    from torch.utils.data import TensorDataset
+
+    from easier import RunConfig, StopRule
+    from easier.pipeline.reduce import reduce
+    from easier.train.finetune import FineTune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                          nn.Linear(8, 2))
+    with torch.no_grad():
+        model[0].weight[:3].zero_()  # a dense model with some exact zeros
+    dense_nonzero = sum(int(v != 0) for p in model.parameters() for v in p.flatten().tolist())
+    x = torch.randn(96, 4, generator=torch.Generator().manual_seed(1))
+    data = TensorDataset(x, (x[:, 0] > 0).long())
+    res = reduce(model, data, data, method="random", out=tmp_path / "run", fold="all",
+                 finetune=FineTune(epochs=1, lr=1e-6, batch_size=32, weight_decay=0.0),
+                 stop=StopRule(delta=100.0, max_removals=1), run=RunConfig(verbose=False))
+    assert res.history[0]["nonzero_params"] == dense_nonzero
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert "## What the run returned" in text
+    row = next(ln for ln in text.splitlines() if ln.startswith("| non-zero params |"))
+    assert row.split("|")[2].strip() == str(dense_nonzero)
+    assert "Folded (plan all)" in text
+    assert res.extras["outcome"].removed_units == 1

@@ -27,40 +27,27 @@ __all__ = ["cmd_compare", "cmd_entropy", "cmd_fold", "cmd_list", "cmd_reduce", "
            "trust_model_code"]
 
 
-def end_of_run(result: Any, *, num_classes: int, dense_nonzero: int | None,
-               unit: str) -> list[str]:
-    """The lines printed after a run: dense vs returned table, warnings, one summary line."""
+def end_of_run(result: Any, *, num_classes: int, unit: str) -> list[str]:
+    """The lines printed after a run: dense vs returned table, warnings, one summary line
+    (the outcome :func:`easier.reduce` wrote into report.md, or computed here)."""
     from easier.report.outcome import outcome, outcome_table, summary_line
 
-    o = outcome(result.history, result.extras.get("fold"), unit=unit,
-                dense_nonzero=dense_nonzero, returned_nonzero=returned_nonzero(result))
+    o = result.extras.get("outcome") or outcome(
+        result.history, result.extras.get("fold"), unit=unit,
+        dense_nonzero=result.history[0].get("nonzero_params"),
+        returned_nonzero=returned_nonzero(result))
     lines = ["", outcome_table(o), ""]
     warning = near_chance(result.baseline["val_acc"], num_classes)
     if warning:
         lines.append(warning)
     lines.append(summary_line(o))
-    _report_outcome(result, outcome_table(o), summary_line(o))
     return lines
-
-
-def _report_outcome(result: Any, table: str, summary: str) -> None:
-    """Rewrite the run's report.md with what it returned (the fold included)."""
-    from easier.io.atomic import atomic_write_text
-    from easier.parallel import is_main
-    from easier.report.files import with_outcome
-
-    path = result.out / "report.md" if result.out is not None else None
-    if path is None or not path.is_file() or not is_main():
-        return
-    atomic_write_text(path, with_outcome(path.read_text(), table, summary,
-                                         result.extras.get("fold")))
 
 
 def cmd_reduce(args: argparse.Namespace) -> int:
     from easier.io.artifacts import FoldOptions
     from easier.parallel import is_main
     from easier.pipeline.reduce import reduce
-    from easier.report.outcome import nonzero_params
 
     method = method_with_options(args.method, args.method_option)
     out = out_dir(args, args.model, args.data, args.method, f"s{args.seed}")
@@ -76,8 +63,6 @@ def cmd_reduce(args: argparse.Namespace) -> int:
         say(f"method {args.method} {method.options() or ''} -> {out}")
         t0 = time.perf_counter()
         model = env["make_model"]()
-        # the weights the user gave are the dense model only when nothing is pretrained
-        dense_nonzero = nonzero_params(model) if env["kwargs"]["pretrain"] is None else None
         result = reduce(model, env["splits"].train, env["splits"].val,
                         method=method, out=out, resume=args.resume,
                         fold=None if args.no_fold else FoldOptions(args.plan, args.plan_batch),
@@ -90,7 +75,7 @@ def cmd_reduce(args: argparse.Namespace) -> int:
         print(f"stopped: {result.stop_reason}; wall time {time.perf_counter() - t0:.1f}s; "
               f"run directory: {out}")
         print("\n".join(end_of_run(result, num_classes=env["splits"].num_classes,
-                                   dense_nonzero=dense_nonzero, unit=method.unit)))
+                                   unit=method.unit)))
     return 0
 
 

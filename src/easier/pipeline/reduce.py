@@ -40,7 +40,7 @@ from easier.pipeline.scores import cost_of, example_batch, num_classes, val_size
 from easier.pipeline.settings import EditConfig, EntropyConfig, RunConfig, Settings, StopRule
 from easier.pipeline.state import RunState
 from easier.report.files import history_table
-from easier.report.outcome import near_chance
+from easier.report.outcome import near_chance, write_outcome
 from easier.report.progress import status_line, talker
 from easier.train.correct import per_sample_correct
 from easier.train.finetune import FineTune, fine_tune, seed_everything
@@ -270,5 +270,8 @@ def _finish(r: Run, state: RunState, fold: str | FoldOptions | None,
         r.say(f"folded (plan={mode}), max |error| "
               f"{result.extras['fold']['plan']['max_abs_error']:.2g}:\n"
               f"{result.extras['fold']['table']}")
+    if r.rundir is not None and info.is_main:  # report.md: what the run gave back
+        result.extras["outcome"] = write_outcome(result, r.rundir.file("report.md"),
+                                                 r.strategy.unit)
     barrier()
     return result

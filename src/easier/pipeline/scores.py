@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from easier.entropy.estimate import batch_input
 from easier.graph.capture import call_model, eval_mode, logits_of
 from easier.pipeline.settings import StopRule
+from easier.report.outcome import nonzero_params
 from easier.train.finetune import evaluate, make_loader
 
 __all__ = ["cost_of", "evaluate_all", "example_batch", "limit_reason", "num_classes", "val_size"]
@@ -23,13 +24,15 @@ def example_batch(data: Dataset | DataLoader, input_key: Any) -> Any:
 
 
 def cost_of(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
-    """Params, FLOPs per sample, depth and remaining activations (no timing: cheap)."""
+    """Params (and those not exactly zero), FLOPs per sample, depth and remaining activations
+    (no timing: cheap)."""
     from easier.perf.measure import measure
 
     m = measure(model, example, latency=False)
     # "flops" is at the example's batch (kept: older runs and ratios read it); per sample too
     return {"params": m.params, "flops": m.flops, "flops_per_sample": m.flops_per_sample,
-            "depth": m.depth, "activations": m.activations}
+            "depth": m.depth, "activations": m.activations,
+            "nonzero_params": nonzero_params(model)}
 
 
 def limit_reason(stop: StopRule, k: int, n_removed: int, remaining: list[str],

@@ -9,12 +9,13 @@ the kept model unfolded vs folded; the dense model is never timed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 __all__ = ["Outcome", "Side", "near_chance", "nonzero_params", "outcome", "outcome_table",
-           "returned_nonzero", "speed", "summary_line"]
+           "returned_nonzero", "speed", "summary_line", "write_outcome"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,21 @@ def returned_nonzero(result: Any) -> int:
         except Exception:  # an unreadable program: count the kept model instead
             pass
     return nonzero_params(result.model)
+
+
+def write_outcome(result: Any, report: Path, unit: str) -> Outcome:
+    """The outcome of a finished :func:`easier.reduce` (its ReduceResult), also written into
+    the run's ``report.md`` as "What the run returned" (Python and CLI runs alike)."""
+    from easier.io.atomic import atomic_write_text
+    from easier.report.files import with_outcome
+
+    o = outcome(result.history, result.extras.get("fold"), unit=unit,
+                dense_nonzero=result.history[0].get("nonzero_params"),
+                returned_nonzero=returned_nonzero(result))
+    if report.is_file():
+        atomic_write_text(report, with_outcome(report.read_text(), outcome_table(o),
+                                               summary_line(o), result.extras.get("fold")))
+    return o
 
 
 def outcome(history: list[dict[str, Any]], fold: dict[str, Any] | None = None, *,
