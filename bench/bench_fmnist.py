@@ -268,6 +268,8 @@ METHODS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("lacoot", "lacoot", {"finetune_after": True}),
     ("probe", "probe", {}),
     ("taylor", "taylor", {}),
+    # |ΔL|: the conservative first-order rule (docs/criteria.md: signed picked the worst site)
+    ("taylor-abs", "taylor", {"absolute": True}),
 )
 BASELINE_METHOD = "easier"
 
