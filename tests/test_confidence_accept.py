@@ -56,6 +56,7 @@ def _numpy_upper(base: np.ndarray, new: np.ndarray, confidence: float) -> float:
     return float(np.quantile(drops, confidence))
 
 
+@pytest.mark.slow
 def test_each_decision_follows_an_independent_bootstrap(tmp_path):
     delta, conf = 8.0, 0.8
     res = _run(tmp_path / "run", delta, conf)
@@ -80,6 +81,7 @@ def test_each_decision_follows_an_independent_bootstrap(tmp_path):
     assert (True, False) in seen
 
 
+@pytest.mark.slow
 def test_confidence_refuses_what_the_point_rule_accepts(tmp_path):
     """A drop of a few samples out of 60 is within a generous δ on the point estimate, but a
     bootstrap at 99 % confidence cannot bound it there."""
@@ -104,6 +106,7 @@ def test_confidence_refuses_what_the_point_rule_accepts(tmp_path):
     assert "99% bound on the drop" in stopped.stop_reason
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_dense_correctness(tmp_path):
     out = tmp_path / "run"
     first = _run(out, 8.0, 0.8, max_removals=1)

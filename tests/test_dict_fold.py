@@ -63,6 +63,7 @@ def _build(code):
     return tiny_bert
 
 
+@pytest.mark.slow
 def test_reduce_on_token_data_folds_and_the_program_matches(bert_run):
     out, code = bert_run
     assert json.loads((out / "config.json").read_text())["input_shape"] is None
@@ -87,6 +88,7 @@ def test_reduce_on_token_data_folds_and_the_program_matches(bert_run):
     assert (out / "fold_plan.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_changed_or_planted_example_is_refused(bert_run, capsys):
     out, code = bert_run
     spec = ["--model", f"{code / 'tiny_bert.py'}:build"]

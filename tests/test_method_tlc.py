@@ -205,6 +205,7 @@ def test_joint_rule_of_the_reference():
     assert select_joint(gaps, additive(0.0), limit=0) == ([], [])
 
 
+@pytest.mark.slow
 def test_tlc_respects_max_removals(tmp_path):
     """The reference rule may collapse several sites at once; the run's budget still holds."""
     res = run(tmp_path / "r", max_removals=1)

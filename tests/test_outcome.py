@@ -1,5 +1,6 @@
 """Dense vs returned: numbers checked against a history and fold results worked out by hand."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -79,6 +80,7 @@ def test_nonzero_params_counts_by_hand():
     assert nonzero_params(net) == 3
 
 
+@pytest.mark.slow
 def test_a_python_run_writes_what_it_returned_into_report_md(tmp_path):
     """easier.reduce (no CLI) ends report.md with the dense vs returned table; the non-zero
     counts are those of the models, counted here entry by entry."""
