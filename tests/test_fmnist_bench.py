@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -33,6 +34,7 @@ def idx_set(d: Path, n_train: int = 264, n_test: int = 40) -> Path:
     return d
 
 
+@pytest.mark.slow
 def test_smoke_campaign_rows_resume_and_report(tmp_path: Path) -> None:
     n = torch.get_num_threads()
     bf = _bench()

@@ -257,6 +257,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_and_result_folds(tmp_path, one_thread):
     full = run(tmp_path / "full")
     with pytest.raises(KeyboardInterrupt):

@@ -151,6 +151,7 @@ def test_listed_and_runs_through_reduce(tmp_path, capsys, one_thread):
     assert row["probe_cost"]["candidates"] == len(row["scores"]) >= 2
 
 
+@pytest.mark.slow
 def test_compare_runs_probe_and_taylor(tmp_path, one_thread):
     from torch import nn
 

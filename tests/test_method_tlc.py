@@ -288,6 +288,7 @@ def rows(d):
     return history_rows(d)
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_and_result_folds(tmp_path, one_thread):
     full = run(tmp_path / "full")
     with pytest.raises(KeyboardInterrupt):
