@@ -75,3 +75,26 @@ def test_smoke_campaign_rows_resume_and_report(tmp_path: Path) -> None:
         assert "Val top-1 after k removals, after fine-tuning" in text
     finally:
         torch.set_num_threads(n)
+
+
+def test_answer_names_the_most_removed_and_the_front_by_hand() -> None:
+    bf = _bench()
+
+    def row(method, seed, removed, test, speedup, band):
+        return {"method": method, "seed": seed, "removed": removed, "test": test,
+                "speedup_b1": speedup, "speedup_b1_band": band}
+
+    rows = [
+        # a: most removed (mean 5), slower; b: best accuracy, no measurable speedup (band
+        # holds 1, counts as 1.00x); c: dominated by b (lower accuracy, speedup inside noise);
+        # d: fastest, least accurate
+        row("a", 0, 6, 90.0, 0.9, [0.85, 0.95]), row("a", 1, 4, 90.2, 0.9, [0.85, 0.95]),
+        row("b", 0, 2, 92.0, 1.05, [0.95, 1.10]), row("b", 1, 2, 92.0, 1.05, [0.95, 1.10]),
+        row("c", 0, 3, 91.0, 1.08, [0.97, 1.2]), row("c", 1, 3, 91.0, 1.02, [0.9, 1.1]),
+        row("d", 0, 1, 89.0, 1.5, [1.4, 1.6]), row("d", 1, 1, 89.0, 1.5, [1.4, 1.6]),
+    ]
+    text = "\n".join(bf.answer(rows, ["a", "b", "c", "d"], bf.FULL))
+    assert "within delta 1.0 (mean over 2 seeds): a (5.0)" in text
+    front = text.split("front")[1]
+    assert "b (92.00 %, 1.00x)" in front and "d (89.00 %, 1.50x)" in front
+    assert "a (" not in front and "c (" not in front  # a: slower than b; c: b is as fast
