@@ -69,6 +69,18 @@ def test_smoke_campaign_rows_resume_and_report(tmp_path: Path) -> None:
             assert abs(r["test"] - by_hand) < 1e-6
         assert bf.main(argv) == 0  # resumed: nothing left to do, no new rows
         assert len(rows.read_text().splitlines()) == 2
+        # --retime: one record per unit, merged into the unit's row; a second pass adds none
+        assert bf.main([*argv, "--retime"]) == 0
+        raw = [json.loads(line) for line in rows.read_text().splitlines()]
+        re_rows = [r for r in raw if r.get("kind") == "retime"]
+        assert sorted(r["method"] for r in re_rows) == ["easier", "random"]
+        merged = {r["method"]: r for r in bf.read_rows(rows)}
+        assert len(merged) == 2
+        for r in re_rows:
+            assert merged[r["method"]]["speedup_b1"] == r["speedup_b1"]
+            assert merged[r["method"]]["timing_load"] == r["load"]
+        assert bf.main([*argv, "--retime"]) == 0
+        assert len(rows.read_text().splitlines()) == 4
         assert bf.main([*argv, "--report", "--out", str(out)]) == 0
         text = out.read_text()
         assert "### resnet18 (width 0.0625)" in text and "| random | 1 |" in text
