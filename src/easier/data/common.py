@@ -43,7 +43,9 @@ def stratified_order(labels: np.ndarray, rng: np.random.RandomState) -> np.ndarr
 
     Each class is shuffled and its k-th member gets the key (k + 0.5) / class_size; sorting by
     key (ties in shuffled order) interleaves the classes, so cutting the result at any point gives
-    each class its proportional share, to within one sample.
+    class c its proportional share to within (1 + p_c·(C − 2))/2 samples (p_c its fraction, C
+    classes): under one sample for balanced classes, a little over for one dominant class
+    among several small ones.
     """
     labels = np.asarray(labels)
     n = len(labels)
