@@ -326,23 +326,19 @@ def retime(root: Path, s: Setting, spec: str | None, rows_path: Path) -> None:
     machine after a campaign whose timings ran beside other processes. Appends one
     ``retime`` record per unit (the unit rows stay as they were written)."""
     lib = _lib()
-    raw = [json.loads(x) for x in rows_path.read_text().splitlines() if x.strip()]
-    done = {unit_key(r) for r in raw if r.get("kind") == "retime"}
+    todo = [r for r in read_rows(rows_path) if "error" not in r and "timing_load" not in r]
     for seed in s.seeds:
         splits = None
         for m in s.models:
-            units = [r for r in read_rows(rows_path)
-                     if (r["setting"], r["model"], r["width"], r["seed"]) ==
-                     (s.name, m.model, m.width, seed) and "error" not in r
-                     and unit_key(r) not in done]
+            units = [r for r in todo if (r["setting"], r["model"], r["width"], r["seed"]) ==
+                     (s.name, m.model, m.width, seed)]
             if not units:
                 continue
             splits = splits or load_splits(s, seed, spec)
             dense_model = easier.load_model(dense_path(root, s, m, seed))
-            example = torch.stack([splits.val[i][0] for i in range(8)])
+            example = timing_example(splits)
             for r in units:
-                run_dir = root / s.name / "runs" / f"{m.model}-w{m.width}-s{seed}" / r["method"]
-                kept = easier.load_model(run_dir / "model.pt")
+                kept = easier.load_model(run_path(root, s, m, seed, r["method"]) / "model.pt")
                 load = load_avg()
                 timing = fold_and_time(lib, dense_model, kept, example, s)
                 append_row(rows_path, {"kind": "retime", "setting": s.name, "model": m.model,
@@ -353,6 +349,16 @@ def retime(root: Path, s: Setting, spec: str | None, rows_path: Path) -> None:
                 log(f"retime: {m.model} seed {seed} {r['method']}: speedup b1 "
                     f"{timing.get('speedup_b1', float('nan')):.2f}x (was "
                     f"{r.get('speedup_b1', float('nan')):.2f}x), load {load}")
+
+
+def run_path(root: Path, s: Setting, m: ModelSetting, seed: int, label: str) -> Path:
+    """The run directory of one unit."""
+    return root / s.name / "runs" / f"{m.model}-w{m.width}-s{seed}" / label
+
+
+def timing_example(splits: data.DataSplits) -> torch.Tensor:
+    """The input both models are folded and timed on: the first 8 val images."""
+    return torch.stack([splits.val[i][0] for i in range(8)])
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
@@ -421,7 +427,7 @@ def fold_and_time(lib: dict[str, Any], dense_model: torch.nn.Module, reduced: to
 def run_unit(lib: dict[str, Any], root: Path, s: Setting, m: ModelSetting, seed: int,
              label: str, name: str, options: dict[str, Any], splits: data.DataSplits,
              dense_model: torch.nn.Module, dense_rec: dict[str, Any]) -> dict[str, Any]:
-    run_dir = root / s.name / "runs" / f"{m.model}-w{m.width}-s{seed}" / label
+    run_dir = run_path(root, s, m, seed, label)
     inner = lib["create_method"](name, **options)
     test = splits.test if m.test_curve else None
     method = pre_ft_probe(lib, inner, test, bn_batches=8)
@@ -440,7 +446,7 @@ def run_unit(lib: dict[str, Any], root: Path, s: Setting, m: ModelSetting, seed:
     if test is None:  # the test split once, on the kept model
         dense_test = dense_rec["test_acc"]
         kept_test = evaluate(res.model, splits.test)[1]
-    example = torch.stack([splits.val[i][0] for i in range(8)])
+    example = timing_example(splits)
     t1 = time.perf_counter()
     timing = fold_and_time(lib, dense_model, res.model, example, s)
     return {

@@ -35,6 +35,7 @@ class Rule:
     choices: tuple[Any, ...] = ()
     item: Callable[[Any], Any] | None = None  # converts each tuple item (e.g. int)
     stored: bool = True
+    high_open: bool = False  # high itself is not allowed
 
     def describe(self) -> str:
         if self.kind == "flag":
@@ -47,7 +48,7 @@ class Rule:
         if self.low is not None:
             bounds.append(f"{'>' if self.low_open else '>='} {self.low:g}")
         if self.high is not None:
-            bounds.append(f"<= {self.high:g}")
+            bounds.append(f"{'<' if self.high_open else '<='} {self.high:g}")
         return f"must be {what}{' ' + ' and '.join(bounds) if bounds else ''}" + (
             " or None" if self.optional else "")
 
@@ -82,7 +83,8 @@ class Rule:
                 raise ValueError
             if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
                 raise ValueError
-            if self.high is not None and value > self.high:
+            if self.high is not None and (value > self.high
+                                          or (self.high_open and value == self.high)):
                 raise ValueError
             return value
         return value
@@ -96,11 +98,12 @@ def positive_int(value: Any) -> int:
 
 
 def setting(default: Any = dataclasses.MISSING, *, kind: str = "any", low: float | None = None,
-            high: float | None = None, low_open: bool = False, optional: bool = False,
-            choices: Sequence[Any] = (), item: Callable[[Any], Any] | None = None,
-            stored: bool = True, factory: Callable[[], Any] | None = None) -> Any:
+            high: float | None = None, low_open: bool = False, high_open: bool = False,
+            optional: bool = False, choices: Sequence[Any] = (),
+            item: Callable[[Any], Any] | None = None, stored: bool = True,
+            factory: Callable[[], Any] | None = None) -> Any:
     """A dataclass field with its :class:`Rule` (the one place a config says what it accepts)."""
-    rule = Rule(kind, low, high, low_open, optional, tuple(choices), item, stored)
+    rule = Rule(kind, low, high, low_open, optional, tuple(choices), item, stored, high_open)
     # what is not stored (a callback, a device) is not part of the settings' identity either
     extra: dict[str, Any] = {} if stored else {"compare": False, "repr": False}
     if factory is not None:

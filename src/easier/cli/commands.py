@@ -21,7 +21,7 @@ from easier.cli.session import (
     setup,
 )
 from easier.errors import ConfigError, StateError
-from easier.report.outcome import near_chance, returned_nonzero
+from easier.report.outcome import near_chance, outcome_of, outcome_table, summary_line
 
 __all__ = ["cmd_compare", "cmd_entropy", "cmd_fold", "cmd_list", "cmd_reduce", "end_of_run",
            "trust_model_code"]
@@ -30,12 +30,7 @@ __all__ = ["cmd_compare", "cmd_entropy", "cmd_fold", "cmd_list", "cmd_reduce", "
 def end_of_run(result: Any, *, num_classes: int, unit: str) -> list[str]:
     """The lines printed after a run: dense vs returned table, warnings, one summary line
     (the outcome :func:`easier.reduce` wrote into report.md, or computed here)."""
-    from easier.report.outcome import outcome, outcome_table, summary_line
-
-    o = result.extras.get("outcome") or outcome(
-        result.history, result.extras.get("fold"), unit=unit,
-        dense_nonzero=result.history[0].get("nonzero_params"),
-        returned_nonzero=returned_nonzero(result))
+    o = result.extras.get("outcome") or outcome_of(result, unit)
     lines = ["", outcome_table(o), ""]
     warning = near_chance(result.baseline["val_acc"], num_classes)
     if warning:

@@ -119,7 +119,7 @@ def run_args(r: argparse.ArgumentParser) -> None:
                    help="remove the K lowest-scored units from one measurement, fine-tune once")
     r.add_argument("--all", action="store_true",
                    help="keep going to the last unit and log everything")
-    r.add_argument("--confidence", type=open_fraction, default=None, metavar="C",
+    r.add_argument("--confidence", type=fraction(closed=False), default=None, metavar="C",
                    help="accept a removal only when a paired bootstrap of the val samples "
                         "puts its drop within --delta with probability C, e.g. 0.9 (default: "
                         "off, val top-1 within --delta suffices)")
@@ -166,20 +166,18 @@ def run_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def fraction(text: str) -> float:
-    """An argparse type: a number in [0, 1]."""
-    v = NONNEG_FLOAT(text)
-    if v > 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a number in [0, 1]")
-    return v
+def fraction(*, closed: bool) -> Callable[[str], float]:
+    """An argparse type: a number in [0, 1] (``closed``), else strictly between 0 and 1."""
+    where = "in [0, 1]" if closed else "strictly between 0 and 1"
 
+    def parse(text: str) -> float:
+        v = NONNEG_FLOAT(text)
+        if v > 1 or (not closed and not 0 < v < 1):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a number {where}")
+        return v
 
-def open_fraction(text: str) -> float:
-    """An argparse type: a number strictly between 0 and 1."""
-    v = NONNEG_FLOAT(text)
-    if not 0 < v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a number strictly between 0 and 1")
-    return v
+    parse.__name__ = "float"
+    return parse
 
 
 def recovery_args(r: argparse.ArgumentParser) -> None:
@@ -197,7 +195,7 @@ def recovery_args(r: argparse.ArgumentParser) -> None:
                    help="when a fine-tune stopped early but the full validation set rejects "
                         "its model, train the rest of the budget and check again before "
                         "rejecting")
-    r.add_argument("--distill", type=fraction, default=0.0, metavar="W",
+    r.add_argument("--distill", type=fraction(closed=True), default=0.0, metavar="W",
                    help="weight of distillation from the dense model in the fine-tune loss, "
                         "0..1 (default: 0, plain cross-entropy)")
     r.add_argument("--distill-temperature", type=POS_FLOAT, default=4.0, metavar="T",

@@ -83,11 +83,14 @@ def compare(
                         **copy.copy(reduce_kwargs))
         final = next(h for h in reversed(result.history) if h["accepted"])
         after = result.extras["fold"]["after"]
+        told = result.extras.get("outcome")  # reduce counted the returned program already
         lat = {lt["batch_size"]: lt["median_ms"] for lt in after["latency"]}
         rows.append({
             "method": name, "removed": len(final["removed"]), "unit": strategy.unit,
             "val_acc": final["val_acc"], "test_acc": final.get("test_acc"),
-            "params": after["params"], "nonzero_params": returned_nonzero(result),
+            "params": after["params"],
+            "nonzero_params": (told.returned.nonzero_params if told is not None
+                               else returned_nonzero(result)),
             "flops": after["flops_per_sample"],
             "depth": after["depth"], "activations": after["activations"],
             "latency_ms_b1": lat.get(1), "latency_ms_b64": lat.get(64),

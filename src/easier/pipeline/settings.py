@@ -49,14 +49,8 @@ class StopRule(Config):
     run_all: bool = setting(False, kind="flag")
     one_shot: int | None = setting(None, kind="int", low=1, optional=True)
     confidence: float | None = setting(None, kind="number", low=0.0, high=1.0, low_open=True,
-                                       optional=True)
+                                       high_open=True, optional=True)
     bootstrap_rounds: int = setting(2000, kind="int", low=1)
-
-    def check(self) -> None:
-        if self.confidence is not None and self.confidence >= 1.0:
-            raise ConfigError(f"StopRule.confidence={self.confidence!r} must be below 1 "
-                              "(e.g. 0.9: accept when the drop is within delta with 90 % "
-                              "confidence)")
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["Outcome", "Side", "near_chance", "nonzero_params", "outcome", "outcome_table",
-           "returned_nonzero", "speed", "summary_line", "write_outcome"]
+__all__ = ["Outcome", "Side", "near_chance", "nonzero_params", "outcome", "outcome_of",
+           "outcome_table", "returned_nonzero", "speed", "summary_line", "write_outcome"]
 
 
 @dataclass(frozen=True)
@@ -67,15 +67,20 @@ def returned_nonzero(result: Any) -> int:
     return nonzero_params(result.model)
 
 
+def outcome_of(result: Any, unit: str) -> Outcome:
+    """The :class:`Outcome` of a finished :func:`easier.reduce` (its ReduceResult)."""
+    return outcome(result.history, result.extras.get("fold"), unit=unit,
+                   dense_nonzero=result.history[0].get("nonzero_params"),
+                   returned_nonzero=returned_nonzero(result))
+
+
 def write_outcome(result: Any, report: Path, unit: str) -> Outcome:
-    """The outcome of a finished :func:`easier.reduce` (its ReduceResult), also written into
-    the run's ``report.md`` as "What the run returned" (Python and CLI runs alike)."""
+    """:func:`outcome_of`, also written into the run's ``report.md`` as "What the run
+    returned" (Python and CLI runs alike)."""
     from easier.io.atomic import atomic_write_text
     from easier.report.files import with_outcome
 
-    o = outcome(result.history, result.extras.get("fold"), unit=unit,
-                dense_nonzero=result.history[0].get("nonzero_params"),
-                returned_nonzero=returned_nonzero(result))
+    o = outcome_of(result, unit)
     if report.is_file():
         atomic_write_text(report, with_outcome(report.read_text(), outcome_table(o),
                                                summary_line(o), result.extras.get("fold")))
