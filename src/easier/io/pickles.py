@@ -7,13 +7,18 @@ the file). Loaders raise this one line instead.
 
 from __future__ import annotations
 
+import io
 import pickle
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from easier.errors import StateError
 
-__all__ = ["pickle_refusal", "why_unreadable"]
+__all__ = ["load_bytes", "pickle_refusal", "why_unreadable"]
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 _WHY = re.compile(r"WeightsUnpickler error:\s*(\S[^\n]*)")
@@ -44,3 +49,24 @@ def why_unreadable(exc: BaseException) -> str:
     if "weights_only" in first:
         first = first.split(".")[0]  # "Weights only load failed", not the advice after it
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def load_bytes(path: Path, data: bytes, *, refused: Callable[[str], str],
+               unreadable: Callable[[str], str], weights_only: bool = True,
+               check: Callable[[Any], None] | None = None) -> Any:
+    """``torch.load`` of ``data`` (the verified bytes of ``path``), every failure one StateError.
+
+    ``refused(line)`` words a pickle of Python objects (``line`` from :func:`pickle_refusal`),
+    ``unreadable(why)`` anything else (``why`` from :func:`why_unreadable`); ``check`` raises
+    on a file that loads but is not what the caller reads (worded by ``unreadable`` too).
+    One place, so that every loader of easier refuses the same things the same way.
+    """
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
+        if check is not None:
+            check(obj)
+    except Exception as exc:
+        line = pickle_refusal(path, exc)
+        raise StateError(refused(str(line)) if line is not None
+                         else unreadable(why_unreadable(exc))) from exc
+    return obj

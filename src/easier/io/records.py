@@ -9,7 +9,6 @@ and their lock live in :mod:`easier.rundir`. Both are importable from here too, 
 from __future__ import annotations
 
 import copy
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from easier.io.atomic import (
     remove_stale_temporaries,
     verify_file,
 )
-from easier.io.pickles import pickle_refusal, why_unreadable
+from easier.io.pickles import load_bytes
 from easier.io.rundir import ITERATIONS, LOCK_FILE, STATE_FORMAT, RunDir, lock_run_dir
 
 __all__ = [
@@ -139,16 +138,12 @@ def _read_record(path: Path, weights_only: bool = True) -> Any:
     """What ``path`` holds, checked against its recorded sha256 first."""
     if not path.is_file():
         raise StateError(f"no checkpoint at {path}")
-    data = read_verified(path)
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
-    except Exception as exc:
-        refused = pickle_refusal(path, exc)
-        if refused is not None:
-            raise StateError(f"{refused} (easier's model records hold tensors and plain data "
+    return load_bytes(
+        path, read_verified(path), weights_only=weights_only,
+        refused=lambda line: f"{line} (easier's model records hold tensors and plain data "
                              "only; a model you saved yourself loads with weights_only=False, "
-                             "only if you trust it)") from exc
-        raise StateError(f"cannot read checkpoint {path}: {why_unreadable(exc)}") from exc
+                             "only if you trust it)",
+        unreadable=lambda why: f"cannot read checkpoint {path}: {why}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ from easier.io.atomic import (
     write_tmp_and_rename,
 )
 from easier.io.lock import LOCK_FILE, lock_run_dir, lock_run_dir_ranks
-from easier.io.pickles import pickle_refusal, why_unreadable
+from easier.io.pickles import load_bytes
 
 __all__ = ["EXAMPLE", "ITERATIONS", "LOCK_FILE", "STATE_FORMAT", "RunDir",
            "check_resume_environment",
@@ -150,21 +149,18 @@ class RunDir:
                     f"it), so the run was not restarted and nothing was overwritten."
                     f"{backup_advice(self.state_path)}")
             return None  # killed before the first iteration finished: start over cleanly
-        data = read_verified(self.state_path)
-        try:
-            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        def check(state: Any) -> None:
             if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
                 got = state.get("format") if isinstance(state, dict) else type(state).__name__
                 raise ValueError(f"format is {got!r}")
-        except Exception as exc:
-            refused = pickle_refusal(self.state_path, exc)
-            if refused is not None:
-                raise StateError(f"{refused}; easier's state.pt holds tensors and plain data "
-                                 f"only.{backup_advice(self.state_path)}") from exc
-            raise StateError(
-                f"{self.state_path} is corrupt or truncated ({why_unreadable(exc)}); it was "
-                f"left untouched.{backup_advice(self.state_path)}"
-            ) from exc
+
+        backup = backup_advice(self.state_path)
+        state = load_bytes(
+            self.state_path, read_verified(self.state_path), check=check,
+            refused=lambda line: f"{line}; easier's state.pt holds tensors and plain data "
+                                 f"only.{backup}",
+            unreadable=lambda why: f"{self.state_path} is corrupt or truncated ({why}); it was "
+                                   f"left untouched.{backup}")
         return state
 
     def write_state(self, state: dict[str, Any]) -> None:
@@ -207,14 +203,9 @@ class RunDir:
         path = self.file(EXAMPLE)
         if not path.exists():
             return None
-        data = read_verified(path)
-        try:
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            refused = pickle_refusal(path, exc)
-            raise StateError(refused or f"{path} is corrupt or truncated "
-                             f"({why_unreadable(exc)}); run `easier reduce` again to write it"
-                             ) from exc
+        return load_bytes(path, read_verified(path), refused=lambda line: line,
+                          unreadable=lambda why: f"{path} is corrupt or truncated ({why}); run "
+                                                 "`easier reduce` again to write it")
 
     def lock(self) -> contextlib.AbstractContextManager[Path]:
         """The directory's writer lock (:func:`lock_run_dir`), for a ``with`` block."""
