@@ -3,6 +3,7 @@
     python bench/bench_fmnist.py                       # phase A then B (resumable), all seeds
     python bench/bench_fmnist.py --phase a             # dense checkpoints only
     python bench/bench_fmnist.py --report              # JSONL -> docs/FMNIST.md tables
+    python bench/bench_fmnist.py --retime              # re-time every unit, alone
     python bench/bench_fmnist.py --smoke --data idx:DIR --root /tmp/x   # seconds
 
 Phase A trains one dense checkpoint per (model, seed) under ``--root`` (default
@@ -11,7 +12,10 @@ sidecar JSON matches the setting is never retrained. Phase B runs every register
 every checkpoint through ``easier.reduce`` (the same fine-tune budget per removal for all,
 delta 1 point on the val split) and appends one JSON row per (model, seed, method) to
 ``--rows`` (default bench/results/fmnist.jsonl); units with a row are skipped, a half-done unit
-resumes from its run directory. ``--report`` turns the rows into markdown tables.
+resumes from its run directory. ``--report`` turns the rows into markdown tables (the dense
+figures from the checkpoints' sidecars, else from the rows). ``--retime`` times every unit
+again on a quiet machine; a unit whose run directory is gone is rebuilt from its architecture
+and recorded sites, and counts only if it folds to the structure the unit recorded.
 """
 
 from __future__ import annotations
@@ -335,20 +339,76 @@ def retime(root: Path, s: Setting, spec: str | None, rows_path: Path) -> None:
             if not units:
                 continue
             splits = splits or load_splits(s, seed, spec)
-            dense_model = easier.load_model(dense_path(root, s, m, seed))
             example = timing_example(splits)
+            dense_model, rebuilt = _checkpoint_or_rebuild(dense_path(root, s, m, seed), m, splits)
             for r in units:
-                kept = easier.load_model(run_path(root, s, m, seed, r["method"]) / "model.pt")
+                kept, rebuilt_unit = _checkpoint_or_rebuild(
+                    run_path(root, s, m, seed, r["method"]) / "model.pt", m, splits, r, example)
+                if kept is None:
+                    log(f"retime: {m.model} seed {seed} {r['method']}: skipped (no kept model, "
+                        f"and a {r['unit']} removal cannot be rebuilt)")
+                    continue
                 load = load_avg()
                 timing = fold_and_time(lib, dense_model, kept, example, s)
+                rebuilt_unit = rebuilt or rebuilt_unit
+                if rebuilt_unit and (bad := structure_mismatch(r, kept, timing)):
+                    # the kept model was more than its architecture with these sites removed
+                    # (e.g. Layer Folding's PReLU mixes), or the fold planned differently
+                    log(f"retime: {m.model} seed {seed} {r['method']}: skipped, the rebuilt "
+                        f"model differs from the unit's ({bad})")
+                    continue
                 append_row(rows_path, {"kind": "retime", "setting": s.name, "model": m.model,
                                        "width": m.width, "seed": seed, "method": r["method"],
-                                       **timing, "load": load, "commit": commit_hash(),
-                                       "machine": machine(),
+                                       **timing, "load": load, "rebuilt": rebuilt_unit,
+                                       "commit": commit_hash(), "machine": machine(),
                                        "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
-                log(f"retime: {m.model} seed {seed} {r['method']}: speedup b1 "
+                log(f"retime: {m.model} seed {seed} {r['method']}"
+                    f"{' (rebuilt)' if rebuilt_unit else ''}: speedup b1 "
                     f"{timing.get('speedup_b1', float('nan')):.2f}x (was "
                     f"{r.get('speedup_b1', float('nan')):.2f}x), load {load}")
+
+
+def _checkpoint_or_rebuild(path: Path, m: ModelSetting, splits: data.DataSplits,
+                           row: dict[str, Any] | None = None,
+                           example: torch.Tensor | None = None
+                           ) -> tuple[torch.nn.Module | None, bool]:
+    """The saved model, else (checkpoints gone: they live outside the repository) the same
+    architecture with fresh weights and the row's removed sites or blocks made identity.
+    Latency and FLOPs depend on the structure, not on the weights; the caller checks that the
+    rebuilt structure folds to the FLOPs, parameters and depth the unit recorded."""
+    if path.exists():
+        return easier.load_model(path), False
+    model = models.create(m.model, num_classes=splits.num_classes,
+                          in_channels=splits.in_channels, width=m.width,
+                          image_size=splits.image_size).eval()
+    removed = (row or {}).get("removed_units") or []
+    if removed and row["unit"] == "site":
+        model = easier.linearize(model, removed, example_input=example, fold_ready=True)
+    elif removed and row["unit"] == "block":
+        model = easier.replace_with_identity(model, removed)
+    elif removed:
+        return None, True
+    return model, True
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def structure_mismatch(row: dict[str, Any], kept: torch.nn.Module,
+                       timing: dict[str, Any]) -> str:
+    """Which structural figures of a rebuilt unit differ from the recorded ones ('' if none).
+    Rows that recorded the kept model's own parameter count are checked on it and on the
+    folded activations (independent of the latency plan's timed choices); older rows on the
+    folded FLOPs, parameters and depth, which a plan that chose differently also fails."""
+    if "kept_params" in row:
+        got = {"kept_params": n_params(kept), "reduced_activations":
+               timing.get("reduced_activations"), "dense_params": timing.get("dense_params")}
+    else:
+        got = {f"{t}_{k}": timing.get(f"{t}_{k}") for t in ("dense", "reduced")
+               for k in ("flops", "params", "depth")}
+    return ", ".join(f"{k} {v} != {row.get(k)}" for k, v in got.items()
+                     if row.get(k) is not None and v != row.get(k))
 
 
 def run_path(root: Path, s: Setting, m: ModelSetting, seed: int, label: str) -> Path:
@@ -453,6 +513,8 @@ def run_unit(lib: dict[str, Any], root: Path, s: Setting, m: ModelSetting, seed:
         "setting": s.name, "model": m.model, "width": m.width, "seed": seed, "method": label,
         "method_name": name, "method_options": inner.options(), "unit": inner.unit,
         "removed": len(kept["removed"]), "removed_units": kept["removed"],
+        # the kept model before folding: what a rebuild for --retime must reproduce
+        "kept_params": n_params(res.model),
         "dense_val": res.baseline["val_acc"], "dense_test": dense_test,
         "val": kept["val_acc"], "test": kept_test, "test_curve": m.test_curve,
         "test_drop": (dense_test or 0) - (kept_test or 0),
@@ -469,7 +531,8 @@ def run_unit(lib: dict[str, Any], root: Path, s: Setting, m: ModelSetting, seed:
                    "steps": h.get("finetune_steps")}
                   for h in hist if not h.get("failed")],
         **timing,
-        "dense_checkpoint": {k: dense_rec.get(k) for k in ("val_acc", "test_acc", "seconds")},
+        "dense_checkpoint": {k: dense_rec.get(k) for k in ("val_acc", "test_acc", "seconds",
+                                                           "epoch_seconds", "load")},
         "settings": {"finetune": s.finetune.to_dict(), "delta": s.delta,
                      "entropy_batches": s.entropy_batches, "max_removals": s.max_removals,
                      "batch_sizes": list(s.batch_sizes), "pretrain": m.pretrain.to_dict()},
@@ -598,14 +661,34 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(r) + " |" for r in rows), ""]
 
 
-def dense_records(root: Path, s: Setting) -> list[dict[str, Any]]:
+def dense_records(root: Path, s: Setting, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (model, seed): the checkpoint's sidecar if it verifies, else what the unit rows
+    recorded of it, so the report rebuilds from the committed rows alone (the checkpoints
+    live outside the repository and may be gone)."""
     out = []
     for seed in s.seeds:
         for m in s.models:
             rec = verified_dense(dense_path(root, s, m, seed), dense_meta(m, s, seed))
+            if rec is None:
+                rec = dense_from_rows(rows, s, m, seed)
             if rec is not None:
                 out.append(rec)
     return out
+
+
+def dense_from_rows(rows: list[dict[str, Any]], s: Setting, m: ModelSetting,
+                    seed: int) -> dict[str, Any] | None:
+    for r in rows:
+        d = r.get("dense_checkpoint")
+        if (not d or "error" in r or r.get("setting") != s.name or r["model"] != m.model
+                or r["seed"] != seed or r["width"] != m.width):
+            continue
+        pre = r["settings"]["pretrain"]
+        return {"model": m.model, "width": m.width, "seed": seed, "pretrain": pre,
+                "val_acc": d["val_acc"], "test_acc": d["test_acc"], "seconds": d["seconds"],
+                "epoch_seconds": d.get("epoch_seconds") or d["seconds"] / pre["epochs"],
+                "published_test": PUBLISHED.get(m.model), "load": d.get("load") or "?"}
+    return None
 
 
 def report(rows: list[dict[str, Any]], dense_recs: list[dict[str, Any]], s: Setting,
@@ -777,7 +860,8 @@ def main(argv: list[str] | None = None) -> int:
                         args.retry_errors, train="a" in args.phase)
         if args.report or args.out:
             # to --out (run_all's section): headings one level down, no title
-            text = report(read_rows(rows), dense_records(root, s), s, nested=bool(args.out))
+            got = read_rows(rows)
+            text = report(got, dense_records(root, s, got), s, nested=bool(args.out))
             out = Path(args.out) if args.out else ROOT / "docs" / "FMNIST.md"
             if args.out:
                 with out.open("a", encoding="utf-8") as f:
