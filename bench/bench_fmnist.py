@@ -710,7 +710,9 @@ def report(rows: list[dict[str, Any]], dense_recs: list[dict[str, Any]], s: Sett
         f"(the kept model is the last within delta). Latency: both models folded (BN, and linear "
         f"chains under the 'latency' plan for batch {', '.join(map(str, s.batch_sizes))}), timed "
         f"side by side in {s.timing_rounds} paired rounds at 1 thread; speedup = dense / reduced "
-        f"(> 1 is faster). ± is the half-width of the 95 % t-interval over seeds.", "",
+        f"(> 1 is faster); FLOPs ratio = reduced / dense per image (> 1: the fold's merges and "
+        f"relocated padding cost FLOPs). ± is the half-width of the 95 % t-interval over "
+        f"seeds.", "",
         "## Dense checkpoints", "",
     ]
     drows = []
