@@ -258,6 +258,25 @@ def test_model_too_small_for_the_images_suggests_image_size(tmp_path, capsys):
     assert "lenet needs image_size >= 16" in line and "--image-size 16" in line
 
 
+def test_methods_lists_each_with_its_description_and_marks(capsys):
+    from easier.cli import build_parser
+    from easier.methods import create_method, list_methods
+
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in lines] == list_methods()
+    p = build_parser()
+    default = p.parse_args(["reduce"]).method
+    for name, line in zip(list_methods(), lines, strict=True):
+        assert type(create_method(name)).description in line
+        assert line.endswith("[default]") == (name == default)
+    assert sum(ln.endswith("[recommended]") for ln in lines) == 1
+    # what compare runs by default: the default and the recommended method among them
+    compared = p.parse_args(["compare"]).methods.split(",")
+    recommended = next(ln.split()[0] for ln in lines if ln.endswith("[recommended]"))
+    assert {default, recommended} <= set(compared) <= set(list_methods())
+
+
 def test_datasets_lists_the_forms_to_type(capsys):
     from easier.data import list_datasets
 

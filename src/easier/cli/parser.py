@@ -271,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "fine-tuning after each, until validation accuracy drops more than "
                         "--delta points; then fold.")
     run_args(r)
-    r.add_argument("--method", default="easier", help="easier, egp, lacoot, tlc, random, …")
+    r.add_argument("--method", default=commands.DEFAULT_METHOD,
+                   help=f"a method of `easier methods`; {commands.RECOMMENDED_METHOD} removed "
+                        f"the most on real data (docs/FMNIST.md)")
     r.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. lam=5 (repeatable)")
     r.add_argument("--out", default=None,
@@ -285,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and measure each result, and write one table (markdown + CSV) and one "
                         "plot.")
     run_args(c)
-    c.add_argument("--methods", default="easier,egp,lacoot,tlc,layer-folding,random",
+    c.add_argument("--methods", default=commands.COMPARE_METHODS,
                    help="comma-separated method names")
     c.add_argument("--method-option", action="append", default=[], metavar="METHOD:KEY=VALUE",
                    help="an option of one method, e.g. lacoot:lam=5 (repeatable)")

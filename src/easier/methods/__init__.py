@@ -19,8 +19,9 @@ from easier.methods.base import (
     Step,
     create_method,
     list_methods,
+    method_descriptions,
     register_method,
 )
 
 __all__ = ["Context", "Method", "SiteMethod", "Step", "create_method", "list_methods",
-           "register_method"]
+           "method_descriptions", "register_method"]

@@ -38,7 +38,7 @@ from easier.train.finetune import logits_of, targets
 from easier.train.objective import cross_entropy, hits
 
 __all__ = ["Context", "Method", "SiteMethod", "Step", "create_method", "list_methods",
-           "register_method"]
+           "method_descriptions", "register_method"]
 
 
 @dataclass
@@ -241,6 +241,11 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 def list_methods() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def method_descriptions() -> dict[str, str]:
+    """{name: one-line description} of every registered method, sorted by name."""
+    return {n: _REGISTRY[n].description for n in sorted(_REGISTRY)}
 
 
 def create_method(method: str | Method, **options: Any) -> Method:
