@@ -223,6 +223,9 @@ def test_sigterm_is_one_line_exit_143_and_the_handler_is_restored(monkeypatch, c
 KILLER = """
 import os, signal, sys
 target, nth, sig = sys.argv[1], int(sys.argv[2]), getattr(signal, sys.argv[3])
+# Ctrl-C as a terminal delivers it: a suite started in the background by a non-interactive
+# shell passes SIGINT down *ignored*, and Python then never raises KeyboardInterrupt
+signal.signal(signal.SIGINT, signal.default_int_handler)
 seen = [0]
 real = os.replace
 def replace(src, dst, *a, **k):
