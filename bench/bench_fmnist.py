@@ -213,6 +213,13 @@ def verified_dense(path: Path, meta: dict[str, Any]) -> dict[str, Any] | None:
         return None
 
 
+def fresh_model(m: ModelSetting, splits: data.DataSplits) -> torch.nn.Module:
+    """The campaign's architecture for ``m`` on this data, freshly initialised."""
+    return models.create(m.model, num_classes=splits.num_classes,
+                         in_channels=splits.in_channels, width=m.width,
+                         image_size=splits.image_size)
+
+
 def dense(root: Path, s: Setting, m: ModelSetting, seed: int,
           splits: data.DataSplits) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The dense checkpoint of (model, seed): loaded if it verifies, else trained and saved."""
@@ -224,9 +231,7 @@ def dense(root: Path, s: Setting, m: ModelSetting, seed: int,
     log(f"phase A: training {m.model} w{m.width} seed {seed} ({m.pretrain.epochs} epochs), "
         f"load {load_avg()}")
     seed_everything(seed)
-    model = models.create(m.model, num_classes=splits.num_classes,
-                          in_channels=splits.in_channels, width=m.width,
-                          image_size=splits.image_size)
+    model = fresh_model(m, splits)
     t0 = time.perf_counter()
     res = fine_tune(model, splits.train, m.pretrain, seed=seed, desc="pretrain")
     secs = time.perf_counter() - t0
@@ -378,9 +383,7 @@ def _checkpoint_or_rebuild(path: Path, m: ModelSetting, splits: data.DataSplits,
     rebuilt structure folds to the FLOPs, parameters and depth the unit recorded."""
     if path.exists():
         return easier.load_model(path), False
-    model = models.create(m.model, num_classes=splits.num_classes,
-                          in_channels=splits.in_channels, width=m.width,
-                          image_size=splits.image_size).eval()
+    model = fresh_model(m, splits).eval()
     removed = (row or {}).get("removed_units") or []
     if removed and row["unit"] == "site":
         model = easier.linearize(model, removed, example_input=example, fold_ready=True)
@@ -870,7 +873,7 @@ def main(argv: list[str] | None = None) -> int:
                     f.write(text + "\n")
             else:
                 out.write_text(text + "\n", encoding="utf-8")
-                for png in plot(read_rows(rows), s, ROOT / "docs"):
+                for png in plot(got, s, ROOT / "docs"):
                     log(f"wrote {png}")
             log(f"wrote {out}")
     return 0

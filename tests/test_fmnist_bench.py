@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 import struct
 import sys
 from pathlib import Path
@@ -97,8 +98,6 @@ def test_smoke_campaign_rows_resume_and_report(tmp_path: Path) -> None:
         assert f"| {side['val_acc']:.2f} | {side['test_acc']:.2f} |" in dense_line
         # --retime without the kept models either: each unit is rebuilt from its architecture
         # and recorded sites, and re-timed only if it folds to the structure the unit recorded
-        import shutil
-
         shutil.rmtree(root / "smoke" / "runs")
         unit_rows = [r for r in raw if r.get("kind") != "retime"]
         rows.write_text("".join(json.dumps(r) + "\n" for r in unit_rows))
